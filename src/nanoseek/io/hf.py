@@ -1,0 +1,188 @@
+"""Hugging Face interop: read and write checkpoints in the `transformers` DeepSeek-V3/V2 layout.
+
+Key names are the hub's (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, ...). The MTP
+modules are stored as layers `num_hidden_layers + k`, each with copies of the shared
+embedding and output head (`embed_tokens`, `shared_head.head`), as in the released V3
+checkpoint. FP8 weights with `weight_scale_inv` are dequantised block by block on load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ModelConfig
+from nanoseek.errors import NanoseekError
+from nanoseek.fp8 import dequantize_blockwise
+from nanoseek.model import Transformer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def to_hub_name(name: str, config: ModelConfig) -> str:
+    """nanoseek parameter name -> hub key."""
+    if name == "lm_head.weight":
+        return name
+    m = re.match(r"mtp\.(\d+)\.(.*)", name)
+    if m:
+        return f"model.layers.{config.num_hidden_layers + int(m.group(1))}.{m.group(2)}"
+    return "model." + name
+
+
+def from_hub_name(key: str, config: ModelConfig) -> str | None:
+    """hub key -> nanoseek parameter name; None for keys nanoseek shares or does not keep."""
+    if key == "lm_head.weight":
+        return key
+    if not key.startswith("model."):
+        return key  # reported as unexpected by the caller
+    name = key[len("model."):]
+    m = re.match(r"layers\.(\d+)\.(.*)", name)
+    if m and int(m.group(1)) >= config.num_hidden_layers:
+        k, rest = int(m.group(1)) - config.num_hidden_layers, m.group(2)
+        if k >= config.num_nextn_predict_layers:
+            return None  # an MTP module this config does not use
+        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None  # copies of the shared embedding and head
+        return f"mtp.{k}.{rest}"
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    return name
+
+
+def _checkpoint_files(directory: Path) -> list[Path]:
+    index = directory / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise NanoseekError(f"{index}: malformed index ({e})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise NanoseekError(f"{index}: lists {f.name}, which is missing")
+        return files
+    if (directory / SINGLE).exists():
+        return [directory / SINGLE]
+    found = sorted(directory.glob("*.safetensors"))
+    if not found:
+        raise NanoseekError(f"{directory}: no safetensors weights (expected {SINGLE} or {INDEX})")
+    return found
+
+
+def _read_tensors(files: list[Path]):
+    """Yield (file, key, tensor) with FP8 block-scaled weights dequantised."""
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                keys = list(sf.keys())
+                scales = {k for k in keys if k.endswith(".weight_scale_inv")}
+                for key in keys:
+                    if key in scales:
+                        continue
+                    t = sf.get_tensor(key)
+                    scale_key = key[: -len("weight")] + "weight_scale_inv"
+                    if t.dtype == torch.float8_e4m3fn:
+                        if scale_key not in scales:
+                            raise NanoseekError(f"{f}: FP8 tensor {key} has no {scale_key}")
+                        t = dequantize_blockwise(t, sf.get_tensor(scale_key))
+                    yield f, key, t
+        except SafetensorError as e:
+            raise NanoseekError(f"{f}: not a readable safetensors file ({e})") from None
+        except OSError as e:
+            raise NanoseekError(f"{f}: cannot read ({e})") from None
+
+
+def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    config: ModelConfig | None = None) -> Transformer:
+    """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NanoseekError(f"{directory}: not a directory")
+    config = config or ModelConfig.from_hf(directory / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state: dict[str, torch.Tensor] = {}
+    for f, key, t in _read_tensors(_checkpoint_files(directory)):
+        name = from_hub_name(key, config)
+        if name is None:
+            continue
+        if name not in expected:
+            raise NanoseekError(f"{f}: unexpected tensor {key} for this config.json")
+        want = tuple(expected[name].shape)
+        if tuple(t.shape) != want:
+            raise NanoseekError(f"{f}: tensor {key} has shape {list(t.shape)}, expected {list(want)}")
+        keep_fp32 = name.endswith("e_score_correction_bias")
+        state[name] = t.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    for name in expected:
+        if name not in state:
+            if name.endswith("e_score_correction_bias"):  # checkpoints from before the bias existed
+                state[name] = torch.zeros(expected[name].shape, device=device)
+            else:
+                raise NanoseekError(f"{directory}: missing tensor {to_hub_name(name, config)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope.inv_freq = torch.empty(0, device=device)
+    model.rope.reset_parameters()
+    return model.eval()
+
+
+def hub_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    config = model.config
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        out[to_hub_name(name, config)] = t.detach().cpu().contiguous()
+    for k in range(config.num_nextn_predict_layers):
+        prefix = f"model.layers.{config.num_hidden_layers + k}."
+        out[prefix + "embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
+        head = model.lm_head.weight.detach().cpu()
+        out[prefix + "shared_head.head.weight"] = (head.to(dtype) if dtype else head).clone()
+    return out
+
+
+def save_pretrained(model: Transformer, directory: str | Path, dtype: torch.dtype | None = None,
+                    max_shard_bytes: int = 4 << 30) -> Path:
+    """Write config.json and safetensors weights (sharded with an index past max_shard_bytes)
+    that `transformers.AutoModelForCausalLM.from_pretrained(directory)` opens."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = hub_state_dict(model, dtype)
+    config = model.config.to_hf()
+    config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
