@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # the area is not built yet
+            if e.name and name.startswith(e.name):  # the area is not built yet
                 continue
             raise
         module.register(sub)

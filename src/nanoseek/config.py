@@ -233,10 +233,10 @@ PRESETS: dict[str, dict] = {
                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                  num_nextn_predict_layers=1, max_position_embeddings=1024, routed_scaling_factor=1.0),
     # A few million parameters: the benchmark size.
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                  num_hidden_layers=6, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=64,
-                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
-                  n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1,
+    "small": dict(vocab_size=4096, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
+                  num_hidden_layers=4, num_attention_heads=6, q_lora_rank=96, kv_lora_rank=64,
+                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
                   num_nextn_predict_layers=1, max_position_embeddings=4096, routed_scaling_factor=2.5),
     # DeepSeek-V2-Lite: 15.7B total, 2.4B active.
     "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,

@@ -1,0 +1,228 @@
+"""Hugging Face interop: same logits as `transformers` both ways, sharding, FP8, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig, NanoseekError, Transformer, load_pretrained, save_pretrained
+from nanoseek.fp8 import dequantize_blockwise, quantize_blockwise
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+            v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=256)
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 0.707, "mscale_all_dim": 1.0}
+
+CONFIGS = {
+    "v3": {},
+    "v3-no-q-lora": {"q_lora_rank": None},
+    "v3-yarn": {"rope_scaling": YARN},
+    "v3-groups-nonorm": {"n_group": 4, "topk_group": 2, "norm_topk_prob": False, "routed_scaling_factor": 2.5},
+    "v3-two-dense-first": {"first_k_dense_replace": 2, "n_shared_experts": 2},
+    "v3-half-rope-layout": {"rope_interleave": False, "topk_group": 1, "n_group": 2},
+    "v3-mtp": {"num_nextn_predict_layers": 1},
+    "v3-tied": {"tie_word_embeddings": True},
+    "v2-greedy": {"model_type": "deepseek_v2", "topk_method": "greedy", "scoring_func": "softmax",
+                  "norm_topk_prob": False, "routed_scaling_factor": 1.0, "q_lora_rank": None},
+    "v2-group-limited-yarn": {"model_type": "deepseek_v2", "topk_method": "group_limited_greedy",
+                              "scoring_func": "softmax", "n_group": 4, "topk_group": 2, "norm_topk_prob": False,
+                              "rope_scaling": YARN},
+}
+
+
+def make_config(name) -> ModelConfig:
+    return ModelConfig(**{**BASE, **CONFIGS[name]})
+
+
+def randomize(model: Transformer, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)  # non-trivial norms catch a swapped norm
+        for moe in model.moe_layers():
+            if hasattr(moe.gate, "e_score_correction_bias"):
+                moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def hf_logits(directory, ids):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+IDS = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_nanoseek_checkpoint_opens_in_transformers_with_the_same_logits(name, tmp_path):
+    model = randomize(Transformer(make_config(name)))
+    save_pretrained(model, tmp_path)
+    with torch.no_grad():
+        ours = model(IDS)
+    assert (hf_logits(tmp_path, IDS) - ours).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["v3", "v3-no-q-lora", "v3-yarn", "v3-groups-nonorm", "v3-two-dense-first",
+                                  "v2-greedy", "v2-group-limited-yarn"])
+def test_transformers_checkpoint_opens_in_nanoseek_with_the_same_logits(name, tmp_path):
+    config = make_config(name)
+    hf_config = transformers.AutoConfig.for_model(config.model_type, **{
+        k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type", "rope_scaling")})
+    torch.manual_seed(0)
+    cls = transformers.DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else \
+        transformers.DeepseekV2ForCausalLM
+    hf = cls(hf_config).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(0, 0.05) if not n.endswith("norm.weight") else p.normal_(1, 0.1)
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+        ref = hf(IDS).logits
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
+    assert ours.config.model_type == config.model_type
+    with torch.no_grad():
+        assert (ours(IDS) - ref).abs().max().item() < 1e-4
+
+
+def test_mtp_layers_stored_as_in_the_released_checkpoint(tmp_path):
+    from safetensors import safe_open
+
+    model = randomize(Transformer(make_config("v3-mtp")))
+    save_pretrained(model, tmp_path)
+    keys = set(safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
+    for k in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight",
+              "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.7.down_proj.weight"):
+        assert f"model.layers.3.{k}" in keys
+    again = load_pretrained(tmp_path)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    model = randomize(Transformer(make_config("v3")))
+    save_pretrained(model, tmp_path, max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    with torch.no_grad():
+        assert (load_pretrained(tmp_path)(IDS) - model(IDS)).abs().max().item() < 1e-6
+    assert (hf_logits(tmp_path, IDS) - model(IDS).detach()).abs().max().item() < 1e-4
+
+
+def test_fp8_block_dequantisation_against_direct_computation():
+    torch.manual_seed(0)
+    w = torch.randn(300, 200) * torch.logspace(-2, 1, 200)  # columns of very different scale
+    q, scale_inv = quantize_blockwise(w)
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.shape == (3, 2)
+    direct = torch.empty(300, 200)
+    column_block = torch.arange(200) // 128
+    for i in range(300):
+        direct[i] = q[i].float() * scale_inv[i // 128, column_block]
+    assert torch.equal(dequantize_blockwise(q, scale_inv), direct)
+    # E4M3 keeps 3 mantissa bits: relative error per element <= 2^-4 for normal values
+    big = w.abs() > scale_inv.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200] * 2**-6
+    assert ((direct - w).abs()[big] <= w.abs()[big] * 2**-4 + 1e-12).all()
+
+
+def test_fp8_checkpoint_loads_dequantised(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = randomize(Transformer(make_config("v3")))
+    save_pretrained(model, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    fp8 = {}
+    for k, t in state.items():
+        if k.endswith("proj.weight") and "experts" in k:
+            fp8[k], fp8[k + "_scale_inv"] = quantize_blockwise(t)
+            fp8[k.replace(".weight", ".weight_scale_inv")] = fp8.pop(k + "_scale_inv")
+        else:
+            fp8[k] = t
+    save_file(fp8, str(tmp_path / "model.safetensors"))
+    loaded = load_pretrained(tmp_path)
+    key = "layers.1.mlp.experts.3.up_proj.weight"
+    q, s = fp8["model." + key], fp8["model." + key.replace(".weight", ".weight_scale_inv")]
+    assert torch.equal(loaded.state_dict()[key], dequantize_blockwise(q, s))
+    with torch.no_grad():
+        assert (loaded(IDS) - model(IDS)).abs().max().item() < 0.05
+
+
+# ---- bad input: one clear line naming the file --------------------------------------
+@pytest.fixture
+def saved(tmp_path):
+    model = randomize(Transformer(make_config("v3")))
+    save_pretrained(model, tmp_path)
+    return tmp_path
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(NanoseekError, match=r"config\.json: file not found"):
+        load_pretrained(tmp_path)
+
+
+def test_malformed_config(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(NanoseekError, match=r"config\.json: not valid JSON"):
+        load_pretrained(saved)
+
+
+def test_unknown_architecture(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NanoseekError, match="unknown architecture 'LlamaForCausalLM'"):
+        load_pretrained(saved)
+
+
+def test_unknown_field_value(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["scoring_func"] = "tanh"
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NanoseekError, match=r"config\.json: invalid model config: scoring_func 'tanh'"):
+        load_pretrained(saved)
+
+
+def test_missing_tensor(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    del state["model.layers.2.self_attn.kv_b_proj.weight"]
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(NanoseekError, match="missing tensor model.layers.2.self_attn.kv_b_proj.weight"):
+        load_pretrained(saved)
+
+
+def test_wrong_shape(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    state["model.norm.weight"] = torch.ones(65)
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(NanoseekError, match=r"model.norm.weight has shape \[65\], expected \[64\]"):
+        load_pretrained(saved)
+
+
+def test_truncated_safetensors(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(NanoseekError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_pretrained(saved)
+
+
+def test_cli_reports_one_line_and_exits_nonzero(saved):
+    f = saved / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "inspect", str(saved)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "model.safetensors" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -1,0 +1,196 @@
+"""The DeepSeek-V3 model: MLA paths, latent cache, MoE routing, MTP, sizes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, Transformer
+from nanoseek.errors import NanoseekError
+from nanoseek.model import LatentCache, count_parameters, kv_cache_bytes_per_token, rope_frequencies
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig.preset("tiny").replace(**kw)
+
+
+def random_model(config, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            if hasattr(moe.gate, "e_score_correction_bias"):
+                moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, {"rope_interleave": False}])
+def test_naive_and_absorbed_attention_agree(kw):
+    model = random_model(tiny(**kw))
+    x = torch.randint(0, 512, (3, 17))
+    with torch.no_grad():
+        naive = model(x, impl="naive")
+        absorbed = model(x, impl="absorb")
+    assert (naive - absorbed).abs().max().item() < 1e-5
+
+
+def test_incremental_decoding_over_the_latent_cache_matches_full_forward():
+    config = tiny(rope_scaling=YARN)
+    model = random_model(config)
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        for impl in ("naive", "absorb"):
+            cache = LatentCache.empty(config, batch=2, max_len=16)
+            steps = [model(x[:, :5], positions=torch.arange(5).expand(2, 5), cache=cache, impl=impl)]
+            for t in range(5, 12):
+                steps.append(model(x[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache, impl=impl))
+            assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5, impl
+
+
+def test_cache_rows_and_mixed_positions():
+    """Two sequences of different lengths decode in one batch through their own cache rows."""
+    config = tiny()
+    model = random_model(config)
+    a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 4))
+    cache = LatentCache.empty(config, batch=4, max_len=16)
+    with torch.no_grad():
+        model(a[:, :8], positions=torch.arange(8)[None], cache=cache, rows=torch.tensor([3]))
+        model(b[:, :3], positions=torch.arange(3)[None], cache=cache, rows=torch.tensor([1]))
+        step = model(torch.cat([a[:, 8:], b[:, 3:]]), positions=torch.tensor([[8], [3]]), cache=cache,
+                     rows=torch.tensor([3, 1]))
+        assert (step[0, -1] - model(a)[0, -1]).abs().max() < 1e-5
+        assert (step[1, -1] - model(b)[0, -1]).abs().max() < 1e-5
+
+
+def reference_moe(moe, x):
+    """Token by token: the definition the grouped implementation must equal."""
+    flat = x.reshape(-1, x.shape[-1])
+    weights, indices, _ = moe.gate(flat)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for w, e in zip(weights[t], indices[t]):
+            out[t] += w * moe.experts[int(e)](flat[t])
+    out = out.view_as(x)
+    return out + moe.shared_experts(x) if moe.shared_experts is not None else out
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
+    {"topk_method": "group_limited_greedy", "scoring_func": "softmax"},
+    {"n_shared_experts": 0},
+])
+def test_grouped_experts_equal_per_token_computation(kw):
+    model = random_model(tiny(**kw))
+    moe = model.moe_layers()[0]
+    x = torch.randn(2, 7, 128)
+    with torch.no_grad():
+        assert (moe(x) - reference_moe(moe, x)).abs().max().item() < 1e-5
+    assert int(moe.expert_counts.sum()) == 2 * 7 * model.config.num_experts_per_tok
+
+
+def test_v3_gate_bias_steers_selection_but_not_gate_values():
+    config = tiny(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False)
+    gate = Transformer(config).moe_layers()[0].gate
+    x = torch.randn(64, 128)
+    with torch.no_grad():
+        w0, i0, s0 = gate(x)
+        gate.e_score_correction_bias[5] = 10.0  # expert 5 now always wins selection
+        w1, i1, s1 = gate(x)
+    assert (i1 == 5).any(dim=1).all() and not (i0 == 5).any(dim=1).all()
+    assert torch.allclose(s0, s1)
+    # the gate value of the forced expert is its unbiased sigmoid affinity
+    pos = (i1 == 5).float().argmax(1)
+    assert torch.allclose(w1.gather(1, pos[:, None]).squeeze(1), torch.sigmoid(x @ gate.weight[5]), atol=1e-6)
+
+
+def test_group_limited_routing_stays_within_top_groups():
+    config = tiny(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
+    gate = Transformer(config).moe_layers()[0].gate
+    _, idx, _ = gate(torch.randn(200, 128))
+    groups = idx // 2
+    assert all(len(set(g.tolist())) <= 2 for g in groups)
+
+
+def test_aux_loss_free_bias_update_direction():
+    model = Transformer(tiny())
+    counts = [torch.tensor([10, 0, 5, 5, 5, 5, 5, 5])] * len(model.moe_layers())
+    model.update_routing_bias(counts, gamma=0.01)
+    bias = model.moe_layers()[0].gate.e_score_correction_bias
+    assert bias[0] < 0 < bias[1] and bias[2] == 0
+
+
+def test_sequence_balance_loss_is_one_when_uniform():
+    model = Transformer(tiny()).train()
+    moe = model.moe_layers()[0]
+    e, k, t = 8, 2, 8
+    scores = torch.full((1, t, e), 0.5)
+    indices = torch.stack([torch.tensor([2 * (i % 4), 2 * (i % 4) + 1]) for i in range(t)])[None]
+    assert math.isclose(moe.sequence_balance_loss(scores, indices).item(), 1.0, rel_tol=1e-6)
+    model(torch.randint(0, 512, (2, 8)))
+    assert model.balance_loss().item() > 0
+
+
+def test_mtp_logits_and_parameter_names():
+    model = random_model(tiny())
+    x = torch.randint(0, 512, (2, 10))
+    hidden = model.hidden_states(x)
+    (depth1,) = model.mtp_logits(hidden, x)
+    assert depth1.shape == (2, 9, 512)
+    names = [n for n, _ in model.named_parameters() if n.startswith("mtp.")]
+    assert any(n.startswith("mtp.0.eh_proj") for n in names) and any("mtp.0.mlp.experts" in n for n in names)
+    # the MTP prediction at position i depends on token i+1
+    x2 = x.clone()
+    x2[:, 5] = (x2[:, 5] + 1) % 512
+    (other,) = model.mtp_logits(model.hidden_states(x2), x2)
+    assert not torch.allclose(depth1[:, 4], other[:, 4]) and torch.allclose(depth1[:, :3], other[:, :3], atol=1e-6)
+
+
+def test_model_trains():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 512, (4, 16))
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_yarn_frequencies():
+    config = tiny(rope_scaling=YARN)
+    plain, m0 = rope_frequencies(tiny())
+    scaled, m1 = rope_frequencies(config)
+    assert m0 == 1.0 and m1 == 1.0  # mscale == mscale_all_dim
+    assert torch.isclose(scaled[0], plain[0]) and torch.isclose(scaled[-1], plain[-1] / 4)
+    assert config.softmax_scale == pytest.approx(32**-0.5 * (0.1 * math.log(4) + 1) ** 2)
+
+
+def test_full_size_parameter_counts():
+    v3 = count_parameters(ModelConfig.preset("v3"))
+    assert v3["total"] == pytest.approx(671e9, rel=0.01)
+    assert v3["total_with_mtp"] == pytest.approx(685e9, rel=0.01)
+    assert v3["active"] == pytest.approx(37e9, rel=0.011)
+    lite = count_parameters(ModelConfig.preset("v2-lite"))
+    assert lite["total"] == pytest.approx(15.7e9, rel=0.01)
+    assert lite["active"] == pytest.approx(2.4e9, rel=0.03)
+    kv = kv_cache_bytes_per_token(ModelConfig.preset("v3"), bytes_per_value=1)
+    assert kv["mla"] == 61 * 576 and kv["mha"] == 61 * 32768
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(NanoseekError, match="topk_method 'best'"):
+        tiny(topk_method="best")
+    with pytest.raises(NanoseekError, match="n_group"):
+        tiny(n_group=3)
+    with pytest.raises(NanoseekError, match="unknown preset 'huge'"):
+        ModelConfig.preset("huge")
