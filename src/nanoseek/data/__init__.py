@@ -1,0 +1,15 @@
+"""What the trainers and the engine read: tokenizer, prompt formats, token streams.
+
+The synthetic corpus lives in `nanoseek.data.corpus` and the CLI in `nanoseek.data.cli`.
+"""
+
+from nanoseek.data.chat import (
+    CHAT_TEMPLATE, R1_ZERO_TEMPLATE, chat_segments, format_chat, parse_reasoning, r1_zero_prompt,
+)
+from nanoseek.data.stream import PackedStream, SFTDataset, iter_documents
+from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+
+__all__ = [
+    "CHAT_TEMPLATE", "R1_ZERO_TEMPLATE", "SPECIAL_TOKENS", "PackedStream", "SFTDataset", "Tokenizer",
+    "chat_segments", "format_chat", "iter_documents", "parse_reasoning", "r1_zero_prompt", "train_tokenizer",
+]

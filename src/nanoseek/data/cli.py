@@ -1,0 +1,89 @@
+"""`nanoseek tokenizer train` and `nanoseek data corpus`."""
+
+from __future__ import annotations
+
+import argparse
+
+from nanoseek.errors import NanoseekError
+
+# Task options that `data corpus` passes on when given: flag name -> task option.
+TASK_FLAGS = {
+    "arith": ["min_ops", "max_ops", "min_operand", "max_operand", "ops"],
+    "countdown": ["min_numbers", "max_numbers", "max_number", "max_target"],
+}
+
+
+def register(subparsers) -> None:
+    tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
+    train = tok_sub.add_parser("train", help="train on text, jsonl or parquet files",
+                               description="Train a byte-level BPE (digits one per token) with DeepSeek's special "
+                                           "tokens; writes tokenizer.json and tokenizer_config.json (with the chat "
+                                           "template) that transformers.AutoTokenizer loads.")
+    train.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                       help=".txt/.md (documents split at blank lines), .jsonl or .parquet files, or directories")
+    train.add_argument("--vocab-size", type=int, default=1024, help="vocabulary size, special tokens included (default 1024)")
+    train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
+    train.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows (default text)")
+    train.add_argument("--out", required=True, metavar="DIR", help="directory to write")
+    train.set_defaults(func=cmd_tokenizer_train)
+    tok.set_defaults(func=lambda args: _usage(tok))
+
+    data = subparsers.add_parser("data", help="make training data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
+    corpus = data_sub.add_parser("corpus", help="write a synthetic pretraining corpus for a task",
+                                 description="Problems in the R1-Zero template with worked, direct and terse "
+                                             "solutions, plus plain lines of single steps (see nanoseek.data.corpus).")
+    corpus.add_argument("--task", default="arith", choices=sorted(TASK_FLAGS), help="task (default arith)")
+    corpus.add_argument("--out", required=True, metavar="FILE", help="output .jsonl (text, kind) or .txt")
+    corpus.add_argument("--docs", type=int, default=20000, help="number of documents (default 20000)")
+    corpus.add_argument("--seed", type=int, default=0)
+    for kind, share in (("worked", 0.5), ("direct", 0.3), ("terse", 0.1), ("plain", 0.1)):
+        corpus.add_argument(f"--{kind}", type=float, default=share, help=f"share of {kind} documents (default {share})")
+    group = corpus.add_argument_group("arith options")
+    group.add_argument("--min-ops", type=int, help="fewest operations in a problem (default 2)")
+    group.add_argument("--max-ops", type=int, help="most operations in a problem (default 6)")
+    group.add_argument("--min-operand", type=int, help="smallest operand (default 1)")
+    group.add_argument("--max-operand", type=int, help="largest operand (default 5)")
+    group.add_argument("--ops", help="operators to use, from '+-*' (default '+-')")
+    group = corpus.add_argument_group("countdown options")
+    group.add_argument("--min-numbers", type=int, help="fewest numbers to combine (default 3)")
+    group.add_argument("--max-numbers", type=int, help="most numbers to combine (default 4)")
+    group.add_argument("--max-number", type=int, help="largest given number (default 99)")
+    group.add_argument("--max-target", type=int, help="largest target (default 100)")
+    corpus.set_defaults(func=cmd_data_corpus)
+    data.set_defaults(func=lambda args: _usage(data))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def cmd_tokenizer_train(args) -> int:
+    from nanoseek.data.stream import iter_documents
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    texts = iter_documents(args.input, args.text_field)
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    out = tokenizer.save_pretrained(args.out)
+    print(f"wrote {out}/tokenizer.json and tokenizer_config.json: {tokenizer.vocab_size} tokens")
+    return 0
+
+
+def cmd_data_corpus(args) -> int:
+    from nanoseek import tasks
+    from nanoseek.data.corpus import corpus, write_corpus
+
+    if args.docs < 1:
+        raise NanoseekError(f"--docs {args.docs}: must be at least 1")
+    chosen = {k: getattr(args, k) for k in TASK_FLAGS[args.task] if getattr(args, k) is not None}
+    others = [k for name, flags in TASK_FLAGS.items() if name != args.task for k in flags if getattr(args, k) is not None]
+    if others:
+        raise NanoseekError(f"--{others[0].replace('_', '-')} is an option of another task than {args.task}")
+    task = tasks.get(args.task, **chosen)
+    mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain")}
+    counts = write_corpus(args.out, corpus(task, args.docs, seed=args.seed, mix=mix))
+    print(f"wrote {sum(counts.values())} documents to {args.out}: "
+          + ", ".join(f"{counts[k]} {k}" for k in mix))
+    return 0

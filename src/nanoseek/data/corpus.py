@@ -1,0 +1,109 @@
+"""The synthetic pretraining corpus of the default pipeline.
+
+Every problem document is the R1-Zero prompt followed by a completion in the shape RL will
+reward, " <think>reasoning</think> <answer>N</answer>", so the base model already writes
+that shape. What varies is the reasoning (SYSTEM.md section 6: RL can only amplify a gap
+that the base model already has between thinking and guessing):
+
+- worked: every step, "3+4=7, 7-2=5". Single steps are easy, so these are mostly right.
+- direct: empty reasoning, the answer at once. Hard for a small model: room for RL.
+- terse: two operations a step, "3+4-2=5, ...": shorter reasoning, less reliable.
+- plain: no template, lines of single steps ("12-3=9"), so the steps themselves are drilled.
+
+Default mix: 50% worked, 30% direct, 10% terse, 10% plain. Problems come from the task's
+train split only, so the test split stays unseen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from nanoseek.data.chat import r1_zero_prompt
+from nanoseek.errors import NanoseekError
+from nanoseek.tasks import Problem, Step, Task
+
+DEFAULT_MIX = {"worked": 0.5, "direct": 0.3, "terse": 0.1, "plain": 0.1}
+PLAIN_PROBLEMS = 4  # problems whose steps make one plain document
+
+
+def completion(reasoning: str, answer: str) -> str:
+    """What the model should write after the R1-Zero prompt."""
+    return f" <think>{reasoning}</think> <answer>{answer}</answer>"
+
+
+def terse(steps: list[Step]) -> list[str]:
+    """Steps two at a time where the second continues the first ("3+4-2=5")."""
+    out, i = [], 0
+    while i < len(steps):
+        a = steps[i]
+        b = steps[i + 1] if i + 1 < len(steps) else None
+        if b is None or b.left != a.result:
+            out.append(str(a))
+            i += 1
+            continue
+        first = f"{a.left}{a.op}{a.right}"
+        if b.op in "*/" and a.op in "+-":  # keep the order of operations right
+            first = f"({first})"
+        out.append(f"{first}{b.op}{b.right}={b.result}")
+        i += 2
+    return out
+
+
+def document(kind: str, problem: Problem, task: Task, extra: Sequence[Problem] = ()) -> str:
+    steps = task.steps(problem)
+    if kind == "worked":
+        return r1_zero_prompt(problem.prompt) + completion(", ".join(map(str, steps)), problem.answer)
+    if kind == "terse":
+        return r1_zero_prompt(problem.prompt) + completion(", ".join(terse(steps)), problem.answer)
+    if kind == "direct":
+        return r1_zero_prompt(problem.prompt) + completion("", problem.answer)
+    if kind == "plain":
+        return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
+    raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(DEFAULT_MIX)})")
+
+
+def _counts(n: int, mix: dict[str, float]) -> dict[str, int]:
+    """Exact document counts for the shares (largest remainder)."""
+    if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise NanoseekError(f"corpus mix {mix}: shares must be non-negative with a positive sum")
+    total = sum(mix.values())
+    raw = {k: n * v / total for k, v in mix.items()}
+    counts = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: raw[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def corpus(task: Task, n_docs: int, seed: int = 0, mix: dict[str, float] | None = None) -> Iterator[tuple[str, str]]:
+    """(kind, text) for n_docs documents in a seeded order."""
+    counts = _counts(n_docs, dict(mix or DEFAULT_MIX))
+    kinds = [k for k, c in counts.items() for _ in range(c)]
+    rng = random.Random(f"corpus:{seed}")
+    rng.shuffle(kinds)
+    n_problems = n_docs + counts.get("plain", 0) * (PLAIN_PROBLEMS - 1)
+    problems = iter(task.sample(n_problems, split="train", seed=seed)) if n_problems else iter(())
+    for kind in kinds:
+        problem = next(problems)
+        extra = [next(problems) for _ in range(PLAIN_PROBLEMS - 1)] if kind == "plain" else []
+        yield kind, document(kind, problem, task, extra)
+
+
+def write_corpus(path: str | Path, docs: Iterator[tuple[str, str]]) -> Counter:
+    """Write documents as .jsonl ({"text", "kind"}) or .txt (separated by blank lines); returns counts by kind."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".txt"):
+        raise NanoseekError(f"{path}: the corpus is written as .jsonl or .txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    with open(path, "w", encoding="utf-8") as f:
+        for kind, text in docs:
+            counts[kind] += 1
+            if path.suffix == ".jsonl":
+                f.write(json.dumps({"text": text, "kind": kind}, ensure_ascii=False) + "\n")
+            else:
+                f.write(text.strip("\n") + "\n\n")
+    return counts

@@ -1,0 +1,269 @@
+"""Training data: a packed token stream for pretraining and chat examples with a mask for SFT.
+
+Files are read with plain readers: .txt/.md (documents separated by blank lines), .jsonl
+(one JSON object a line, the text under `text_field`) and .parquet (a column, read through
+pyarrow, which `datasets` brings).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from nanoseek.data.chat import chat_segments
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.errors import NanoseekError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+ROW_SUFFIXES = {".jsonl", ".json", ".parquet"}
+IGNORE_INDEX = -100  # targets that the loss skips (F.cross_entropy's default ignore_index)
+
+
+def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Files named, and the readable files inside named directories, in a stable order."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES | ROW_SUFFIXES)
+        elif p.is_file():
+            if p.suffix not in TEXT_SUFFIXES | ROW_SUFFIXES:
+                raise NanoseekError(f"{p}: unknown file type {p.suffix!r} (expected .txt, .md, .jsonl, .json or .parquet)")
+            files.append(p)
+        else:
+            raise NanoseekError(f"{p}: no such file or directory")
+    if not files:
+        raise NanoseekError(f"no data files in {', '.join(map(str, paths))}")
+    return files
+
+
+def read_rows(path: Path) -> Iterator[dict]:
+    """The records of a .jsonl or .parquet file, one dict each."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanoseekError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise NanoseekError(f"{path}:{n}: expected a JSON object a line")
+            yield row
+
+
+def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """The documents of one file: paragraphs of a text file, or the `text_field` of each record."""
+    path = Path(path)
+    if path.suffix in TEXT_SUFFIXES:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines: list[str] = []
+            for line in f:
+                if line.strip():
+                    lines.append(line)
+                elif lines:
+                    yield "".join(lines).rstrip("\n")
+                    lines = []
+            if lines:
+                yield "".join(lines).rstrip("\n")
+        return
+    for n, row in enumerate(read_rows(path), 1):
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise NanoseekError(f"{path}: record {n} has no string field {text_field!r} (fields: {', '.join(row)})")
+        yield text
+
+
+def iter_documents(paths, text_field: str = "text") -> Iterator[str]:
+    for path in expand_paths(paths):
+        yield from read_documents(path, text_field)
+
+
+class PackedStream:
+    """Documents as BOS ids EOS, concatenated and cut into rows of seq_len + 1 tokens.
+
+    Deterministic for a seed: each epoch shuffles the file order and, within a file, blocks of
+    `shuffle_block` documents. The position (epoch, file, document, token) is the whole state,
+    so `load_state_dict(state_dict())` resumes at the exact next token. With `world_size` > 1
+    every rank reads the stream and keeps every world_size-th row.
+    """
+
+    def __init__(self, paths, tokenizer: Tokenizer, seq_len: int, batch_size: int = 1, seed: int = 0,
+                 text_field: str = "text", shuffle: bool = True, loop: bool = True,
+                 rank: int = 0, world_size: int = 1, shuffle_block: int = 1024):
+        if seq_len < 1 or batch_size < 1:
+            raise NanoseekError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+        if not 0 <= rank < world_size:
+            raise NanoseekError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.files = expand_paths(paths)
+        self.tokenizer = tokenizer
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.text_field, self.shuffle, self.loop = text_field, shuffle, loop
+        self.rank, self.world_size, self.shuffle_block = rank, world_size, shuffle_block
+        self.load_state_dict({"epoch": 0, "file": 0, "doc": 0, "token": 0, "rows": 0})
+
+    # ---- position ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        epoch, file, doc = self._cursor
+        return {"epoch": epoch, "file": file, "doc": doc, "token": self._pos, "rows": self._rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._cursor = (int(state["epoch"]), int(state["file"]), int(state["doc"]))
+        self._pos, self._rows = int(state["token"]), int(state["rows"])
+        self._ids: list[int] | None = None  # re-tokenized from the cursor on the next read
+        self._docs: Iterator | None = None
+
+    # ---- reading -------------------------------------------------------------------
+    def _file_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.files)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def _file_docs(self, epoch: int, file: int, start: int) -> Iterator[tuple[int, str]]:
+        path = self.files[self._file_order(epoch)[file]]
+        block: list[str] = []
+        base = 0
+        for text in read_documents(path, self.text_field):
+            block.append(text)
+            if len(block) == self.shuffle_block:
+                yield from self._shuffled(block, base, epoch, file, start)
+                base, block = base + len(block), []
+        yield from self._shuffled(block, base, epoch, file, start)
+
+    def _shuffled(self, block, base, epoch, file, start) -> Iterator[tuple[int, str]]:
+        if base + len(block) <= start:
+            return
+        order = list(range(len(block)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}:{file}:{base}").shuffle(order)
+        for j in range(max(0, start - base), len(block)):
+            yield base + j, block[order[j]]
+
+    def _walk(self, epoch: int, file: int, doc: int) -> Iterator[tuple[tuple[int, int, int], str]]:
+        while True:
+            found = False
+            for f in range(file, len(self.files)):
+                for d, text in self._file_docs(epoch, f, doc if f == file else 0):
+                    found = True
+                    yield (epoch, f, d), text
+            if not found and file == 0 and doc == 0:
+                raise NanoseekError(f"no documents in {', '.join(map(str, self.files))}")
+            if not self.loop:
+                return
+            epoch, file, doc = epoch + 1, 0, 0
+
+    def _next_tokens(self, n: int) -> list[int] | None:
+        out: list[int] = []
+        while len(out) < n:
+            if self._ids is None:  # first read after a (re)start: the cursor's document
+                self._docs = self._walk(*self._cursor)
+                if not self._advance(keep_pos=True):
+                    return None
+            if self._pos >= len(self._ids) and not self._advance(keep_pos=False):
+                return None
+            take = self._ids[self._pos:self._pos + n - len(out)]
+            out += take
+            self._pos += len(take)
+        return out
+
+    def _advance(self, keep_pos: bool) -> bool:
+        item = next(self._docs, None)
+        if item is None:
+            return False
+        self._cursor, text = item
+        self._ids = self.tokenizer.encode(text, bos=True, eos=True)
+        if not keep_pos:
+            self._pos = 0
+        return True
+
+    def __iter__(self) -> PackedStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (batch_size, seq_len); targets are inputs shifted by one."""
+        rows = []
+        while len(rows) < self.batch_size:
+            row = self._next_tokens(self.seq_len + 1)
+            if row is None:
+                raise StopIteration
+            if self._rows % self.world_size == self.rank:
+                rows.append(row)
+            self._rows += 1
+        batch = torch.tensor(rows, dtype=torch.long)
+        return batch[:, :-1], batch[:, 1:]
+
+
+class SFTDataset:
+    """Chat conversations as token ids with a mask that is 1 on what the assistant generates.
+
+    Each piece of `chat_segments` is tokenized on its own, the prompt pieces then the
+    assistant's output, which is how the engine sees them: the prompt's ids, then generated ids.
+    """
+
+    def __init__(self, conversations: Iterable[list[dict]] | str | Path | list[str | Path], tokenizer: Tokenizer,
+                 max_len: int | None = None, messages_field: str = "messages"):
+        """`conversations`: lists of messages, or .jsonl/.parquet files (or directories) with a
+        `messages_field` list in each record."""
+        items = [conversations] if isinstance(conversations, (str, Path)) else list(conversations)
+        if items and all(isinstance(c, (str, Path)) for c in items):
+            items = [self._messages(row, path, messages_field)
+                     for path in expand_paths(items) for row in read_rows(path)]
+        self.conversations = items
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    @staticmethod
+    def _messages(row: dict, path: Path, field: str) -> list[dict]:
+        messages = row.get(field)
+        if not isinstance(messages, list):
+            raise NanoseekError(f"{path}: a record has no list field {field!r} (fields: {', '.join(row)})")
+        return messages
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        """(ids, mask) of conversation i, cut to max_len."""
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, trained in chat_segments(self.conversations[i], add_generation_prompt=False):
+            piece = self.tokenizer.encode(text)
+            ids += piece
+            mask += [int(trained)] * len(piece)
+        if self.max_len is not None:
+            ids, mask = ids[:self.max_len], mask[:self.max_len]
+        return ids, mask
+
+    def collate(self, items: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) padded to the longest item; targets are IGNORE_INDEX outside the
+        assistant's tokens and on padding."""
+        width = max(len(ids) for ids, _ in items) - 1
+        x = torch.full((len(items), max(width, 1)), self.tokenizer.pad_id, dtype=torch.long)
+        y = torch.full_like(x, IGNORE_INDEX)
+        for b, (ids, mask) in enumerate(items):
+            n = len(ids) - 1
+            if n < 1:
+                continue
+            x[b, :n] = torch.tensor(ids[:-1])
+            target = torch.tensor(ids[1:])
+            y[b, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), target, IGNORE_INDEX)
+        return x, y
+
+    def batches(self, batch_size: int, seed: int = 0, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of collated batches, in an order fixed by the seed."""
+        order = list(range(len(self)))
+        if shuffle:
+            random.Random(seed).shuffle(order)
+        for s in range(0, len(order), batch_size):
+            yield self.collate([self[i] for i in order[s:s + batch_size]])

@@ -1,0 +1,155 @@
+"""Byte-level BPE with DeepSeek's special tokens, trained with `tokenizers`; reads any tokenizer.json.
+
+A directory written by `save_pretrained` opens in `transformers.AutoTokenizer` (tokenizer.json
+plus a tokenizer_config.json holding the chat template), and a released DeepSeek tokenizer
+directory opens here: the special tokens are looked up by their strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from nanoseek.data.chat import (
+    ANSWER, ASSISTANT, BOS, CHAT_TEMPLATE, END_ANSWER, END_THINK, EOS, PAD, THINK, USER, format_chat,
+)
+from nanoseek.errors import NanoseekError
+
+# Order fixes the ids: BOS 0, EOS 1, PAD 2 as in DeepSeek-V3 (and ModelConfig's defaults).
+SPECIAL_TOKENS: dict[str, str] = {
+    "bos": BOS, "eos": EOS, "pad": PAD, "user": USER, "assistant": ASSISTANT,
+    "think": THINK, "end_think": END_THINK, "answer": ANSWER, "end_answer": END_ANSWER,
+}
+N_BYTES = 256
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE on `texts`. Digits are split one per token, so that arithmetic
+    stays learnable with a vocabulary of a few hundred entries."""
+    smallest = N_BYTES + len(SPECIAL_TOKENS)
+    if vocab_size < smallest:
+        raise NanoseekError(f"--vocab-size {vocab_size}: must be at least {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    # Like DeepSeek's tokenizer.json: `transformers` adds BOS when asked for special tokens.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos_id)],
+    )
+    return Tokenizer(tok)
+
+
+def _token_string(value) -> str | None:
+    """tokenizer_config.json spells a special token as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the ids of nanoseek's special tokens (None where absent)."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None):
+        self.backend = backend
+        self.config = dict(config) if config is not None else {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        strings = dict(SPECIAL_TOKENS)
+        for name in ("bos", "eos", "pad"):
+            strings[name] = _token_string(self.config.get(f"{name}_token")) or strings[name]
+        self.special_ids: dict[str, int | None] = {n: backend.token_to_id(s) for n, s in strings.items()}
+        if self.special_ids["pad"] is None:
+            self.special_ids["pad"] = self.special_ids["eos"]
+        ids = self.special_ids
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.user_id, self.assistant_id = ids["user"], ids["assistant"]
+        self.think_id, self.end_think_id = ids["think"], ids["end_think"]
+        self.answer_id, self.end_answer_id = ids["answer"], ids["end_answer"]
+
+    # ---- files ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Tokenizer:
+        """Open a directory holding tokenizer.json (and optionally tokenizer_config.json), or a tokenizer.json file."""
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / "tokenizer.json"
+        if not file.is_file():
+            raise NanoseekError(f"{file}: no tokenizer.json here (train one with `nanoseek tokenizer train`)")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust error says what is wrong in the file
+            raise NanoseekError(f"{file}: not a tokenizers file ({str(e).splitlines()[0]})") from e
+        config_file = file.with_name("tokenizer_config.json")
+        config = None
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise NanoseekError(f"{config_file}: invalid JSON ({e})") from e
+        return cls(backend, config)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(
+            json.dumps(self.config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+        return path
+
+    # ---- text <-> ids --------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of `text`; special-token strings in it become their ids."""
+        return self._wrap(self.backend.encode(text, add_special_tokens=False).ids, bos, eos)
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        return [self._wrap(e.ids, bos, eos) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `format_chat(messages)`; for a directory saved here, what transformers'
+        `apply_chat_template(messages, tokenize=True)` gives."""
+        return self.encode(format_chat(messages, add_generation_prompt))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, id: int) -> str | None:
+        return self.backend.id_to_token(id)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"

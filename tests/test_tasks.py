@@ -1,0 +1,201 @@
+"""Tasks: seeded problems, difficulty knobs, disjoint splits, rewards on known right and wrong answers."""
+
+import json
+
+import pytest
+
+from nanoseek import tasks
+from nanoseek.errors import NanoseekError
+from nanoseek.tasks import Problem, split_of
+from nanoseek.tasks.arith import parse, solve
+
+
+def answer(text):
+    return f" <think>working</think> <answer>{text}</answer>"
+
+
+def chain_value(prompt):
+    """Independent value of a +/- chain."""
+    value, sign, digits = 0, 1, ""
+    for c in prompt + "+":
+        if c.isdigit():
+            digits += c
+        else:
+            value += sign * int(digits)
+            sign, digits = (1 if c == "+" else -1), ""
+    return value
+
+
+def test_names():
+    assert set(tasks.names()) == {"arith", "countdown", "gsm8k", "math"}
+
+
+def test_bad_options_are_errors():
+    with pytest.raises(NanoseekError, match="task 'nope'"):
+        tasks.get("nope")
+    with pytest.raises(NanoseekError, match="unknown option max_opps"):
+        tasks.get("arith", max_opps=3)
+    with pytest.raises(NanoseekError, match="min_ops"):
+        tasks.get("arith", min_ops=4, max_ops=2)
+    with pytest.raises(NanoseekError, match="ops"):
+        tasks.get("arith", ops="/")
+    with pytest.raises(NanoseekError, match="split"):
+        tasks.get("arith").sample(3, split="validation")
+    with pytest.raises(NanoseekError, match="min_numbers"):
+        tasks.get("countdown", min_numbers=1)
+
+
+# ---- arith --------------------------------------------------------------------------------
+def test_arith_is_seeded():
+    task = tasks.get("arith")
+    assert task.sample(20, seed=3) == task.sample(20, seed=3)
+    assert task.sample(20, seed=3) != task.sample(20, seed=4)
+
+
+def test_arith_difficulty_knobs():
+    task = tasks.get("arith", min_ops=3, max_ops=5, max_operand=9, ops="+-")
+    problems = task.sample(300, seed=0)
+    assert {p.difficulty for p in problems} == {3, 4, 5}
+    for p in problems:
+        numbers, ops = parse(p.prompt)
+        assert len(ops) == p.difficulty and set(ops) <= set("+-")
+        assert all(1 <= n <= 9 for n in numbers)
+        assert int(p.answer) == chain_value(p.prompt)
+        assert len(task.steps(p)) == p.difficulty and p.solution == ", ".join(map(str, task.steps(p)))
+
+
+def test_arith_precedence():
+    value, steps = solve([3, 4, 2, 1], "+*-")  # 3+4*2-1
+    assert value == 10 and [str(s) for s in steps] == ["4*2=8", "3+8=11", "11-1=10"]
+    problems = tasks.get("arith", ops="*", max_ops=2).sample(20)
+    assert all(str(eval_product(p.prompt)) == p.answer for p in problems)
+
+
+def eval_product(prompt):
+    value = 1
+    for n in prompt.split("*"):
+        value *= int(n)
+    return value
+
+
+def test_arith_reward():
+    task = tasks.get("arith")
+    p = Problem(prompt="3+4-2", answer="5", difficulty=2, task="arith")
+    assert task.reward(answer("5"), p) == 1.0
+    assert task.reward(" <think>3+4=7, 7-2=5</think> <answer>5</answer>", p) == 1.0
+    assert task.reward(answer("6"), p) == 0.0
+    assert task.reward(answer("3+4-2"), p) == 0.0  # copying the question is not an answer
+    assert task.reward(answer("5.5"), p) == 0.0
+    assert task.reward("5", p) == 0.0  # no <answer> and no \boxed{}
+    assert task.reward(" <think>the answer is 5</think>", p) == 0.0
+
+
+def test_arith_splits_are_disjoint():
+    task = tasks.get("arith", min_ops=2, max_ops=2, max_operand=5, test_share=0.2)  # 5**3 * 4 = 500 problems
+    train = {p.prompt for p in task.sample(300, split="train", seed=1)}
+    test = {p.prompt for p in task.sample(60, split="test", seed=1)}
+    assert len(test) == 60 and not train & test
+    assert all(split_of(k, 0.2) == "train" for k in train) and all(split_of(k, 0.2) == "test" for k in test)
+
+
+def test_small_problem_space_repeats():
+    task = tasks.get("arith", min_ops=1, max_ops=1, max_operand=2, ops="+", test_share=0.0)
+    problems = task.sample(10)
+    assert len(problems) == 10 and len({p.prompt for p in problems}) == 4
+    with pytest.raises(NanoseekError, match="no test problems"):
+        task.sample(3, split="test")
+
+
+# ---- countdown -------------------------------------------------------------------------------
+def test_countdown_problems_have_solutions():
+    task = tasks.get("countdown")
+    problems = task.sample(100, seed=0)
+    assert problems == task.sample(100, seed=0)
+    for p in problems:
+        assert 3 <= len(p.numbers) <= 4 and 1 <= p.target <= 100 and p.difficulty == len(p.numbers)
+        assert str(p.target) in p.prompt and all(str(n) in p.prompt for n in p.numbers)
+        assert task.reward(answer(p.answer), p) == 1.0  # the generating expression is a solution
+        assert task.steps(p)[-1].result == p.target and len(task.steps(p)) == len(p.numbers) - 1
+
+
+def test_countdown_reward():
+    task = tasks.get("countdown")
+    p = Problem(prompt="", answer="(3+5)*7-2", task="countdown", numbers=(3, 5, 7, 2), target=54)
+    assert task.reward(answer("(3+5)*7-2"), p) == 1.0
+    assert task.reward(answer("7*(5+3)-2 = 54"), p) == 1.0
+    assert task.reward(answer("(3 + 5) \\times 7 - 2"), p) == 1.0
+    assert task.reward(answer("3+5*7-2"), p) == 0.0  # precedence: 36
+    assert task.reward(answer("(3+5)*7"), p) == 0.0  # 2 not used
+    assert task.reward(answer("(3+5)*7-2+2-2"), p) == 0.0  # 2 used three times
+    assert task.reward(answer("54"), p) == 0.0
+    assert task.reward(answer("(3+5)*7-2*1"), p) == 0.0  # a number that was not given
+    assert task.reward(answer("-(3+5)*7-2"), p) == 0.0  # no unary minus
+    assert task.reward(answer("(3+5)*7-2)"), p) == 0.0
+    assert task.reward("(3+5)*7-2", p) == 0.0  # no answer tag
+
+
+def test_countdown_splits_are_disjoint():
+    task = tasks.get("countdown", min_numbers=3, max_numbers=3, max_number=9, max_target=20, test_share=0.3)
+    train = {task.key(p) for p in task.sample(200, split="train")}
+    test = {task.key(p) for p in task.sample(50, split="test")}
+    assert train and test and not train & test
+
+
+# ---- GSM8K and MATH files ---------------------------------------------------------------------
+def test_gsm8k_sample_file():
+    task = tasks.get("gsm8k")
+    problems = task.sample(None, "train") + task.sample(None, "test")
+    assert len(problems) == 12 and all(p.task == "gsm8k" for p in problems)
+    bins = next(p for p in problems if "recycling" in p.prompt)
+    assert bins.answer == "7350" and "<<" not in bins.solution and bins.difficulty == 1
+    assert task.reward(answer("7350"), bins) == 1.0
+    assert task.reward(answer("7,350"), bins) == 1.0
+    assert task.reward("so the answer is \\boxed{7350}.", bins) == 1.0
+    assert task.reward(answer("7351"), bins) == 0.0
+
+
+def test_file_splits_and_sampling():
+    task = tasks.get("gsm8k", test_share=0.5)
+    train, test = task.sample(None, "train"), task.sample(None, "test")
+    assert train and test and not {p.prompt for p in train} & {p.prompt for p in test}
+    many = task.sample(3 * len(train) + 1, "train", seed=2)
+    assert len(many) == 3 * len(train) + 1 and set(many) == set(train)
+    assert task.sample(5, seed=2) == task.sample(5, seed=2)
+
+
+def test_math_sample_file():
+    task = tasks.get("math", test_share=0.0)
+    by_answer = {p.answer: p for p in task.sample(None)}
+    assert set(by_answer) >= {"\\frac{11}{12}", "6", "5\\sqrt{2}", "(2,3)", "9\\pi", "0.1", "\\frac{1}{6}", "(4, 2)"}
+    assert by_answer["(2,3)"].difficulty == 3 and by_answer["6"].meta["type"] == "Algebra"
+    right = {"\\frac{11}{12}": "\\frac{22}{24}", "5\\sqrt{2}": "\\sqrt{50}", "(2,3)": "(2, 3)", "9\\pi": "9 \\pi",
+             "0.1": "\\frac{1}{10}", "\\frac{1}{6}": "1/6", "(4, 2)": "(4,2)", "6": "6", "720": "720"}
+    wrong = {"\\frac{11}{12}": "0.91", "5\\sqrt{2}": "7.07", "(2,3)": "[2,3]", "9\\pi": "9", "0.1": "0.01",
+             "\\frac{1}{6}": "1/7", "(4, 2)": "(2,4)", "6": "x=7", "720": "360"}
+    for truth, guess in right.items():
+        assert task.reward(answer(guess), by_answer[truth]) == 1.0, (truth, guess)
+    for truth, guess in wrong.items():
+        assert task.reward(answer(guess), by_answer[truth]) == 0.0, (truth, guess)
+
+
+def test_parquet_and_bad_files(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    from nanoseek.tasks.files import asset
+
+    rows = [json.loads(line) for line in asset("math_sample.jsonl").read_text(encoding="utf-8").splitlines()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "math.parquet")
+    from_parquet = tasks.get("math", path=tmp_path / "math.parquet", test_share=0.0).sample(None)
+    assert [p.answer for p in from_parquet] == [p.answer for p in tasks.get("math", test_share=0.0).sample(None)]
+
+    with pytest.raises(NanoseekError, match="no such file"):
+        tasks.get("gsm8k", path=tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "solution": "s"}) + "\n")
+    with pytest.raises(NanoseekError, match="lacks string field answer"):
+        tasks.get("gsm8k", path=tmp_path / "bad.jsonl")
+    (tmp_path / "nohash.jsonl").write_text(json.dumps({"question": "q", "answer": "42"}) + "\n")
+    with pytest.raises(NanoseekError, match="####"):
+        tasks.get("gsm8k", path=tmp_path / "nohash.jsonl")
+    with pytest.raises(NanoseekError, match=".jsonl or .parquet"):
+        tasks.get("math", path=tmp_path / "data.csv")
