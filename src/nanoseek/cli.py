@@ -12,7 +12,10 @@ from nanoseek.errors import NanoseekError
 COMMAND_MODULES = [
     "nanoseek.demo",
     "nanoseek.io.cli",
+    "nanoseek.io.convert",
     "nanoseek.data.cli",
+    "nanoseek.train.cli",
+    "nanoseek.bench",
 ]
 
 

@@ -1,0 +1,474 @@
+"""Pretraining with the DeepSeek-V3 recipe; SFT runs the same loop (train/sft.py).
+
+One optimizer step:
+1. the batch (this rank's rows of the global batch) in micro-batches, forward and backward;
+   the loss is L_main + lambda / D * sum_k L_MTP_k + alpha * L_balance (V3 sections 2.1.2,
+   2.2), with token-level means over the whole global batch;
+2. the loss-spike guard: a non-finite loss, or one far above its running mean, skips the
+   step; repeated spikes roll back to the last checkpoint;
+3. gradient clipping, AdamW (beta 0.9 / 0.95, weight decay 0.1) at the schedule's lr;
+4. auxiliary-loss-free balancing: every routing bias moves by gamma against its expert's
+   load in this step (V3 section 2.1.2);
+5. every `log_every` steps a metrics record, every `checkpoint_every` a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.data.stream import IGNORE_INDEX
+from nanoseek.errors import NanoseekError
+from nanoseek.model import Transformer
+from nanoseek.train import checkpoint as ckpt
+from nanoseek.train import distributed
+from nanoseek.train.config import RESUMABLE_KEYS, TrainConfig, save_config
+from nanoseek.train.metrics import Metrics, plot_metrics, read_metrics
+from nanoseek.train.schedule import lr_for
+
+
+class Objective(nn.Module):
+    """The model and its training losses as token sums: main next-token cross-entropy, one per
+    MTP depth (depth k at position i predicts token i+k+1: targets y[:, k:]), and the
+    sequence-wise balance loss. The trainer calls this module, so FSDP's root is here."""
+
+    def __init__(self, model: Transformer, mtp: bool = True):
+        super().__init__()
+        self.model = model
+        self.mtp = mtp and len(model.mtp) > 0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        hidden = self.model.hidden_states(x)
+        main = cross_entropy_sum(self.model.lm_head(hidden), y)
+        mtp = []
+        if self.mtp:
+            for k, logits in enumerate(self.model.mtp_logits(hidden, x), start=1):
+                mtp.append(cross_entropy_sum(logits, y[:, k:]))
+        return main, mtp, self.model.balance_loss().to(main.device)
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+class SpikeGuard:
+    """Flags a loss that is not finite or above `factor` x its running mean (an EMA of the
+    accepted losses, trusted after `warmup` of them). `rollback_after` flags in a row ask for
+    a rollback. Its state goes into checkpoints, so a resumed run decides as the original."""
+
+    def __init__(self, factor: float = 2.0, warmup: int = 10, rollback_after: int = 3, decay: float = 0.9):
+        self.factor, self.warmup, self.rollback_after, self.decay = factor, warmup, rollback_after, decay
+        self.mean: float | None = None
+        self.seen = 0
+        self.in_a_row = 0
+
+    def check(self, loss: float) -> str:
+        """'ok' (the loss is folded into the mean), 'skip', or 'rollback'."""
+        spike = not math.isfinite(loss) or (
+            self.mean is not None and self.seen >= self.warmup and loss > self.factor * self.mean)
+        if not spike:
+            self.in_a_row = 0
+            self.seen += 1
+            self.mean = loss if self.mean is None else self.decay * self.mean + (1 - self.decay) * loss
+            return "ok"
+        self.in_a_row += 1
+        if self.in_a_row >= self.rollback_after:
+            self.in_a_row = 0
+            return "rollback"
+        return "skip"
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "seen": self.seen, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.seen, self.in_a_row = state["mean"], state["seen"], state["in_a_row"]
+
+
+# ---------------------------------------------------------------------------------------
+# Building a run: model, data, optimizer, resume.
+# ---------------------------------------------------------------------------------------
+def load_tokenizer(cfg: TrainConfig):
+    from nanoseek.data.tokenizer import Tokenizer
+
+    source = cfg.data.tokenizer
+    if source is None and cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file():
+        source = cfg.init_from
+    if source is None:
+        raise NanoseekError("config key 'data.tokenizer': training needs a tokenizer directory "
+                            "(train one with `nanoseek tokenizer train`)")
+    return Tokenizer.from_pretrained(source)
+
+
+def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
+    if cfg.init_from:
+        return ModelConfig.from_hf(Path(cfg.init_from) / "config.json")
+    mc = cfg.model_config()
+    changes = {}
+    if "vocab_size" not in cfg.model:
+        changes["vocab_size"] = len(tokenizer)
+    elif cfg.model["vocab_size"] < len(tokenizer):
+        raise NanoseekError(f"config key 'model.vocab_size': {cfg.model['vocab_size']} is smaller than the "
+                            f"tokenizer's {len(tokenizer)} tokens")
+    for name in ("bos", "eos", "pad"):
+        if f"{name}_token_id" not in cfg.model:
+            changes[f"{name}_token_id"] = getattr(tokenizer, f"{name}_id")
+    return mc.replace(**changes)
+
+
+def build_model(cfg: TrainConfig, mc: ModelConfig, device: torch.device) -> Transformer:
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:
+        from nanoseek.io.hf import load_pretrained
+
+        model = load_pretrained(cfg.init_from, config=mc)
+    else:
+        model = Transformer(mc)
+    if cfg.precision == "fp8":  # V3 section 3.3: attention and expert linears in FP8, master weights FP32
+        from nanoseek.fp8 import fp8_swap
+
+        fp8_swap(model)
+    return model.to(device).train()
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, ctx: distributed.Context) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms or biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Expert-parallel parameters are plain tensors beside FSDP's DTensors: keep the per-tensor loop.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             foreach=False if ctx.expert_parallel else None)
+
+
+def find_resume(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: `resume` (a directory, or 'latest'), else OUT's newest."""
+    if resume is None or resume == "latest":
+        found = ckpt.list_checkpoints(out)
+        if resume == "latest" and not found:
+            raise NanoseekError(f"--resume: no checkpoint in {ckpt.checkpoints_dir(out)}")
+        return found[-1] if found else None
+    return Path(resume)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise NanoseekError("config key 'precision': this GPU has no bf16 support; use fp32")
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, out: str | Path, stage: str = "pretrain", resume: str | None = None) -> dict:
+    """Run (or resume) a training run into OUT; returns a summary. Usable under torchrun."""
+    ctx = distributed.setup(cfg.device)
+    ctx.expert_parallel = cfg.expert_parallel and ctx.distributed
+    try:
+        return Run(cfg, Path(out), stage, ctx).go(resume)
+    finally:
+        distributed.teardown(ctx)
+
+
+class Run:
+    """One training run into OUT: what pretraining and SFT share, on one rank or many."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, stage: str, ctx: distributed.Context):
+        self.cfg, self.out, self.stage, self.ctx = cfg, out, stage, ctx
+        world = ctx.world_size
+        if cfg.batch_size % world:
+            raise NanoseekError(f"config key 'batch_size': {cfg.batch_size} is not divisible by the {world} ranks")
+        self.rows = cfg.batch_size // world  # rows per rank per step
+        self.micro = cfg.micro_batch_size or self.rows
+        if self.rows % self.micro:
+            raise NanoseekError(f"config key 'micro_batch_size': {self.micro} does not divide the {self.rows} "
+                                f"sequences per rank per step (batch_size {cfg.batch_size} / {world} ranks)")
+        self.tokenizer = load_tokenizer(cfg)
+        self.model_config = build_model_config(cfg, self.tokenizer)
+        self.model = build_model(cfg, self.model_config, ctx.device)
+        self.objective = Objective(self.model, mtp=cfg.mtp_lambda > 0)
+        if ctx.distributed:
+            self.expert_params = distributed.parallelize(self.objective, self.model, ctx)
+        else:  # the same expert loop as on many ranks: every expert gets a gradient every step
+            distributed.distribute_experts(self.model, 0, 1)
+            self.expert_params = set()
+        self.params = [p for p in self.model.parameters()]
+        self.optimizer = build_optimizer(self.model, cfg, ctx)
+        self.guard = SpikeGuard(cfg.spike_factor, cfg.spike_warmup, cfg.rollback_after)
+        self.data = self.make_data()
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+
+    def make_data(self):
+        cfg = self.cfg
+        if not cfg.data.files:
+            raise NanoseekError("config key 'data.files': no training files given")
+        if self.stage == "sft":
+            from nanoseek.train.sft import ChatBatches
+
+            return ChatBatches(cfg, self.tokenizer, self.ctx)
+        from nanoseek.data.stream import PackedStream
+
+        # Every rank reads the whole global batch and keeps its rows (see next_batch), so the data
+        # position is the same on all ranks and a checkpoint resumes on any number of them.
+        return PackedStream(cfg.data.files, self.tokenizer, cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                            text_field=cfg.data.text_field, shuffle=cfg.data.shuffle)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the next global batch: rows rank, rank + world_size, ..."""
+        try:
+            x, y = next(self.data)
+        except StopIteration:
+            raise NanoseekError(f"config key 'data.files': the data ran out at step {self.step}") from None
+        if self.stage == "sft":  # ChatBatches already picks this rank's conversations
+            return x, y
+        return x[self.ctx.rank::self.ctx.world_size], y[self.ctx.rank::self.ctx.world_size]
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(), "model_config": _plain(self.model_config), "stage": self.stage,
+            "data": self.data.state_dict(), "guard": self.guard.state_dict(), "rng": ckpt.rng_state(),
+            "tokens": self.tokens, "elapsed": self.elapsed, "world_size": self.ctx.world_size,
+        }
+
+    def save(self) -> None:
+        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, self.ctx)
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(self.out, self.step, model_sd, optim_sd, self.trainer_state(),
+                                 keep=self.cfg.keep_checkpoints)
+        self.ctx.barrier()
+
+    def verify(self, path: Path) -> ckpt.Checkpoint:
+        c = ckpt.read_checkpoint(path)
+        shapes = {name: tuple(t.shape) for name, t in _full_shapes(self.model_config).items()}
+        ckpt.check_compatible(c, self.cfg.to_dict(), _plain(self.model_config), RESUMABLE_KEYS, shapes)
+        if c.state.get("stage") != self.stage:
+            raise NanoseekError(f"{path}: checkpoint of a {c.state.get('stage')} run, not {self.stage}")
+        return c
+
+    def restore(self, c: ckpt.Checkpoint, data: bool = True) -> None:
+        distributed.load_full_state(self.model, self.optimizer, c.model, c.optimizer)
+        self.guard.load_state_dict(c.state["guard"])
+        ckpt.set_rng_state(c.state["rng"])
+        if data:
+            self.data.load_state_dict(c.state["data"])
+        self.step, self.tokens, self.elapsed = c.step, c.state["tokens"], c.state["elapsed"]
+
+    # ---- one step ----------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Forward and backward over this rank's rows; returns the global losses and loads."""
+        cfg, ctx, dev = self.cfg, self.ctx, self.ctx.device
+        x, y = x.to(dev), y.to(dev)
+        depth = len(self.model.mtp) if self.objective.mtp else 0
+        # Global token counts, so that every token of the global batch weighs the same.
+        counts = torch.tensor([(y[:, k:] != IGNORE_INDEX).sum().item() for k in range(depth + 1)],
+                              dtype=torch.float64, device=dev)
+        counts = ctx.all_reduce(counts).clamp(min=1)
+        sums = torch.zeros(depth + 2, dtype=torch.float64, device=dev)  # main, MTP depths, balance
+        loads = None
+        for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
+            with autocast(cfg, dev):
+                main, mtp, balance = self.objective(xm, ym)
+            # FSDP averages gradients over ranks: scale by world_size to get the global sums' gradient.
+            loss = main / counts[0]
+            for k, m in enumerate(mtp, start=1):
+                loss = loss + cfg.mtp_lambda / depth * m / counts[k]
+            loss = loss + cfg.balance_alpha * balance * xm.shape[0] / self.rows / ctx.world_size
+            (loss.float() * ctx.world_size).backward()
+            sums += torch.stack([main.detach(), *[m.detach() for m in mtp],
+                                 balance.detach() * xm.shape[0]]).double()
+            step_counts = torch.stack([c.float() for c in self.model.expert_counts()]) if self.model.moe_layers() \
+                else torch.zeros(0)
+            loads = step_counts if loads is None else loads + step_counts
+        for p in self.expert_params:  # expert-parallel grads hold every rank's tokens: make them a mean
+            if p.grad is not None:
+                p.grad.div_(ctx.world_size)
+        sums = ctx.all_reduce(sums)
+        if loads is not None and loads.numel():
+            loads = ctx.all_reduce(loads.to(dev))
+        return {
+            "loss": (sums[0] / counts[0]).item(),
+            "loss_mtp": [(sums[k] / counts[k]).item() for k in range(1, depth + 1)],
+            "balance": (sums[-1] / cfg.batch_size).item(),
+            "loads": loads,
+            "tokens": int(x.numel()) * ctx.world_size,
+        }
+
+    def go(self, resume: str | None) -> dict:
+        cfg, ctx, out = self.cfg, self.ctx, self.out
+        start = find_resume(out, resume)
+        if start is not None:  # check everything before writing anything
+            self.restore(self.verify(start))
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(out)
+            save_config(cfg, out / "config.yaml")
+        metrics = Metrics(out, self.step, cfg.tensorboard) if ctx.is_main else None
+        if ctx.is_main:
+            verb = f"resuming {start} at step {self.step}" if start else "starting"
+            print(f"{self.stage}: {verb}; {_describe(self.model_config)}; {cfg.batch_size} x {cfg.seq_len} tokens "
+                  f"a step on {ctx.world_size} rank(s) ({ctx.device.type}, {cfg.precision})", file=sys.stderr)
+        bar = Progress(cfg, self.step, enabled=ctx.is_main and cfg.progress)
+        first_loss = None
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                lr = lr_for(cfg, self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                x, y = self.next_batch()
+                self.optimizer.zero_grad(set_to_none=False)
+                result = self.train_step(x, y)
+                verdict = self.guard.check(result["loss"])
+                grad_norm = math.nan
+                if verdict == "ok":
+                    grad_norm = distributed.clip_grad_norm(self.params, cfg.grad_clip, ctx)
+                    if not math.isfinite(grad_norm):
+                        verdict = "skip"
+                if verdict == "ok":
+                    self.optimizer.step()
+                    if result["loads"] is not None and cfg.bias_gamma > 0:
+                        self.model.update_routing_bias(list(result["loads"]), cfg.bias_gamma)
+                self.step += 1
+                self.tokens += result["tokens"]
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                if verdict != "ok":
+                    self.on_spike(verdict, result, metrics)
+                    bar.update(self.step, result["loss"], result["tokens"] / dt)
+                    continue
+                first_loss = result["loss"] if first_loss is None else first_loss
+                if self.step % cfg.log_every == 0 or self.step in (1, cfg.steps):
+                    record = {"step": self.step, "loss": result["loss"], "loss_mtp": result["loss_mtp"],
+                              "balance_loss": result["balance"], "lr": lr, "grad_norm": grad_norm,
+                              "tokens": self.tokens, "tokens_per_s": result["tokens"] / dt,
+                              "elapsed_s": self.elapsed}
+                    if result["loads"] is not None and result["loads"].numel():
+                        loads = result["loads"]
+                        record["expert_load"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+                    if metrics:
+                        metrics.log(record)
+                    bar.log(record)
+                bar.update(self.step, result["loss"], result["tokens"] / dt)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        if not ckpt.list_checkpoints(out) or ckpt.list_checkpoints(out)[-1].name != f"step-{self.step:08d}":
+            self.save()
+        return self.finish(first_loss)
+
+    def on_spike(self, verdict: str, result: dict, metrics: Metrics | None) -> None:
+        """Skip the step, or go back to the last checkpoint; the data reader goes on forward,
+        so the batches that spiked are not seen again."""
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = result["loss"]
+        event = {"step": self.step, "event": "spike_skipped", "spike_loss": loss if math.isfinite(loss) else None,
+                 "running_mean": self.guard.mean}
+        if verdict == "rollback":
+            found = ckpt.list_checkpoints(self.out)
+            if found:
+                data_state = self.data.state_dict()
+                c = self.verify(found[-1])
+                self.restore(c, data=False)
+                self.data.load_state_dict(data_state)
+                event.update(event="rollback", to_step=c.step)
+            else:
+                event["event"] = "spike_skipped_no_checkpoint"
+        if metrics:
+            metrics.log(event)
+        if self.ctx.is_main:
+            print(f"step {event['step']}: loss spike ({loss:.4g} vs running mean {self.guard.mean}): "
+                  f"{event['event']}", file=sys.stderr)
+
+    def finish(self, first_loss: float | None) -> dict:
+        """Write the model in Hugging Face format (with the tokenizer) and the plots."""
+        from nanoseek.io.hf import save_pretrained
+
+        model_sd, _ = distributed.full_state(self.model, None, self.ctx)
+        summary = {}
+        if self.ctx.is_main:
+            model = self.model
+            if self.ctx.distributed:
+                with torch.device("meta"):
+                    model = Transformer(self.model_config)
+                model.load_state_dict(model_sd, assign=True)
+                model.rope.inv_freq = torch.empty(0)
+                model.rope.reset_parameters()
+            hf = save_pretrained(model, self.out / "hf")
+            self.tokenizer.save_pretrained(hf)
+            plots = plot_metrics(self.out / "metrics.jsonl", self.out)
+            records = [r for r in read_metrics(self.out / "metrics.jsonl") if "event" not in r]
+            summary = {"stage": self.stage, "steps": self.step, "tokens": self.tokens,
+                       "seconds": round(self.elapsed, 2),
+                       "loss_first": records[0]["loss"] if records else first_loss,
+                       "loss_last": records[-1]["loss"] if records else None,
+                       "hf": str(hf), "plots": [str(p) for p in plots]}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            print(f"{self.stage}: {self.step} steps, {self.tokens:,} tokens in {self.elapsed:.1f}s; loss "
+                  f"{_fmt(summary['loss_first'])} -> {_fmt(summary['loss_last'])}; model in {hf}", file=sys.stderr)
+        self.ctx.barrier()
+        return summary
+
+
+class Progress:
+    """A tqdm bar (step, loss, tokens/s, time left) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, cfg: TrainConfig, start: int, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def log(self, record: dict) -> None:
+        if self.enabled and self.bar is None:
+            print(f"step {record['step']}/{self.cfg.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                  f"{record['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _full_shapes(mc: ModelConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return Transformer(mc).state_dict()
+
+
+def _plain(mc: ModelConfig) -> dict:
+    return json.loads(json.dumps(mc.__dict__))
+
+
+def _describe(mc: ModelConfig) -> str:
+    from nanoseek.model import count_parameters
+
+    n = count_parameters(mc)
+    return f"{n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active)"
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+

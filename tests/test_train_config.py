@@ -1,0 +1,76 @@
+"""Training configs (YAML + --set, errors that name the key) and the learning-rate schedules."""
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.errors import NanoseekError
+from nanoseek.train.config import load_config
+from nanoseek.train.schedule import lr_at
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "steps: 50\nlr: 3e-4\ndata:\n  files: [a.jsonl]\nmodel:\n  preset: small\n"),
+                      ["seq_len=32", "data.tokenizer=123", "model.hidden_size=64", "lr=1e-3", "data.files=[b, c]"])
+    assert cfg.steps == 50 and cfg.seq_len == 32 and cfg.lr == 1e-3
+    assert cfg.data.files == ["b", "c"] and cfg.data.tokenizer == "123"
+    mc = cfg.model_config()
+    assert mc.hidden_size == 64 and mc.vocab_size == 4096  # the rest from the small preset
+
+
+@pytest.mark.parametrize("text, overrides, key", [
+    ("stepz: 5\n", [], "stepz"),
+    ("data:\n  filez: [a]\n", [], "data.filez"),
+    ("model:\n  hidden: 3\n", [], "model.hidden"),
+    ("steps: ten\n", [], "steps"),
+    ("steps: 1.5\n", [], "steps"),
+    ("tensorboard: 3\n", [], "tensorboard"),
+    ("data:\n  files: a.jsonl\n", [], "data.files"),
+    ("model:\n  hidden_size: wide\n", [], "model.hidden_size"),
+    ("", ["lr=fast"], "lr"),
+    ("", ["nope=1"], "nope"),
+    ("", ["data.nope=1"], "data.nope"),
+    ("", ["steps=0"], "steps"),
+    ("", ["precision=fp16"], "precision"),
+    ("", ["model.preset=huge"], "model.preset"),
+])
+def test_errors_name_the_key(tmp_path, text, overrides, key):
+    with pytest.raises(NanoseekError, match=f"'{key}'"):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_fp8_is_refused_until_implemented():
+    with pytest.raises(NanoseekError, match="fp8 training is not implemented"):
+        load_config(None, ["precision=fp8"])
+    assert load_config(None, ["precision=bf16"]).precision == "bf16"
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    code = main(["pretrain", "--config", str(write(tmp_path, "batchsize: 4\n")), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'batchsize'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_wsd_schedule_shape():
+    total, lr, low = 100, 1e-3, 1e-4
+    lrs = [lr_at(s, total, lr, low, warmup=10, schedule="wsd", decay_fraction=0.3, tail_fraction=0.1)
+           for s in range(total)]
+    assert lrs[0] == pytest.approx(lr / 10) and lrs[9] == pytest.approx(lr)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # warm-up rises
+    assert all(v == lr for v in lrs[10:60])  # constant
+    decay = lrs[60:90]
+    assert all(a > b for a, b in zip(decay, decay[1:])) and decay[0] <= lr  # cosine decay
+    assert all(v == low for v in lrs[90:])  # low tail
+
+
+def test_cosine_schedule_shape():
+    lrs = [lr_at(s, 50, 1.0, 0.1, warmup=5, schedule="cosine") for s in range(50)]
+    assert lrs[4] == 1.0
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=2e-3)

@@ -1,0 +1,130 @@
+"""The training loop: aux-loss-free balancing, the loss-spike guard, outputs, SFT."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek.data.stream import IGNORE_INDEX
+from nanoseek.io.hf import load_pretrained
+from nanoseek.train import pretrain
+from nanoseek.train.metrics import read_metrics
+from nanoseek.train.pretrain import SpikeGuard
+from train_support import FAST, SMALL_MODEL, data_args, make_data, train_here
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def test_bias_update_lowers_expert_load_imbalance(tmp_path, data):
+    """V3's auxiliary-loss-free balancing: with the bias step (and no balance loss) the max /
+    mean expert load over the last steps is lower than without it."""
+    def imbalance(gamma):
+        out = tmp_path / f"gamma{gamma}"
+        train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=30", "checkpoint_every=100",
+                         "balance_alpha=0", f"bias_gamma={gamma}"])
+        records = read_metrics(out / "metrics.jsonl")
+        return sum(r["expert_load"][0] for r in records[-10:]) / 10
+
+    without, with_bias = imbalance(0.0), imbalance(0.01)
+    assert with_bias < 0.8 * without, (with_bias, without)
+
+
+def test_spike_guard_decisions():
+    g = SpikeGuard(factor=2.0, warmup=3, rollback_after=2)
+    assert [g.check(x) for x in (5.0, 4.0, 3.0)] == ["ok"] * 3
+    assert g.check(100.0) == "skip"  # far above the running mean
+    assert g.check(3.0) == "ok"  # a good loss resets the count
+    assert g.check(float("nan")) == "skip"
+    assert g.check(float("inf")) == "rollback"
+    state = g.state_dict()
+    json.dumps(state)
+    h = SpikeGuard(factor=2.0, warmup=3, rollback_after=2)
+    h.load_state_dict(state)
+    assert h.check(50.0) == g.check(50.0) == "skip"
+
+
+def test_spikes_skip_then_roll_back(tmp_path, data, monkeypatch):
+    """Calls 6, 9, 10 and 11 of the step see a non-finite loss: 6, 9 and 10 are skipped, the
+    third in a row (11) rolls back to the checkpoint of step 8; the run then finishes."""
+    real = pretrain.Run.train_step
+    calls = []
+
+    def spiky(self, x, y):
+        result = real(self, x, y)
+        calls.append(self.step + 1)
+        if len(calls) in (6, 9, 10, 11):
+            result["loss"] = float("nan")
+        return result
+
+    monkeypatch.setattr(pretrain.Run, "train_step", spiky)
+    out = tmp_path / "run"
+    summary = train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=12", "checkpoint_every=4"])
+    records = read_metrics(out / "metrics.jsonl")
+    events = [(r["step"], r["event"]) for r in records if "event" in r]
+    assert events == [(6, "spike_skipped"), (9, "spike_skipped"), (10, "spike_skipped"), (11, "rollback")]
+    assert [r for r in records if r.get("event") == "rollback"][0]["to_step"] == 8
+    assert calls[-4:] == [9, 10, 11, 12]  # steps 9.. again after the rollback, on new batches
+    assert summary["steps"] == 12 and all(math.isfinite(r["loss"]) for r in records if "event" not in r)
+
+
+def test_outputs_and_hf_export(tmp_path, data):
+    out = tmp_path / "run"
+    summary = train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=8", "checkpoint_every=4",
+                               "tensorboard=true", "log_every=2"])
+    assert summary["loss_last"] < summary["loss_first"]
+    for name in ("metrics.jsonl", "config.yaml", "summary.json", "loss.png", "lr.png", "expert_load.png",
+                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    record = read_metrics(out / "metrics.jsonl")[-1]
+    assert {"step", "loss", "loss_mtp", "lr", "expert_load", "tokens_per_s"} <= set(record)
+    # The HF export holds the trained weights, routing biases included.
+    model = load_pretrained(out / "hf")
+    from nanoseek.train.checkpoint import list_checkpoints, read_checkpoint
+
+    final = read_checkpoint(list_checkpoints(out)[-1]).model
+    biases = [k for k in final if k.endswith("e_score_correction_bias")]
+    assert biases and any(final[k].abs().sum() > 0 for k in biases)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, final[k]), k
+
+
+def test_sft_trains_on_assistant_tokens_only(tmp_path, data):
+    base = tmp_path / "base"
+    train_here(base, [*data_args(data), *SMALL_MODEL, *FAST, "steps=2"])
+    chats = tmp_path / "chats.jsonl"
+    with open(chats, "w") as f:
+        for a in range(1, 9):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"{a}+{a}"},
+                {"role": "assistant", "reasoning_content": f"{a}+{a}={2 * a}", "content": str(2 * a)}]}) + "\n")
+
+    from nanoseek.train.config import load_config
+    from nanoseek.train.distributed import Context
+    from nanoseek.train.sft import ChatBatches
+
+    cfg = load_config(None, [f"data.files=[{chats}]", f"init_from={base / 'hf'}", "batch_size=4"])
+    x, y = next(ChatBatches(cfg, pretrain.load_tokenizer(cfg), Context()))
+    assert x.shape[0] == 4 and (y == IGNORE_INDEX).any() and (y != IGNORE_INDEX).any()
+    tokenizer = pretrain.load_tokenizer(cfg)
+    trained = tokenizer.decode(y[0][y[0] != IGNORE_INDEX].tolist())
+    assert "</think>" in trained and "<｜User｜>" not in trained
+
+    out = tmp_path / "sft"
+    summary = train_here(out, [f"data.files=[{chats}]", f"init_from={base / 'hf'}", "steps=4", "batch_size=4",
+                               "log_every=1", "tensorboard=false", "progress=false", "warmup_steps=1"], stage="sft")
+    assert summary["steps"] == 4 and (out / "hf" / "tokenizer.json").exists()
+    assert summary["loss_last"] < summary["loss_first"]
+
+
+def test_bf16_autocast_runs_close_to_fp32(tmp_path, data):
+    first = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=2", f"precision={precision}"])
+        first[precision] = read_metrics(out / "metrics.jsonl")[0]["loss"]
+    assert first["bf16"] == pytest.approx(first["fp32"], rel=0.02)
