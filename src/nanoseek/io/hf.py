@@ -3,7 +3,8 @@
 Key names are the hub's (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, ...). The MTP
 modules are stored as layers `num_hidden_layers + k`, each with copies of the shared
 embedding and output head (`embed_tokens`, `shared_head.head`), as in the released V3
-checkpoint. FP8 weights with `weight_scale_inv` are dequantised block by block on load.
+checkpoint. FP8 weights with `weight_scale_inv` are dequantised block by block on load, or,
+with `keep_fp8=True`, stay FP8 in memory in FP8WeightLinear modules.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.fp8 import dequantize_blockwise
+from nanoseek.fp8 import (E4M3, FP8_QUANTIZATION_CONFIG, KEEP_DENSE_FOR_INFERENCE, FP8WeightLinear,
+                          dequantize_blockwise, fp8_linears)
 from nanoseek.model import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -75,8 +77,9 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return found
 
 
-def _read_tensors(files: list[Path]):
-    """Yield (file, key, tensor) with FP8 block-scaled weights dequantised."""
+def _read_tensors(files: list[Path], keep_fp8=None):
+    """Yield (file, key, tensor) with FP8 block-scaled weights dequantised, except those whose
+    key `keep_fp8(key)` accepts: they come as E4M3, followed by their `weight_scale_inv`."""
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
@@ -90,6 +93,10 @@ def _read_tensors(files: list[Path]):
                     if t.dtype == torch.float8_e4m3fn:
                         if scale_key not in scales:
                             raise NanoseekError(f"{f}: FP8 tensor {key} has no {scale_key}")
+                        if keep_fp8 is not None and keep_fp8(key):
+                            yield f, key, t
+                            yield f, scale_key, sf.get_tensor(scale_key)
+                            continue
                         t = dequantize_blockwise(t, sf.get_tensor(scale_key))
                     yield f, key, t
         except SafetensorError as e:
@@ -99,21 +106,48 @@ def _read_tensors(files: list[Path]):
 
 
 def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    config: ModelConfig | None = None) -> Transformer:
-    """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer."""
+                    config: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
+    """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer.
+
+    keep_fp8: the checkpoint's FP8 linears (E4M3 + `weight_scale_inv`, as released) stay FP8
+    in memory as FP8WeightLinear modules, dequantised per layer inside the matmul; the rest
+    loads in `dtype`. kv_b_proj is dequantised anyway: MLA's absorbed attention reads it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NanoseekError(f"{directory}: not a directory")
     config = config or ModelConfig.from_hf(directory / "config.json")
     with torch.device("meta"):
         model = Transformer(config)
+    fp8_modules = {}  # hub key of an FP8 linear's weight -> (parent module, attribute)
+    if keep_fp8:
+        for name, parent, attr in fp8_linears(model):
+            if attr not in KEEP_DENSE_FOR_INFERENCE:
+                fp8_modules[to_hub_name(name + ".weight", config)] = (parent, attr)
     expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
-    for f, key, t in _read_tensors(_checkpoint_files(directory)):
+    for f, key, t in _read_tensors(_checkpoint_files(directory), keep_fp8=fp8_modules.__contains__):
         name = from_hub_name(key, config)
         if name is None:
+            continue
+        if t.dtype == E4M3:  # kept FP8: its module becomes an FP8WeightLinear
+            parent, attr = fp8_modules[key]
+            old = getattr(parent, attr)
+            if tuple(t.shape) != tuple(old.weight.shape):
+                raise NanoseekError(f"{f}: tensor {key} has shape {list(t.shape)}, "
+                                    f"expected {list(old.weight.shape)}")
+            new = FP8WeightLinear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+            setattr(parent, attr, new)
+            expected[name[: -len("weight")] + "weight_scale_inv"] = new.weight_scale_inv
+            expected[name] = new.weight
+            state[name] = t.to(device)
+            continue
+        if name.endswith("weight_scale_inv") and name in expected:
+            want = tuple(expected[name].shape)
+            if tuple(t.shape) != want:
+                raise NanoseekError(f"{f}: tensor {key} has shape {list(t.shape)}, expected {list(want)}")
+            state[name] = t.to(device=device, dtype=torch.float32)
             continue
         if name not in expected:
             raise NanoseekError(f"{f}: unexpected tensor {key} for this config.json")
@@ -142,7 +176,8 @@ def hub_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+        keep = name.endswith(("e_score_correction_bias", "weight_scale_inv")) or t.dtype == E4M3
+        if dtype is not None and t.is_floating_point() and not keep:
             t = t.to(dtype)
         out[to_hub_name(name, config)] = t.detach().cpu().contiguous()
     for k in range(config.num_nextn_predict_layers):
@@ -162,6 +197,8 @@ def save_pretrained(model: Transformer, directory: str | Path, dtype: torch.dtyp
     state = hub_state_dict(model, dtype)
     config = model.config.to_hf()
     config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
+    if any(t.dtype == E4M3 for t in state.values()):  # FP8WeightLinear modules: the released layout
+        config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key in sorted(state):

@@ -109,8 +109,6 @@ class TrainConfig:
             bad("schedule", f"'{self.schedule}' is not one of {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             bad("precision", f"'{self.precision}' is not one of {', '.join(PRECISIONS)}")
-        if self.precision == "fp8":
-            bad("precision", "fp8 training is not implemented yet; use fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", f"'{self.device}' is not one of auto, cpu, cuda")
         if self.init_from is None:
