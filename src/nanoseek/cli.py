@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "nanoseek.io.convert",
     "nanoseek.data.cli",
     "nanoseek.train.cli",
+    "nanoseek.infer.cli",
     "nanoseek.bench",
 ]
 

@@ -1,0 +1,560 @@
+"""The inference engine: a preallocated MLA latent cache, continuous batching, MTP speculation.
+
+The API is shaped like vLLM's `LLM.generate`. Underneath, nano-vllm's parts by their jobs:
+- the cache: one `LatentCache` of `max_batch_size` rows x `max_seq_len` positions, made once;
+  a running completion owns a row. Decoding reads it with the absorbed MLA weights, so per
+  token and layer it holds only kv_lora_rank + qk_rope_head_dim values (DeepSeek-V2 2.1).
+- the scheduler (`step`): waiting completions take free rows between decoding steps and are
+  prefilled together (right-padded); then every running completion decodes one token (two
+  when an MTP draft is accepted) in one batched forward; finished ones give their row back.
+  The n completions of one prompt share one prefill: its cache row is copied.
+- the runner (`runner.py`): the decode step on folded weights, the model's forward without
+  the Python overhead that dominates a small batch on a CPU.
+- the sequence: token ids, sampling state, incremental detokenization, stop checks.
+The engine is not thread-safe: one thread calls `step` (a server runs it in a loop).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanoseek.data.chat import BOS, END_THINK, THINK, format_chat, parse_reasoning
+from nanoseek.errors import NanoseekError
+from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
+from nanoseek.infer.runner import DecodeRunner, latent_cache_views
+from nanoseek.infer.speculative import MTPDrafter, SpeculativeStats
+from nanoseek.model import Transformer
+
+
+# ---------------------------------------------------------------------------------------
+# What callers get back (vLLM's shapes, plus the reasoning split of DeepSeek's API).
+# ---------------------------------------------------------------------------------------
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # the generated text, "<think>"/"</think>" tags included, end-of-sequence and stop string not
+    token_ids: list[int]  # generated tokens only
+    finish_reason: str | None  # "stop", "length", "abort", or None while running
+    stop_reason: int | str | None = None  # the stop string or stop token id; None for end-of-sequence
+    reasoning: str = ""  # the text inside <think> ... </think>
+    answer: str = ""  # the text after </think> (inside <answer> tags when there are some)
+    reasoning_tokens: int = 0  # tokens generated while thinking, "</think>" included
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+
+
+@dataclass
+class StreamEvent:
+    """One generated token of one completion. `text` is the new text (held back while it
+    could still be the start of a stop string), split into `reasoning` and `answer` parts."""
+
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+    reasoning: str
+    answer: str
+    finish_reason: str | None = None
+    output: CompletionOutput | None = None  # the whole completion, on its last event
+
+
+# ---------------------------------------------------------------------------------------
+# Requests and their sequences.
+# ---------------------------------------------------------------------------------------
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                 think_opened: bool):
+        self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
+        self.think_opened = think_opened  # the prompt ends inside <think>, as the chat template's does
+        self.sequences = [Sequence(self, i) for i in range(params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+
+class Sequence:
+    """One completion: its tokens, its cache row while running, its sampling state."""
+
+    def __init__(self, request: Request, index: int):
+        self.request, self.index, self.params = request, index, request.params
+        self.generator = None if self.params.greedy else make_generator(self.params.seed, index)
+        self.token_ids: list[int] = []
+        self.slot: int | None = None
+        self.draft: int | None = None  # the MTP module's guess at the token after token_ids[-1]
+        self.thinking = request.think_opened
+        self.thinking_tokens = 0
+        self.reasoning_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        # incremental detokenization: text of token_ids[:read]; decode from `prefix` for context
+        self.text, self.prefix, self.read = "", 0, 0
+        self.sent = self.reasoning_sent = self.answer_sent = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def split_reasoning(text: str, think_opened: bool) -> tuple[str, str]:
+    """(reasoning, answer) of a partial output, each only ever growing as the text grows.
+    The final split is `parse_reasoning`'s; this one is for streaming."""
+    start = 0
+    if not think_opened:
+        i = text.find(THINK)
+        if i < 0 or text[:i].strip():  # a <think> counts only at the start of the output
+            return ("", "") if not text.strip() else ("", text)
+        start = i + len(THINK)
+    close = text.find(END_THINK, start)
+    if close < 0:
+        return text[start:], ""
+    return text[start:close], text[close + len(END_THINK):]
+
+
+# ---------------------------------------------------------------------------------------
+# The engine.
+# ---------------------------------------------------------------------------------------
+Prompt = str | list[int] | dict
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 16, max_seq_len: int | None = None,
+                 speculative: bool = False, eos_token_id: int | None = None, folded: bool = True):
+        """`tokenizer`: a nanoseek.data.Tokenizer, needed for string prompts, text, stop strings
+        and the thinking budget; token-id prompts work without one. `folded`: decode with the
+        runner's folded weights (the fast path); False runs the model's own forward."""
+        self.model = model  # its train/eval mode is left as it is (an RL trainer shares it)
+        self.config = config = model.config
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
+        if max_batch_size < 1 or self.max_seq_len < 2:
+            raise NanoseekError(f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} "
+                                "must be at least 1 and 2")
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        # One spare position: a speculative step writes its draft one past the last token.
+        span = self.max_seq_len + 1
+        self.latents = torch.zeros(config.num_hidden_layers, max_batch_size, span,
+                                   config.kv_lora_rank + config.qk_rope_head_dim, dtype=self.dtype, device=self.device)
+        self.cache = latent_cache_views(self.latents, config.kv_lora_rank)
+        self.runner = DecodeRunner(model, span) if folded else None
+        self.drafter = MTPDrafter(model, max_batch_size, span, self.dtype, self.device) if speculative else None
+        ids = tokenizer.special_ids if tokenizer is not None else {}
+        self.eos_id = eos_token_id if eos_token_id is not None else (
+            ids.get("eos") if tokenizer is not None else config.eos_token_id)
+        self.think_id, self.end_think_id = ids.get("think"), ids.get("end_think")
+        self.pad_id = 0
+        self.free_slots = list(range(max_batch_size))  # a heap: the lowest rows first, so that the
+        # running rows tend to be 0..B-1 and the cache is read by slicing
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **kwargs) -> "Engine":
+        """A Hugging Face checkpoint directory, with its tokenizer.json when it has one."""
+        from nanoseek.io.hf import load_pretrained
+
+        directory = Path(directory)
+        model = load_pretrained(directory)
+        tokenizer = None
+        if (directory / "tokenizer.json").is_file():
+            from nanoseek.data.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(directory)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def speculative_stats(self) -> SpeculativeStats | None:
+        return None if self.drafter is None else self.drafter.stats
+
+    def kv_cache_bytes_per_token(self) -> int:
+        """layers x (kv_lora_rank + qk_rope_head_dim) x bytes of the cache dtype."""
+        c = self.config
+        return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * self.latents.element_size()
+
+    # ---- the public API ------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None
+                 ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order, each with `n` completions."""
+        requests = self._add_all(prompts, sampling_params)
+        try:
+            while not all(r.finished for r in requests):
+                self.step()
+        except BaseException:
+            for r in requests:
+                self.abort(r.request_id)
+            raise
+        return [self._output(r) for r in requests]
+
+    def stream(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None
+               ) -> Iterator[StreamEvent]:
+        """Yield each token as it is made; the prompts' requests run batched together with
+        whatever else the engine holds. Closing the iterator aborts what is left of them."""
+        requests = self._add_all(prompts, sampling_params)
+        ours = {r.request_id for r in requests}
+        try:
+            while not all(r.finished for r in requests):
+                for event in self.step():
+                    if event.request_id in ours:
+                        yield event
+        finally:
+            for r in requests:
+                self.abort(r.request_id)
+
+    def chat(self, conversations: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
+             ) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation (a list of messages) or several."""
+        single = conversations and isinstance(conversations[0], dict)
+        convs = [conversations] if single else conversations
+        return self.generate([format_chat(c) for c in convs], sampling_params)
+
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; it joins the batch at the next `step`."""
+        return self._add(prompt, sampling_params or SamplingParams(), request_id).request_id
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            if not seq.finished:
+                seq.finish_reason = "abort"
+            self._release(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        """Admit waiting completions into free cache rows and prefill them, then decode one
+        token for every running completion. Returns the tokens made, as events."""
+        events: list[StreamEvent] = []
+        admitted = []
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot = heapq.heappop(self.free_slots)
+            admitted.append(seq)
+        if admitted:
+            self.running.extend(admitted)
+            self._prefill(admitted, events)
+        active = sorted((s for s in self.running if not s.finished), key=lambda s: s.slot)
+        if active:
+            if self.drafter is not None:
+                self._decode_speculative(active, events)
+            else:
+                self._decode(active, events)
+        for seq in [s for s in self.running if s.finished]:
+            self._release(seq)
+        for event in events:
+            if event.output is not None:
+                request = self.requests.get(event.request_id)
+                if request is not None and request.finished:
+                    del self.requests[event.request_id]
+        return events
+
+    # ---- requests --------------------------------------------------------------------
+    def _add_all(self, prompts, sampling_params) -> list[Request]:
+        single = isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts))
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            raise NanoseekError("generate: no prompts given")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise NanoseekError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        requests = []
+        try:
+            for prompt, p in zip(prompts, params):
+                requests.append(self._add(prompt, p or SamplingParams(), None))
+        except NanoseekError:
+            for r in requests:
+                self.abort(r.request_id)
+            raise
+        return requests
+
+    def _add(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
+        if self.runner is not None and not self.running:
+            self.runner.sync()  # the weights may have changed since the last batch (an RL step)
+        text, ids = self._encode(prompt)
+        if len(ids) >= self.max_seq_len:
+            raise NanoseekError(f"prompt of {len(ids)} tokens leaves no room under max_seq_len {self.max_seq_len}")
+        if params.stop and self.tokenizer is None:
+            raise NanoseekError("SamplingParams.stop: stop strings need a tokenizer (use stop_token_ids)")
+        if params.max_thinking_tokens is not None and self.end_think_id is None:
+            raise NanoseekError("SamplingParams.max_thinking_tokens: the tokenizer has no </think> token")
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise NanoseekError(f"request id {request_id!r} is already in use")
+        opened = False
+        for t in reversed(ids):
+            if t in (self.think_id, self.end_think_id) and t is not None:
+                opened = t == self.think_id
+                break
+        request = Request(request_id, text, ids, params, opened)
+        self.requests[request_id] = request
+        self.waiting.extend(request.sequences)
+        return request
+
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise NanoseekError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise NanoseekError("a text prompt needs a tokenizer (give token ids, or load a tokenizer.json)")
+            return prompt, self.tokenizer.encode(prompt, bos=not prompt.startswith(BOS))
+        ids = list(prompt)
+        if not ids:
+            raise NanoseekError("empty prompt")
+        vocab = self.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise NanoseekError(f"prompt token ids must be integers in [0, {vocab})")
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else None
+        return text, ids
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            heapq.heappush(self.free_slots, seq.slot)
+            seq.slot = None
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        return RequestOutput(request.request_id, request.prompt, request.prompt_ids,
+                             [self._completion(s) for s in request.sequences], request.finished)
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        reasoning = answer = ""
+        if self.tokenizer is not None:
+            reasoning, answer = parse_reasoning(seq.text, think_opened=seq.request.think_opened)
+        return CompletionOutput(seq.index, seq.text, list(seq.token_ids), seq.finish_reason, seq.stop_reason,
+                                reasoning, answer, seq.reasoning_tokens)
+
+    # ---- the forward passes --------------------------------------------------------
+    def _prefill(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
+        """One right-padded forward over the prompts of the new requests (siblings from the
+        same request copy the first one's cache row), then each completion's first token."""
+        first: dict[str, int] = {}  # request id -> row of the batch
+        reps: list[Sequence] = []
+        for seq in seqs:
+            if seq.request.request_id not in first:
+                first[seq.request.request_id] = len(reps)
+                reps.append(seq)
+        lengths = [len(s.request.prompt_ids) for s in reps]
+        width = max(lengths)
+        ids = torch.full((len(reps), width), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(reps):
+            ids[i, : lengths[i]] = torch.tensor(s.request.prompt_ids)
+        ids = ids.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(len(reps), width)
+        rows = torch.tensor([s.slot for s in reps], device=self.device)
+        training = self.model.training
+        self.model.eval()  # no balance statistics for the prompts
+        try:
+            hidden = self.model.hidden_states(ids, positions, self.cache, rows)
+        finally:
+            self.model.train(training)
+        which = torch.tensor([first[s.request.request_id] for s in seqs], device=self.device)
+        last = torch.tensor([len(s.request.prompt_ids) - 1 for s in seqs], device=self.device)
+        copies = [(s.slot, reps[first[s.request.request_id]].slot) for s in seqs if s not in reps]
+        if copies:
+            dst = torch.tensor([d for d, _ in copies], device=self.device)
+            src = torch.tensor([s for _, s in copies], device=self.device)
+            for kv, pe in zip(self.cache.kv, self.cache.pe):
+                kv[dst, :width] = kv[src, :width]
+                pe[dst, :width] = pe[src, :width]
+        logits = self.model.lm_head(hidden[which, last])
+        tokens = self._choose(seqs, logits)
+        for seq, token in zip(seqs, tokens):
+            self._commit(seq, token, events)
+        if self.drafter is not None:
+            next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[which]
+            next_ids[torch.arange(len(seqs)), last] = torch.tensor(tokens, device=self.device)
+            drafts = self.drafter.prefill(hidden[which], next_ids, positions[which],
+                                        torch.tensor([s.slot for s in seqs], device=self.device), last)
+            for seq, d in zip(seqs, drafts):
+                seq.draft = d
+
+    def _forward(self, seqs: list[Sequence], ids: list[list[int]]):
+        """Hidden states [B, T, D] of tokens `ids` [B][T] at the sequences' next positions."""
+        ids = torch.tensor(ids, device=self.device)
+        start = torch.tensor([s.length - 1 for s in seqs], device=self.device)
+        positions = start[:, None] + torch.arange(ids.shape[1], device=self.device)
+        slots = [s.slot for s in seqs]
+        rows = torch.tensor(slots, device=self.device)
+        if self.runner is None:
+            return self.model.hidden_states(ids, positions, self.cache, rows), positions, rows, slots
+        ctx = self.runner.context(positions, rows, slots)
+        return self.runner.hidden_states(ids, ctx, self.latents), positions, rows, slots
+
+    def _decode(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
+        hidden, *_ = self._forward(seqs, [[s.token_ids[-1]] for s in seqs])
+        logits = self.model.lm_head(hidden[:, -1])
+        for seq, token in zip(seqs, self._choose(seqs, logits)):
+            self._commit(seq, token, events)
+
+    def _decode_speculative(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
+        """Feed [last token, draft] per row; keep the draft when it is the model's own choice."""
+        n = len(seqs)
+        hidden, positions, rows, slots = self._forward(seqs, [[s.token_ids[-1], s.draft] for s in seqs])
+        logits = self.model.lm_head(hidden)
+        first = self._choose(seqs, logits[:, 0])
+        drafts = [s.draft for s in seqs]
+        stats = self.drafter.stats
+        stats.drafted += n
+        stats.accepted += sum(x == d for x, d in zip(first, drafts))
+        for seq, token in zip(seqs, first):
+            self._commit(seq, token, events)
+        kept = [i for i in range(n) if not seqs[i].finished and first[i] == drafts[i]]
+        second = dict(zip(kept, self._choose([seqs[i] for i in kept], logits[kept, 1]))) if kept else {}
+        for i, token in second.items():
+            self._commit(seqs[i], token, events)
+        live = [i for i in range(n) if not seqs[i].finished]
+        if not live:
+            return
+        next_ids = torch.tensor([[first[i], second.get(i, first[i])] for i in live], device=self.device)
+        take = torch.tensor([int(i in second) for i in live], device=self.device)
+        new = self.drafter.extend(self.runner, hidden[live], next_ids, positions[live], rows[live],
+                                  [slots[i] for i in live], take)
+        for i, d in zip(live, new):
+            seqs[i].draft = d
+
+    # ---- choosing and committing tokens ----------------------------------------------
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        banned = [(i, self._stop_ids(s)) for i, s in enumerate(seqs) if len(s.token_ids) < s.params.min_tokens]
+        banned = [(i, b) for i, b in banned if b]
+        if banned:
+            logits = logits.clone()
+            for i, b in banned:
+                logits[i, b] = float("-inf")
+        tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for i, s in enumerate(seqs):
+            budget = s.params.max_thinking_tokens
+            if s.thinking and budget is not None and s.thinking_tokens >= budget:
+                tokens[i] = self.end_think_id  # the thinking budget is spent: close the reasoning
+        return tokens
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        ids = list(seq.params.stop_token_ids)
+        if self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def _commit(self, seq: Sequence, token: int, events: list[StreamEvent]) -> None:
+        """Append a token, update the thinking state, detokenize, check every stop condition."""
+        p = seq.params
+        seq.token_ids.append(token)
+        if seq.thinking:
+            seq.reasoning_tokens += 1
+        if token == self.think_id and self.think_id is not None:
+            seq.thinking = True
+        elif token == self.end_think_id and self.end_think_id is not None:
+            seq.thinking = False
+        elif seq.thinking:
+            seq.thinking_tokens += 1
+        n = len(seq.token_ids)
+        if n >= p.min_tokens and (token == self.eos_id or token in p.stop_token_ids):
+            seq.finish_reason = "stop"
+            seq.stop_reason = None if token == self.eos_id else token
+        elif self.tokenizer is not None:
+            checked = len(seq.text)
+            self._detokenize(seq)
+            if p.stop and n >= p.min_tokens:
+                self._check_stop_strings(seq, checked)
+        if not seq.finished and ((p.max_tokens is not None and n >= p.max_tokens) or seq.length >= self.max_seq_len):
+            seq.finish_reason = "length"
+            if self.tokenizer is not None and seq.read < n:
+                self._detokenize(seq, flush=True)  # show a trailing partial character as it is
+        events.append(self._event(seq, token))
+
+    def _detokenize(self, seq: Sequence, flush: bool = False) -> None:
+        decode = self.tokenizer.decode
+        ids = seq.token_ids
+        before = decode(ids[seq.prefix:seq.read])
+        after = decode(ids[seq.prefix:])
+        # A token may end inside a UTF-8 character: wait for the rest before showing it.
+        if len(after) > len(before) and (flush or not after.endswith("\ufffd")):
+            seq.text += after[len(before):]
+            seq.prefix, seq.read = seq.read, len(ids)
+
+    def _check_stop_strings(self, seq: Sequence, checked: int) -> None:
+        # Only a stop string that ends in the new text counts (those before min_tokens never do).
+        lo = max(0, checked - max(map(len, seq.params.stop)) + 1)
+        hits = [(seq.text.find(s, lo), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits)
+            seq.text = seq.text[:i]
+            seq.finish_reason, seq.stop_reason = "stop", s
+
+    def _event(self, seq: Sequence, token: int) -> StreamEvent:
+        text = reasoning = answer = ""
+        if self.tokenizer is not None:
+            shown = seq.text
+            if not seq.finished and seq.params.stop:  # hold back what could begin a stop string
+                shown = shown[: max(seq.sent, len(shown) - max(map(len, seq.params.stop)) + 1)]
+            text = shown[seq.sent:]
+            seq.sent = len(shown)
+            r, a = split_reasoning(shown, seq.request.think_opened)
+            reasoning, answer = r[seq.reasoning_sent:], a[seq.answer_sent:]
+            seq.reasoning_sent, seq.answer_sent = len(r), len(a)
+        output = self._completion(seq) if seq.finished else None
+        return StreamEvent(seq.request.request_id, seq.index, token, text, reasoning, answer, seq.finish_reason,
+                           output)
+
+
+def majority_vote(answers: Iterable[str | None], key=None) -> str | None:
+    """The most common answer (cons@k), ties to the one seen first; empty and None answers do
+    not vote. `key` maps an answer to what counts as equal (default: stripped text)."""
+    key = key or (lambda a: a.strip())
+    counts: dict = {}
+    first: dict = {}
+    for a in answers:
+        if a is None or not a.strip():
+            continue
+        k = key(a)
+        if k is None:
+            continue
+        counts[k] = counts.get(k, 0) + 1
+        first.setdefault(k, a)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(first[k] for k in first if counts[k] == best)
+
+
+def consensus(engine: Engine, prompts: list[Prompt], k: int, sampling_params: SamplingParams | None = None,
+              key=None) -> list[str | None]:
+    """cons@k: sample k completions per prompt and take the majority answer of each."""
+    import dataclasses
+
+    params = dataclasses.replace(sampling_params or SamplingParams(temperature=0.6, top_p=0.95, max_tokens=256), n=k)
+    return [majority_vote([o.answer for o in r.outputs], key) for r in engine.generate(prompts, params)]

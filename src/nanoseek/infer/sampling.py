@@ -1,0 +1,116 @@
+"""SamplingParams (the fields of vLLM's, plus a thinking budget) and the token choice.
+
+Each completion draws from its own seeded `torch.Generator`, so a seeded request gives the
+same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.errors import NanoseekError
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # nucleus: the smallest set of tokens holding this much probability
+    top_k: int = 0  # 0 (or -1): every token
+    max_tokens: int | None = 16  # None: up to the engine's max_seq_len
+    min_tokens: int = 0  # end-of-sequence and stop tokens are banned, stop strings ignored, until then
+    stop: list[str] | str | None = None  # strings that end a completion (left out of its text)
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    max_thinking_tokens: int | None = None  # reasoning budget: then "</think>" is forced and the answer follows
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+
+        def bad(name, expected):
+            raise NanoseekError(f"SamplingParams.{name} = {getattr(self, name)!r}: expected {expected}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", "an integer >= 1")
+        if not self.temperature >= 0:
+            bad("temperature", "a number >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "a number in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 or -1: off)")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            bad("max_tokens", "an integer >= 1 or None")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"at most max_tokens ({self.max_tokens})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "non-empty strings")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "an integer or None")
+        if self.max_thinking_tokens is not None and (
+                not isinstance(self.max_thinking_tokens, int) or self.max_thinking_tokens < 0):
+            bad("max_thinking_tokens", "an integer >= 0 or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None, index: int) -> torch.Generator:
+    """The generator of completion `index` of a request: seeded from (seed, index), or fresh."""
+    g = torch.Generator()
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(hash((seed, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] scaled by temperature [B], with tokens outside each row's top-k and then
+    its top-p nucleus set to -inf (top_k [B]: 0 keeps all; top_p [B]: 1 keeps all)."""
+    logits = logits.float() / temperature[:, None]
+    use_k, use_p = top_k > 0, top_p < 1
+    if not (use_k.any() or use_p.any()):
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    remove = use_k[:, None] & (ranks >= top_k[:, None])
+    ordered = ordered.masked_fill(remove, float("-inf"))
+    if use_p.any():
+        probs = ordered.softmax(dim=-1)
+        # Drop a token once the more likely ones already hold top_p; the first always stays.
+        remove = remove | ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])
+        ordered = ordered.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+                  ) -> list[int]:
+    """One token per row of logits [B, V]: argmax for greedy rows, else a draw from the
+    filtered distribution with that row's generator."""
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1).tolist()
+    tokens = logits.argmax(dim=-1).tolist()
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    sub = [params[i] for i in rows]
+    filtered = filter_logits(
+        logits[rows],
+        torch.tensor([p.temperature for p in sub]),
+        torch.tensor([p.top_k for p in sub]),
+        torch.tensor([p.top_p for p in sub]),
+    )
+    probs = filtered.softmax(dim=-1)
+    for j, i in enumerate(rows):
+        tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+    return tokens
+

@@ -1,0 +1,293 @@
+"""GRPO with verifiable rewards (DeepSeekMath section 4; DeepSeek-R1 section 2.2).
+
+Each step: take P prompts, sample a group of G completions per prompt with the inference
+engine on the *current* weights, score them, turn the scores into group-relative
+advantages, and update the policy for `mu` passes with the clipped objective and the k3
+KL penalty against a frozen reference model (`grpo_loss.py` holds the formulas).
+
+    trainer = GRPOTrainer(model, tokenizer, reward_fn, prompts, GRPOConfig(...))
+    trainer.train(steps)
+
+`reward_fn(prompts, completions, **columns) -> list[float]`; `prompts` are strings or dicts
+with a "prompt" key whose other keys are passed to the reward as columns (one list per key).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nanoseek.errors import NanoseekError
+from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, token_entropy, token_logprobs
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8  # G completions per prompt
+    prompts_per_step: int = 16  # P prompts per step
+    max_new_tokens: int = 96
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.0  # KL weight; 0 drops the reference model entirely
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # clip-higher (DAPO); None = epsilon
+    mu: int = 1  # optimisation passes over each batch of rollouts
+    loss_type: str = "grpo"  # grpo | dr_grpo | dapo
+    dynamic_sampling: bool | None = None  # drop all-equal groups; default on for dapo
+    ref_refresh_every: int = 0  # copy the policy into the reference model every N steps (0: never)
+    micro_batch_size: int = 64  # completions per forward/backward
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise NanoseekError(f"loss_type '{self.loss_type}' (expected one of {', '.join(LOSS_TYPES)})")
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise NanoseekError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise NanoseekError("group_size must be at least 2: the group is the baseline")
+        if self.dynamic_sampling is None:
+            self.dynamic_sampling = self.loss_type == "dapo"
+
+
+RewardFn = Callable[..., list[float]]
+
+
+def _load(model, tokenizer):
+    if isinstance(model, (str, Path)):
+        from nanoseek.io.hf import load_pretrained
+
+        directory = model
+        model = load_pretrained(directory)
+        if tokenizer is None:
+            tokenizer = directory
+    if isinstance(tokenizer, (str, Path)):
+        from nanoseek.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(tokenizer)
+    if tokenizer is None:
+        raise NanoseekError("GRPOTrainer needs a tokenizer (or a model directory that holds one)")
+    return model, tokenizer
+
+
+def _normalise_prompts(prompts) -> list[dict]:
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            rows.append({"prompt": p})
+        elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
+            rows.append(dict(p))
+        else:
+            raise NanoseekError(f"prompt {i}: expected a string or a dict with a 'prompt' string")
+    if not rows:
+        raise NanoseekError("GRPOTrainer needs at least one prompt")
+    return rows
+
+
+class GRPOTrainer:
+    def __init__(self, model, tokenizer, reward_fn: RewardFn, prompts, config: GRPOConfig | None = None,
+                 metrics_fn: Callable[..., dict[str, list[float]]] | None = None, engine=None):
+        from nanoseek.infer import Engine
+
+        self.config = config or GRPOConfig()
+        self.model, self.tokenizer = _load(model, tokenizer)
+        self.reward_fn, self.metrics_fn = reward_fn, metrics_fn
+        self.rows = _normalise_prompts(prompts)
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(0.9, 0.95),
+                                           weight_decay=c.weight_decay)
+        self.ref_model = None
+        if c.beta != 0.0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        prompt_len = max(len(self.encode(r["prompt"])) for r in self.rows)
+        # The engine reads the policy's weights in place: no copy of the model per step.
+        self.engine = engine or Engine(self.model, self.tokenizer,
+                                       max_batch_size=min(c.group_size * c.prompts_per_step, 256),
+                                       max_seq_len=prompt_len + c.max_new_tokens + 1)
+        self.step_count = 0
+        self.position = 0  # next prompt in this epoch's order
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.end_think = self.tokenizer.special_ids.get("end_think")
+        self.think = self.tokenizer.special_ids.get("think")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    # ---- data --------------------------------------------------------------------------
+    def next_prompts(self) -> list[dict]:
+        batch = []
+        while len(batch) < self.config.prompts_per_step:
+            order = list(range(len(self.rows)))
+            random.Random(f"{self.config.seed}:{self.epoch}").shuffle(order)
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            batch.append(self.rows[order[self.position]])
+            self.position += 1
+        return batch
+
+    # ---- one step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, rows: list[dict]):
+        from nanoseek.infer import SamplingParams
+
+        c = self.config
+        params = SamplingParams(n=c.group_size, temperature=c.temperature, top_p=c.top_p,
+                                max_tokens=c.max_new_tokens, min_tokens=c.min_new_tokens, stop=list(c.stop),
+                                seed=c.seed * 1_000_003 + self.step_count)
+        prompt_ids = [self.encode(r["prompt"]) for r in rows]
+        self.model.eval()
+        results = self.engine.generate(prompt_ids, params)
+        completions = [[o for o in res.outputs] for res in results]
+        return prompt_ids, completions
+
+    def score(self, rows, completions) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        flat_prompts = [r["prompt"] for r in rows for _ in range(self.config.group_size)]
+        texts = [o.text for group in completions for o in group]
+        columns = {k: [r[k] for r in rows for _ in range(self.config.group_size)]
+                   for k in rows[0] if k != "prompt"}
+        rewards = self.reward_fn(flat_prompts, texts, **columns)
+        if len(rewards) != len(texts):
+            raise NanoseekError(f"reward_fn returned {len(rewards)} rewards for {len(texts)} completions")
+        extra = self.metrics_fn(flat_prompts, texts, **columns) if self.metrics_fn else {}
+        return torch.tensor(rewards, dtype=torch.float32).view(len(rows), self.config.group_size), extra
+
+    def thinking_length(self, ids: list[int]) -> int:
+        """Tokens between <think> (or the start) and </think>; all tokens if never closed."""
+        start = ids.index(self.think) + 1 if self.think is not None and self.think in ids else 0
+        end = ids.index(self.end_think) if self.end_think is not None and self.end_think in ids else len(ids)
+        return max(end - start, 0)
+
+    def batch_tensors(self, prompt_ids, completions, keep_groups):
+        seqs, masks = [], []
+        for g in keep_groups:
+            for o in completions[g]:
+                ids = prompt_ids[g] + list(o.token_ids)
+                seqs.append(ids)
+                masks.append([0] * len(prompt_ids[g]) + [1] * len(o.token_ids))
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.special_ids.get("pad") or 0
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width)
+        for i, (s, m) in enumerate(zip(seqs, masks)):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+        # position t predicts token t+1: shift the mask to the predicting positions
+        return input_ids, mask[:, 1:]
+
+    def logprobs(self, model, input_ids, with_entropy=False):
+        logits = model(input_ids[:, :-1])
+        lp = token_logprobs(logits, input_ids[:, 1:])
+        return (lp, token_entropy(logits)) if with_entropy else (lp, None)
+
+    def update(self, prompt_ids, completions, advantages, keep) -> dict:
+        """mu passes of the clipped objective over the kept groups' completions."""
+        c = self.config
+        loss_sum, kl_sum, clip_sum, ent_sum, n_mb = 0.0, 0.0, 0.0, 0.0, 0
+        if keep:
+            input_ids, mask = self.batch_tensors(prompt_ids, completions, keep)
+            adv = advantages[keep].flatten()
+            self.model.train()
+            mbs = range(0, len(input_ids), c.micro_batch_size)
+            with torch.no_grad():
+                old = [self.logprobs(self.model, input_ids[i:i + c.micro_batch_size])[0] for i in mbs] \
+                    if c.mu > 1 else None
+                ref = [self.logprobs(self.ref_model, input_ids[i:i + c.micro_batch_size])[0] for i in mbs] \
+                    if self.ref_model is not None else None
+            n_total = len(input_ids)
+            for _ in range(c.mu):
+                self.optimizer.zero_grad(set_to_none=True)
+                for j, i in enumerate(mbs):
+                    sl = slice(i, i + c.micro_batch_size)
+                    lp, ent = self.logprobs(self.model, input_ids[sl], with_entropy=True)
+                    old_lp = old[j] if old is not None else lp.detach()
+                    loss, stats = grpo_loss(lp, old_lp, adv[sl], mask[sl], ref[j] if ref is not None else None,
+                                            c.loss_type, c.epsilon, c.epsilon_high, c.beta, c.max_new_tokens)
+                    # micro-batches add up to the batch loss: by tokens for the token-level loss
+                    share = (mask[sl].sum() / mask.sum()).item() if c.loss_type == "dapo" \
+                        else len(input_ids[sl]) / n_total
+                    (loss * share).backward()
+                    loss_sum += stats.loss * share
+                    kl_sum += stats.kl * share
+                    clip_sum += stats.clip_fraction * share
+                    m = mask[sl]
+                    ent_sum += ((ent.detach() * m).sum() / m.sum().clamp(min=1)).item() * share
+                    n_mb += 1
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                self.optimizer.step()
+            self.model.eval()
+        passes = max(c.mu, 1) if keep else 1
+        return {"loss": loss_sum / passes, "kl": kl_sum / passes, "clip_fraction": clip_sum / passes,
+                "entropy": ent_sum / passes}
+
+    def step(self) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        rows = self.next_prompts()
+        prompt_ids, completions = self.rollout(rows)
+        rewards, extra = self.score(rows, completions)
+        t_gen = time.perf_counter() - t0
+
+        advantages = group_advantages(rewards, c.loss_type)
+        equal = (rewards.max(1).values == rewards.min(1).values)
+        keep = [g for g in range(len(rows)) if not (c.dynamic_sampling and equal[g])]
+        lengths = [len(o.token_ids) for group in completions for o in group]
+        thinking = [self.thinking_length(list(o.token_ids)) for group in completions for o in group]
+        metrics = {
+            "step": self.step_count + 1,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "all_equal_groups": equal.float().mean().item(),
+            "completion_len_mean": sum(lengths) / len(lengths),
+            "completion_len_max": max(lengths),
+            "thinking_len_mean": sum(thinking) / len(thinking),
+            "thinking_len_max": max(thinking),
+        }
+        for k, v in extra.items():
+            metrics[k] = sum(v) / max(len(v), 1)
+
+        t1 = time.perf_counter()
+        train_stats = self.update(prompt_ids, completions, advantages, keep)
+        self.step_count += 1
+        if self.ref_model is not None and c.ref_refresh_every and self.step_count % c.ref_refresh_every == 0:
+            self.ref_model.load_state_dict(self.model.state_dict())
+        metrics.update(train_stats, groups_used=len(keep), gen_seconds=t_gen,
+                       train_seconds=time.perf_counter() - t1)
+        self.history.append(metrics)
+        return metrics
+
+    def train(self, steps: int, callback: Callable[[dict], None] | None = None) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(steps), desc="grpo", dynamic_ncols=True)
+        for _ in bar:
+            m = self.step()
+            postfix = {"reward": f"{m['reward_mean']:.3f}", "len": f"{m['completion_len_mean']:.0f}"}
+            if "accuracy" in m:
+                postfix["acc"] = f"{m['accuracy']:.3f}"
+            bar.set_postfix(postfix)
+            if callback:
+                callback(m)
+        return self.history
+
+    # ---- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "position": self.position, "epoch": self.epoch,
+                "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count, self.position, self.epoch = state["step"], state["position"], state["epoch"]

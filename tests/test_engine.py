@@ -1,0 +1,411 @@
+"""The inference engine: greedy equals full recomputation and transformers' generate, sampling
+rules, MTP speculation, thinking budget, stop conditions, streaming, continuous batching."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek import ModelConfig, NanoseekError, Transformer, save_pretrained
+from nanoseek.data import format_chat, train_tokenizer
+from nanoseek.infer import Engine, SamplingParams, consensus, majority_vote
+from nanoseek.infer.sampling import filter_logits
+
+CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+              num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+              v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+              first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
+              routed_scaling_factor=2.5)
+
+
+def make_model(seed=0, **changes) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(**{**CONFIG, **changes}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)  # non-trivial norms catch a misplaced one
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["3+4-2+5 = 10", "<think>3+4=7, 7-2=5</think> <answer>5</answer>", "The quick brown fox jumps."] * 20
+    return train_tokenizer(texts, vocab_size=CONFIG["vocab_size"])
+
+
+def prompts(lengths, seed=1, vocab=CONFIG["vocab_size"]):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt, max_tokens, eos=1):
+    """Greedy decoding by recomputing the whole sequence for every token."""
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        if ids[-1] == eos:
+            break
+    return ids[len(prompt):]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 3, 8])
+@pytest.mark.parametrize("folded", [True, False])
+def test_greedy_equals_full_recomputation_with_mixed_lengths(model, max_batch_size, folded):
+    ps = prompts([5, 17, 2, 30, 9])
+    # Different max_tokens make requests leave at different steps while others still wait.
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (12, 5, 9, 12, 3)]
+    engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=64, folded=folded)
+    outs = engine.generate(ps, params)
+    for p, sp, out in zip(ps, params, outs):
+        assert out.outputs[0].token_ids == greedy_reference(model, p, sp.max_tokens)
+        assert out.prompt_token_ids == p
+    assert not engine.has_unfinished() and len(engine.free_slots) == max_batch_size
+
+
+def test_greedy_matches_transformers_generate(model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    save_pretrained(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ps = prompts([7, 19], seed=3)
+    outs = Engine.from_pretrained(tmp_path, max_batch_size=2, max_seq_len=64).generate(
+        ps, SamplingParams(temperature=0, max_tokens=20))
+    for p, out in zip(ps, outs):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              do_sample=False, max_new_tokens=20, pad_token_id=0)
+        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
+
+
+def test_speculative_greedy_equals_plain_greedy_and_reports_acceptance(model):
+    ps = prompts([4, 21, 11, 6])
+    params = SamplingParams(temperature=0, max_tokens=15, min_tokens=15)
+    plain = Engine(model, max_batch_size=3, max_seq_len=64).generate(ps, params)
+    engine = Engine(model, max_batch_size=3, max_seq_len=64, speculative=True)
+    spec = engine.generate(ps, params)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    stats = engine.speculative_stats
+    assert stats.drafted > 0 and 0 <= stats.acceptance_rate <= 1
+
+
+@pytest.fixture(scope="module")
+def cyclic_model():
+    """A model trained for a few seconds, MTP module included, on the cycle 10, 11, ..., 19, 10, ..."""
+    model = make_model(seed=3).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        ids = 10 + (torch.randint(0, 10, (8, 1), generator=g) + torch.arange(24)) % 10
+        hidden = model.hidden_states(ids)
+        loss = F.cross_entropy(model.lm_head(hidden)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        for k, logits in enumerate(model.mtp_logits(hidden, ids), start=1):
+            loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, k + 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_speculative_decoding_accepts_good_drafts(cyclic_model):
+    ps = [[10, 11, 12], [15, 16, 17, 18, 19, 10], [13]]
+    params = SamplingParams(temperature=0, max_tokens=20, min_tokens=20)
+    engine = Engine(cyclic_model, max_batch_size=2, max_seq_len=64, speculative=True)
+    steps = 0
+    for p in ps:
+        engine.add_request(p, params)
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    spec = engine.generate(ps, params)
+    plain = Engine(cyclic_model, max_batch_size=2, max_seq_len=64).generate(ps, params)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert spec[0].outputs[0].token_ids[:10] == [13, 14, 15, 16, 17, 18, 19, 10, 11, 12]
+    assert engine.speculative_stats.acceptance_rate > 0.8
+    assert steps < 2 * 20 * 0.75  # two tokens per step most of the time (3 requests, 2 rows)
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(model):
+    p = prompts([6])[0]
+    params = SamplingParams(temperature=1.0, max_tokens=10, seed=123)
+    alone = Engine(model, max_batch_size=4).generate([p], params)[0].outputs[0].token_ids
+    again = Engine(model, max_batch_size=4).generate([p], params)[0].outputs[0].token_ids
+    crowded = Engine(model, max_batch_size=4).generate([prompts([9], seed=5)[0], p], params)[1].outputs[0].token_ids
+    other = Engine(model, max_batch_size=4).generate([p], SamplingParams(temperature=1.0, max_tokens=10, seed=7))
+    assert alone == again == crowded
+    assert other[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_share_the_prompt_and_differ_when_sampled(model):
+    p = prompts([8])[0]
+    engine = Engine(model, max_batch_size=4)
+    greedy = engine.generate(p, SamplingParams(temperature=0, max_tokens=8, n=3))[0].outputs
+    assert [o.index for o in greedy] == [0, 1, 2]
+    assert greedy[0].token_ids == greedy[1].token_ids == greedy[2].token_ids == greedy_reference(model, p, 8)
+    sampled = engine.generate(p, SamplingParams(temperature=1.5, max_tokens=8, n=4, seed=0))[0].outputs
+    assert len({tuple(o.token_ids) for o in sampled}) > 1
+
+
+@pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.3), (5, 0.6)])
+def test_top_k_and_top_p_only_pick_allowed_tokens(model, top_k, top_p):
+    ps = prompts([5, 12])
+    temperature = 1.3
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=12, seed=11, n=2)
+    for p, out in zip(ps, Engine(model, max_batch_size=4).generate(ps, params)):
+        for completion in out.outputs:
+            ids = p + completion.token_ids
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]))[0, len(p) - 1: -1] / temperature
+            for row, token in zip(logits, completion.token_ids):
+                order = row.argsort(descending=True)
+                rank = (order == token).nonzero().item()
+                if top_k:
+                    assert rank < top_k
+                probs = row[order[: top_k or None]].softmax(-1)
+                assert probs[:rank].sum() < top_p + 1e-5  # the tokens above it do not fill the nucleus yet
+
+
+def test_filter_logits_keeps_the_expected_sets():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    kept = filter_logits(logits, torch.ones(2), torch.tensor([0, 3]), torch.tensor([0.7, 1.0])).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, False]]
+
+
+def test_min_tokens_holds_back_end_of_sequence():
+    model = make_model(seed=4)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        bias = torch.randn(model.config.vocab_size) * 0.1
+        bias[1] = 5.0  # end-of-sequence (id 1) wins everywhere
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    engine = Engine(model, max_batch_size=2)
+    first = engine.generate(prompts([5]), SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert first.token_ids == [1] and first.finish_reason == "stop"
+    held = engine.generate(prompts([5]), SamplingParams(temperature=0, max_tokens=20, min_tokens=6))[0].outputs[0]
+    assert len(held.token_ids) == 7 and held.token_ids[-1] == 1 and 1 not in held.token_ids[:-1]
+    assert held.finish_reason == "stop"
+    length = engine.generate(prompts([5]), SamplingParams(temperature=0, max_tokens=4, min_tokens=4))[0].outputs[0]
+    assert len(length.token_ids) == 4 and length.finish_reason == "length"
+
+
+def test_stop_token_ids_and_max_seq_len(model):
+    p = prompts([6])[0]
+    ref = greedy_reference(model, p, 10)
+    out = Engine(model).generate(p, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[ref[3]]))
+    first = ref.index(ref[3])
+    assert out[0].outputs[0].token_ids == ref[: first + 1] and out[0].outputs[0].stop_reason == ref[3]
+    short = Engine(model, max_seq_len=10).generate(p, SamplingParams(temperature=0, max_tokens=50))
+    assert len(short[0].outputs[0].token_ids) == 4 and short[0].outputs[0].finish_reason == "length"
+
+
+def chat_model(tokenizer, seed=0):
+    """A random model over the tokenizer's vocabulary that never writes a special token: its
+    output head rows for them are zero, below the best of the other logits."""
+    model = make_model(seed=seed, vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        for i in tokenizer.special_ids.values():
+            model.lm_head.weight[i] = 0
+    return model
+
+
+def test_stop_strings_cut_the_text(tokenizer):
+    model = chat_model(tokenizer)
+    engine = Engine(model, tokenizer)
+    prompt = "3+4-2"
+    full = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=30, min_tokens=30))[0].outputs[0]
+    assert len(full.text) > 6
+    stop = full.text[4:6]
+    cut = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=30, min_tokens=0, stop=stop))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+
+
+def test_thinking_budget_forces_end_of_thinking(tokenizer):
+    model = chat_model(tokenizer, seed=1)  # it would think forever
+    end_think = tokenizer.end_think_id
+    engine = Engine(model, tokenizer)
+    prompt = format_chat([{"role": "user", "content": "What is 3+4?"}])
+    params = SamplingParams(temperature=0, max_tokens=14, min_tokens=14, max_thinking_tokens=5)
+    out = engine.generate(prompt, params)[0].outputs[0]
+    assert out.token_ids[5] == end_think and end_think not in out.token_ids[:5]
+    assert out.reasoning_tokens == 6
+    reasoning, answer = out.text.split("</think>")
+    assert out.reasoning == reasoning.strip() and out.answer == answer.strip() and out.answer
+    free = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=14, min_tokens=14))[0].outputs[0]
+    assert end_think not in free.token_ids
+    with pytest.raises(NanoseekError, match="max_thinking_tokens"):
+        Engine(model).generate([5, 6], params)
+
+
+def test_stream_yields_the_same_text_split_into_reasoning_and_answer(tokenizer):
+    model = chat_model(tokenizer, seed=1)
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    prompt = format_chat([{"role": "user", "content": "What is 3+4?"}])
+    params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12, max_thinking_tokens=4, n=2)
+    events = list(engine.stream(prompt, params))
+    final = [e.output for e in events if e.output is not None]
+    assert len(final) == 2 and len(events) == 24
+    for out in final:
+        mine = [e for e in events if e.index == out.index]
+        assert [e.token_id for e in mine] == out.token_ids
+        assert "".join(e.text for e in mine) == out.text
+        assert "".join(e.reasoning for e in mine).strip() == out.reasoning
+        assert "".join(e.answer for e in mine).strip() == out.answer
+    assert engine.generate(prompt, params)[0].outputs[0].text == final[0].text
+
+
+def test_closing_a_stream_aborts_its_requests(model):
+    engine = Engine(model, max_batch_size=2)
+    stream = engine.stream(prompts([5, 6, 7]), SamplingParams(temperature=0, max_tokens=30))
+    next(stream)
+    stream.close()
+    assert not engine.has_unfinished() and sorted(engine.free_slots) == [0, 1] and not engine.requests
+
+
+def test_requests_join_between_steps(model):
+    a, b = prompts([5, 13])
+    engine = Engine(model, max_batch_size=2)
+    rid = engine.add_request(a, SamplingParams(temperature=0, max_tokens=12))
+    tokens = {rid: []}
+    for _ in range(4):
+        tokens[rid] += [e.token_id for e in engine.step()]
+    rid_b = engine.add_request(b, SamplingParams(temperature=0, max_tokens=6), request_id="b")
+    tokens[rid_b] = []
+    while engine.has_unfinished():
+        for e in engine.step():
+            tokens[e.request_id].append(e.token_id)
+    assert tokens[rid] == greedy_reference(model, a, 12)
+    assert tokens["b"] == greedy_reference(model, b, 6)
+
+
+def test_weights_changed_in_place_are_picked_up(model):
+    m = make_model(seed=6)
+    engine = Engine(m)
+    p = prompts([7])[0]
+    engine.generate(p, GREEDY)
+    with torch.no_grad():
+        for param in m.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    assert engine.generate(p, GREEDY)[0].outputs[0].token_ids == greedy_reference(m, p, 12)
+
+
+def test_kv_cache_bytes_per_token(model):
+    c = model.config
+    assert Engine(model).kv_cache_bytes_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+
+
+def test_bad_input_is_a_one_line_error(model):
+    engine = Engine(model, max_seq_len=16)
+    with pytest.raises(NanoseekError, match="max_seq_len"):
+        engine.generate([5] * 16, GREEDY)
+    with pytest.raises(NanoseekError, match="tokenizer"):
+        engine.generate("hello", GREEDY)
+    with pytest.raises(NanoseekError, match="token ids"):
+        engine.generate([5, 10_000], GREEDY)
+    with pytest.raises(NanoseekError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(NanoseekError, match="min_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=5)
+    with pytest.raises(NanoseekError, match="MTP"):
+        Engine(make_model(num_nextn_predict_layers=0), speculative=True)
+    assert not engine.has_unfinished()
+
+
+def test_majority_vote_and_consensus(model, tokenizer):
+    assert majority_vote(["12", " 7", "7", None, "", "12", "7 "]) == " 7"
+    assert majority_vote([None, ""]) is None
+    assert majority_vote(["1/2", "0.5", "2"], key=lambda a: {"1/2": "0.5"}.get(a, a)) == "1/2"
+    params = SamplingParams(temperature=1.0, max_tokens=4, seed=0)
+    assert consensus(Engine(model), [prompts([4])[0]], k=3, sampling_params=params) == [None]  # no text, no vote
+
+
+def test_cli_generate_and_errors(tokenizer, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    model = chat_model(tokenizer)
+    save_pretrained(model, tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "3+4", "--format", "chat", "--max-tokens", "6",
+                 "--max-thinking-tokens", "2", "--speculative"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt 0" in out and "thinking" in out and "MTP drafts accepted" in out
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "5,6,7", "--json", "-n", "2",
+                 "--temperature", "1", "--seed", "1", "--max-tokens", "3"]) == 0
+    assert '"finish_reason": "length"' in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "5,x"]) == 2
+    assert "expected comma-separated integers" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--top-p", "2"]) == 2
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+
+
+def test_cli_chat_keeps_the_conversation(tokenizer, tmp_path):
+    from rich.console import Console
+
+    from nanoseek.infer.chat import ChatSession, run_chat
+
+    model = chat_model(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    console = Console(record=True, width=100)
+    lines = iter(["3+4?", "/reset", "and 5-2?", "/exit"])
+    params = SamplingParams(temperature=0, max_tokens=8, max_thinking_tokens=3)
+    assert run_chat(engine, params, console=console, read=lambda _: next(lines)) == 0
+    text = console.export_text()
+    assert "thinking" in text and "thought for" in text and "new conversation" in text
+    session = ChatSession(engine, params, system="be brief")
+    session.reply("3+4?", console)
+    session.reply("and 5-2?", console)
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tokenizer, monkeypatch):
+    from rich.console import Console
+
+    from nanoseek.infer.chat import ChatSession
+
+    model = chat_model(tokenizer)
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    session = ChatSession(engine, SamplingParams(temperature=0, max_tokens=30, min_tokens=30))
+    real_step, calls = engine.step, []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", interrupted_step)
+    console = Console(record=True)
+    assert session.reply("3+4?", console) is None
+    assert "stopped" in console.export_text() and session.messages == []
+    assert not engine.has_unfinished() and engine.free_slots == [0]
+    monkeypatch.setattr(engine, "step", real_step)
+    assert session.reply("3+4?", console) is not None and len(session.messages) == 2
+
+
+def test_consensus_votes_over_k_samples(tokenizer):
+    engine = Engine(chat_model(tokenizer), tokenizer, max_batch_size=4)
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3)
+    answers = [o.answer for o in engine.generate("3+4", SamplingParams(**{**vars(params), "n": 4}))[0].outputs]
+    assert consensus(engine, ["3+4"], k=4, sampling_params=params) == [majority_vote(answers)]
+
+
+def test_cli_bench_decode_prints_the_comparison(capsys):
+    pytest.importorskip("transformers")
+    from nanoseek.cli import main
+
+    assert main(["bench", "decode", "--preset", "tiny", "--batch-sizes", "1,2", "--prompt-len", "4",
+                 "--new-tokens", "5", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "KV cache bytes per token" in out and "DynamicCache" in out
+    assert main(["bench", "decode", "--batch-sizes", "0"]) == 2
