@@ -8,7 +8,6 @@ answer directly are also scored apart: the gap between them is what R1-Zero turn
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 from nanoseek.data.chat import parse_reasoning
@@ -79,8 +78,3 @@ def evaluate(engine, task, problems, template: str, k: int = 4, max_tokens: int 
         thinking_share=thinking / n, thinking_accuracy=think_right / thinking if thinking else None,
         direct_accuracy=direct_right / direct if direct else None, format_rate=formatted / n)
 
-
-def majority(answers: list[str]) -> str | None:
-    """The most common non-empty answer (ties: the first seen)."""
-    counts = Counter(a.strip() for a in answers if a and a.strip())
-    return counts.most_common(1)[0][0] if counts else None
