@@ -25,7 +25,8 @@ def make_model(seed=0, **changes) -> Transformer:
             if name.endswith("norm.weight"):
                 p.normal_(1.0, 0.1)  # non-trivial norms catch a misplaced one
         for moe in model.moe_layers():
-            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+            if hasattr(moe.gate, "e_score_correction_bias"):
+                moe.gate.e_score_correction_bias.normal_(0, 0.05)
     return model.eval()
 
 
@@ -88,11 +89,12 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
         assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
 
 
-def test_speculative_greedy_equals_plain_greedy_and_reports_acceptance(model):
+@pytest.mark.parametrize("folded", [True, False])
+def test_speculative_greedy_equals_plain_greedy_and_reports_acceptance(model, folded):
     ps = prompts([4, 21, 11, 6])
     params = SamplingParams(temperature=0, max_tokens=15, min_tokens=15)
     plain = Engine(model, max_batch_size=3, max_seq_len=64).generate(ps, params)
-    engine = Engine(model, max_batch_size=3, max_seq_len=64, speculative=True)
+    engine = Engine(model, max_batch_size=3, max_seq_len=64, speculative=True, folded=folded)
     spec = engine.generate(ps, params)
     assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
     stats = engine.speculative_stats
@@ -409,3 +411,49 @@ def test_cli_bench_decode_prints_the_comparison(capsys):
     out = capsys.readouterr().out
     assert "speed-up" in out and "KV cache bytes per token" in out and "DynamicCache" in out
     assert main(["bench", "decode", "--batch-sizes", "0"]) == 2
+
+
+RUNNER_VARIANTS = {
+    "v3": {},
+    "no-q-lora": {"q_lora_rank": None},
+    "wide-latent-not-folded": {"kv_lora_rank": 64},  # W_UK / W_UV stay apart when folding would grow them
+    "half-rope-layout-bias": {"rope_interleave": False, "attention_bias": True},
+    "v2-softmax-two-shared": {"model_type": "deepseek_v2", "topk_method": "greedy", "scoring_func": "softmax",
+                              "norm_topk_prob": False, "n_shared_experts": 2, "n_group": 1, "topk_group": 1},
+    "yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                              "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}},
+}
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "loop", "model-routed"])
+@pytest.mark.parametrize("name", list(RUNNER_VARIANTS))
+def test_runner_decode_step_equals_the_model(name, path, monkeypatch):
+    from nanoseek.infer.runner import FoldedMoE
+
+    model = make_model(seed=5, **RUNNER_VARIANTS[name])
+    if model.config.attention_bias:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                    m.bias.normal_(0, 0.1)
+    if path == "model-routed":  # experts too many to copy: the model's own grouped routine
+        monkeypatch.setattr(FoldedMoE, "STACK_LIMIT", 0)
+    engine = Engine(model, max_batch_size=3, max_seq_len=64)
+    runner = engine.runner
+    if path == "loop":  # no torch._grouped_mm: a loop over the experts
+        for b in runner.blocks:
+            b.mlp.grouped_mm = None
+    ids = torch.tensor(prompts([12, 12, 12], seed=9))
+    lengths = [6, 10, 3]  # rows 2, 0, 1 of the cache hold prompts of these lengths: ragged and unpacked
+    rows = torch.tensor([2, 0, 1])
+    with torch.inference_mode():
+        for i, n in enumerate(lengths):
+            model.hidden_states(ids[i: i + 1, :n], cache=engine.cache, rows=rows[i: i + 1],
+                                positions=torch.arange(n)[None])
+        nxt = torch.stack([ids[i, n: n + 2] for i, n in enumerate(lengths)])  # two new tokens each
+        positions = torch.tensor([[n, n + 1] for n in lengths])
+        ctx = runner.context(positions, rows, rows.tolist(), lengths)
+        ours = runner.hidden_states(nxt, ctx, engine.latents)
+        for i, n in enumerate(lengths):
+            want = model.hidden_states(ids[i: i + 1, : n + 2])[0, n:]
+            assert (ours[i] - want).abs().max() < 1e-5

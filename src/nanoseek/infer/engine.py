@@ -405,15 +405,16 @@ class Engine:
 
     def _forward(self, seqs: list[Sequence], ids: list[list[int]]):
         """Hidden states [B, T, D] of tokens `ids` [B][T] at the sequences' next positions."""
+        t = len(ids[0])
         ids = torch.tensor(ids, device=self.device)
-        start = torch.tensor([s.length - 1 for s in seqs], device=self.device)
-        positions = start[:, None] + torch.arange(ids.shape[1], device=self.device)
+        starts = [s.length - 1 for s in seqs]
+        positions = torch.tensor([range(p, p + t) for p in starts], device=self.device)
         slots = [s.slot for s in seqs]
         rows = torch.tensor(slots, device=self.device)
         if self.runner is None:
-            return self.model.hidden_states(ids, positions, self.cache, rows), positions, rows, slots
-        ctx = self.runner.context(positions, rows, slots)
-        return self.runner.hidden_states(ids, ctx, self.latents), positions, rows, slots
+            return self.model.hidden_states(ids, positions, self.cache, rows), positions, rows, slots, starts
+        ctx = self.runner.context(positions, rows, slots, starts)
+        return self.runner.hidden_states(ids, ctx, self.latents), positions, rows, slots, starts
 
     def _decode(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
         hidden, *_ = self._forward(seqs, [[s.token_ids[-1]] for s in seqs])
@@ -424,7 +425,7 @@ class Engine:
     def _decode_speculative(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
         """Feed [last token, draft] per row; keep the draft when it is the model's own choice."""
         n = len(seqs)
-        hidden, positions, rows, slots = self._forward(seqs, [[s.token_ids[-1], s.draft] for s in seqs])
+        hidden, positions, rows, slots, starts = self._forward(seqs, [[s.token_ids[-1], s.draft] for s in seqs])
         logits = self.model.lm_head(hidden)
         first = self._choose(seqs, logits[:, 0])
         drafts = [s.draft for s in seqs]
@@ -443,7 +444,7 @@ class Engine:
         next_ids = torch.tensor([[first[i], second.get(i, first[i])] for i in live], device=self.device)
         take = torch.tensor([int(i in second) for i in live], device=self.device)
         new = self.drafter.extend(self.runner, hidden[live], next_ids, positions[live], rows[live],
-                                  [slots[i] for i in live], take)
+                                  [slots[i] for i in live], [starts[i] for i in live], take)
         for i, d in zip(live, new):
             seqs[i].draft = d
 

@@ -42,7 +42,7 @@ class StepContext:
     rotation: torch.Tensor  # [B * T, rope, rope]: RoPE at each position, applied as x @ R
     span: int  # cache positions read: 0 .. span-1
     packed: bool  # rows are 0..B-1 in order: read the cache by slicing, not gathering
-    mask: torch.Tensor | None  # additive [B, 1, T * heads, span]; None when every query sees all of 0..span-1
+    mask: torch.Tensor | None  # additive [B, T * heads, span]; None when every query sees all of 0..span-1
 
 
 class FoldedAttention:
@@ -223,12 +223,14 @@ class DecodeRunner:
         self.dtype = dtype
         self._signature = signature
 
-    def context(self, positions: torch.Tensor, rows: torch.Tensor, slots: list[int]) -> StepContext:
+    def context(self, positions: torch.Tensor, rows: torch.Tensor, slots: list[int], starts: list[int]
+                ) -> StepContext:
+        """positions [B, T] = starts[b] + 0..T-1, in cache rows `rows` (= `slots`)."""
         b, t = positions.shape
-        span = int(positions.max()) + 1
+        span = max(starts) + t
         packed = slots == list(range(b))
         mask = None
-        if t > 1 or int(positions.min()) + 1 != span:
+        if t > 1 or min(starts) + 1 != span:
             heads = self.model.config.num_attention_heads
             hidden = torch.arange(span, device=positions.device) > positions[:, :, None]
             mask = torch.zeros(b, t, span, dtype=self.dtype, device=positions.device).masked_fill(hidden, float("-inf"))

@@ -60,9 +60,10 @@ class MTPDrafter:
         return self._draft(self.module.shared_head.norm(out), take)
 
     def extend(self, runner: DecodeRunner | None, hidden: torch.Tensor, next_ids: torch.Tensor,
-               positions: torch.Tensor, rows: torch.Tensor, slots: list[int], take: torch.Tensor) -> list[int]:
+               positions: torch.Tensor, rows: torch.Tensor, slots: list[int], starts: list[int],
+               take: torch.Tensor) -> list[int]:
         """The same for a decoding step, on the runner's folded weights when there is one."""
         if runner is None:
             return self.prefill(hidden, next_ids, positions, rows, take)
-        ctx = runner.context(positions, rows, slots)
+        ctx = runner.context(positions, rows, slots, starts)
         return self._draft(runner.mtp_hidden_states(hidden, next_ids, ctx, self.latents), take)
