@@ -1,23 +1,61 @@
-"""`nanoseek demo` (what `make demo` runs) and the CLI's help."""
+"""`nanoseek demo --quick`: the whole R1-Zero pipeline end to end, and the CLI's help."""
 
+import json
 import subprocess
 import sys
 
+import torch
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True, timeout=600)
+from nanoseek.data.chat import R1_ZERO_TEMPLATE
 
 
-def test_demo_saves_reloads_and_prints_the_presets_table(tmp_path):
-    r = run("demo", "--out", str(tmp_path))
+def run(*args, timeout=600):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_demo_quick_runs_the_pipeline_and_writes_the_report(tmp_path):
+    from nanoseek.infer import Engine, SamplingParams
+    from nanoseek.io.hf import load_pretrained
+
+    r = run("demo", "--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"report: {tmp_path / 'report.md'}" in r.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["task"] == "arith" and report["template"] == R1_ZERO_TEMPLATE
+    assert "{prompt}" in report["template"]
+    for side in ("base", "r1_zero"):
+        for key in ("pass_at_1", "pass_at_k", "cons_at_k", "response_len", "thinking_len", "thinking_share"):
+            assert 0 <= report[side][key] < 1e4, (side, key)
+        assert report[side]["problems"] == 8 and report[side]["samples_per_problem"] == 2
+    assert report["rl_curve"]["steps"] == 3
+    md = (tmp_path / "report.md").read_text()
+    assert "| pass@1 (mean over samples) |" in md and "![reward.png](grpo/reward.png)" in md
+    for png in report["plots"].values():
+        assert (tmp_path / png).stat().st_size > 1000
+    # both models are Hugging Face directories with their tokenizer, ready for `nanoseek chat`
+    for name in ("base", "r1-zero"):
+        assert (tmp_path / name / "tokenizer.json").exists() and (tmp_path / name / "config.json").exists()
+    engine = Engine.from_pretrained(tmp_path / "r1-zero", max_batch_size=1, max_seq_len=128)
+    out = engine.generate(R1_ZERO_TEMPLATE.format(prompt="1+2+3"), SamplingParams(temperature=0, max_tokens=8))
+    assert len(out[0].outputs[0].token_ids) >= 1
+    # the base model is the pretraining result, unchanged by RL
+    pre = load_pretrained(tmp_path / "pretrain" / "hf").state_dict()
+    base = load_pretrained(tmp_path / "base").state_dict()
+    assert all(torch.equal(pre[k], base[k]) for k in pre)
+
+
+def test_presets_table():
+    r = run("inspect", "--presets")
     assert r.returncode == 0, r.stderr
-    assert "reloaded by nanoseek, max |logit diff| = 0.00e+00" in r.stdout
     for preset in ("tiny", "small", "v2-lite", "v3"):
         assert preset in r.stdout
     assert "671.03B" in r.stdout and "56.9x" in r.stdout
-    assert (tmp_path / "tiny-hf" / "config.json").exists()
 
 
 def test_help_lists_commands():
     r = run("--help")
-    assert r.returncode == 0 and "demo" in r.stdout and "inspect" in r.stdout
+    assert r.returncode == 0
+    for command in ("demo", "inspect", "pretrain", "sft", "grpo", "generate", "chat", "bench"):
+        assert command in r.stdout, command

@@ -1,84 +1,165 @@
-"""`nanoseek demo`: the default end-to-end job.
+"""`nanoseek demo`: R1-Zero on a laptop, the default end-to-end job.
 
-For now it shows the model: build the `tiny` preset, run it, save it in Hugging Face
-format, reload it (in nanoseek, and in `transformers` when installed), and print the
-presets table: parameters and the KV-cache cost of MLA against standard attention.
+1. data: the synthetic arith corpus and a BPE tokenizer trained on it;
+2. pretrain the `tiny` base model on it (DeepSeek-V3 recipe: MTP, aux-loss-free balancing);
+3. evaluate the base model on held-out problems with the R1-Zero template;
+4. R1-Zero: GRPO from the base model with accuracy and format rewards only;
+5. evaluate again and write OUT/report.md and OUT/report.json.
+
+OUT/base and OUT/r1-zero are Hugging Face format directories with their tokenizer, so
+`nanoseek chat --model OUT/r1-zero` works right after. `--quick` is the same pipeline cut to
+about two minutes (what the tests run); its numbers show the plumbing, not the result.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from nanoseek.data.chat import R1_ZERO_TEMPLATE
+
+TASK = "arith"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each stage is. SYSTEM.md section 6: small operands and 5-7 numbers, half of
+    the corpus worked step by step, and a generation budget above the longest worked solution."""
+
+    task_options: tuple = (("min_ops", 4), ("max_ops", 6), ("min_operand", 1), ("max_operand", 5))
+    docs: int = 20_000
+    vocab_size: int = 512
+    pretrain_steps: int = 300
+    seq_len: int = 256
+    batch_size: int = 16
+    eval_problems: int = 100
+    eval_samples: int = 4  # pass@1 is the mean over these; pass@k and cons@k use all of them
+    grpo_steps: int = 60
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 96
+    grpo_lr: float = 1e-4
+    loss_type: str = "dr_grpo"
+
+
+FULL = Plan()
+QUICK = replace(FULL, docs=1_500, vocab_size=320, pretrain_steps=30, seq_len=128, batch_size=8, eval_problems=8,
+                eval_samples=2, grpo_steps=3, prompts_per_step=4, group_size=4, max_new_tokens=64)
+
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the default end-to-end job on the tiny preset")
+    p = sub.add_parser("demo", help="the default run: pretrain a tiny base model, then R1-Zero (GRPO), with a report")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a two-minute version of the same pipeline (for tests)")
     p.set_defaults(func=run_demo)
 
 
-def presets_table():
-    from rich.table import Table
-
-    from nanoseek.config import PRESETS, ModelConfig
-    from nanoseek.model import count_parameters, kv_cache_bytes_per_token
-
-    table = Table(title="nanoseek presets (KV cache in bf16 bytes per token)")
-    for col in ("preset", "layers", "experts", "total params", "active params", "+MTP",
-                "KV MLA", "KV MHA", "MHA / MLA"):
-        table.add_column(col, justify="right")
-    for name in PRESETS:
-        c = ModelConfig.preset(name)
-        n = count_parameters(c)
-        kv = kv_cache_bytes_per_token(c)
-        table.add_row(name, str(c.num_hidden_layers), f"{c.num_experts_per_tok}/{c.n_routed_experts}",
-                      human(n["total"]), human(n["active"]), human(n["total_with_mtp"] - n["total"]),
-                      f"{kv['mla']:,}", f"{kv['mha']:,}", f"{kv['mha'] / kv['mla']:.1f}x")
-    table.caption = "KV MHA: standard multi-head attention with the same heads, caching every head's key and value"
-    return table
-
-
-def human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
+def stage(title: str) -> None:
+    print(f"\n== {title} ==", file=sys.stderr, flush=True)
 
 
 def run_demo(args) -> int:
-    from rich.console import Console
+    from nanoseek import tasks
+    from nanoseek.data.corpus import corpus, write_corpus
+    from nanoseek.data.stream import iter_documents
+    from nanoseek.data.tokenizer import train_tokenizer
+    from nanoseek.train.config import DataConfig, TrainConfig
+    from nanoseek.train.grpo import GRPORunConfig
+    from nanoseek.train.grpo import run as grpo_run
+    from nanoseek.train.pretrain import train
 
-    from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
+    plan = QUICK if args.quick else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task_options = dict(plan.task_options)
+    task = tasks.get(TASK, **task_options)
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
 
-    console = Console(width=None if Console().is_terminal else 120, soft_wrap=True)
-    torch.manual_seed(args.seed)
-    config = ModelConfig.preset("tiny")
-    model = Transformer(config).eval()
-    tokens = torch.randint(0, config.vocab_size, (2, 64))
+    stage("1/5 data: synthetic corpus and tokenizer")
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        logits = model(tokens)
-    console.print(f"[bold]tiny[/bold]: forward of {tuple(tokens.shape)} tokens -> logits {tuple(logits.shape)} "
-                  f"in {1000 * (time.perf_counter() - t0):.1f} ms")
-    out = Path(args.out) / "tiny-hf"
-    save_pretrained(model, out)
-    reloaded = load_pretrained(out)
-    with torch.inference_mode():
-        diff = (reloaded(tokens) - logits).abs().max().item()
-    console.print(f"saved in Hugging Face format to {out}; reloaded by nanoseek, max |logit diff| = {diff:.2e}")
-    try:
-        import transformers
-    except ImportError:
-        console.print("(transformers not installed: skipping the transformers reload)")
-    else:
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-        with torch.inference_mode():
-            diff = (hf(tokens).logits - logits).abs().max().item()
-        console.print(f"reloaded by transformers ({type(hf).__name__}), max |logit diff| = {diff:.2e}")
-    console.print(presets_table())
+    corpus_file, tok_dir = out / "data" / f"{TASK}.jsonl", out / "tokenizer"
+    counts = write_corpus(corpus_file, corpus(task, plan.docs, seed=args.seed))
+    tokenizer = train_tokenizer(iter_documents([corpus_file]), vocab_size=plan.vocab_size)
+    tokenizer.save_pretrained(tok_dir)
+    print(f"{sum(counts.values())} documents ({dict(counts)}) in {corpus_file}; tokenizer of "
+          f"{tokenizer.vocab_size} tokens in {tok_dir}", file=sys.stderr)
+    seconds["data"] = time.perf_counter() - t0
+
+    stage("2/5 pretraining the base model")
+    t0 = time.perf_counter()
+    cfg = TrainConfig(model={"preset": "tiny"}, data=DataConfig(files=[str(corpus_file)], tokenizer=str(tok_dir)),
+                      seq_len=plan.seq_len, batch_size=plan.batch_size, steps=plan.pretrain_steps, seed=args.seed,
+                      warmup_steps=min(20, plan.pretrain_steps // 5), checkpoint_every=plan.pretrain_steps,
+                      log_every=max(1, plan.pretrain_steps // 30), tensorboard=not args.quick)
+    cfg.validate()
+    pretrain = train(cfg, out / "pretrain")
+    base = _replace_dir(out / "pretrain" / "hf", out / "base")
+    seconds["pretrain"] = time.perf_counter() - t0
+
+    stage("3/5 evaluating the base model")
+    t0 = time.perf_counter()
+    problems = task.sample(plan.eval_problems, "test", seed=args.seed)
+    before, _ = evaluate_dir(base, task, problems, plan, args.seed)
+    print(summary_line("base", before), file=sys.stderr)
+    seconds["eval_base"] = time.perf_counter() - t0
+
+    stage("4/5 R1-Zero: GRPO from the base model, rule-based rewards only")
+    t0 = time.perf_counter()
+    rl_cfg = GRPORunConfig(
+        init_from=str(base), task=TASK, task_options=task_options, prompts=max(2_000, plan.eval_problems),
+        template=R1_ZERO_TEMPLATE, rewards={"accuracy": 1.0, "format": 0.1}, steps=plan.grpo_steps,
+        prompts_per_step=plan.prompts_per_step, group_size=plan.group_size, max_new_tokens=plan.max_new_tokens,
+        temperature=1.0, lr=plan.grpo_lr, beta=0.0, loss_type=plan.loss_type, seed=args.seed,
+        checkpoint_every=max(1, plan.grpo_steps // 3), tensorboard=not args.quick)
+    grpo_run(rl_cfg, out / "grpo")
+    r1_zero = _replace_dir(out / "grpo" / "hf", out / "r1-zero")
+    seconds["grpo"] = time.perf_counter() - t0
+
+    stage("5/5 evaluating the R1-Zero model")
+    t0 = time.perf_counter()
+    after, samples = evaluate_dir(r1_zero, task, problems, plan, args.seed)
+    print(summary_line("r1-zero", after), file=sys.stderr)
+    seconds["eval_r1_zero"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_all
+
+    from nanoseek.report import write_report
+
+    md = write_report(out, plan=asdict(plan), task=TASK, task_options=task_options, template=R1_ZERO_TEMPLATE,
+                      before=before, after=after, samples=samples, pretrain=pretrain, rl_config=asdict(rl_cfg),
+                      seconds=seconds, quick=args.quick, seed=args.seed)
+    print(f"\nreport: {md}\nchat with it: nanoseek chat --model {r1_zero}", flush=True)
     return 0
+
+
+def evaluate_dir(model_dir: Path, task, problems, plan: Plan, seed: int):
+    from nanoseek.eval import evaluate
+    from nanoseek.infer import Engine
+
+    prompt_len = max(len(R1_ZERO_TEMPLATE.format(prompt=p.prompt)) for p in problems)  # chars >= tokens
+    engine = Engine.from_pretrained(model_dir, max_batch_size=min(len(problems) * plan.eval_samples, 256),
+                                    max_seq_len=prompt_len + plan.max_new_tokens + 2)
+    samples: list[dict] = []
+    with torch.inference_mode():
+        result = evaluate(engine, task, problems, R1_ZERO_TEMPLATE, k=plan.eval_samples,
+                          max_tokens=plan.max_new_tokens, seed=seed, samples_out=samples)
+    return result, samples
+
+
+def summary_line(name: str, r) -> str:
+    return (f"{name}: pass@1 {r.pass_at_1:.1%}, pass@{r.samples_per_problem} {r.pass_at_k:.1%}, "
+            f"cons@{r.samples_per_problem} {r.cons_at_k:.1%}, {r.response_len:.1f} tokens, "
+            f"{r.thinking_share:.0%} of samples thinking")
+
+
+def _replace_dir(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst

@@ -1,4 +1,5 @@
-"""`nanoseek inspect DIR`: open a Hugging Face DeepSeek checkpoint and summarise it."""
+"""`nanoseek inspect DIR`: open a Hugging Face DeepSeek checkpoint and summarise it;
+`nanoseek inspect --presets`: the presets' sizes and KV-cache costs."""
 
 from __future__ import annotations
 
@@ -6,15 +7,53 @@ import time
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="load a Hugging Face DeepSeek-V3/V2 checkpoint and summarise it")
-    p.add_argument("model", help="checkpoint directory (config.json + safetensors)")
+    p = sub.add_parser("inspect", help="summarise a Hugging Face DeepSeek-V3/V2 checkpoint, or the presets")
+    p.add_argument("model", nargs="?", help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--config-only", action="store_true", help="read config.json only, not the weights")
+    p.add_argument("--presets", action="store_true",
+                   help="the presets: parameters and the KV-cache cost of MLA against standard attention")
     p.set_defaults(func=run_inspect)
+
+
+def presets_table():
+    from rich.table import Table
+
+    from nanoseek.config import PRESETS, ModelConfig
+    from nanoseek.model import count_parameters, kv_cache_bytes_per_token
+
+    table = Table(title="nanoseek presets (KV cache in bf16 bytes per token)")
+    for col in ("preset", "layers", "experts", "total params", "active params", "+MTP",
+                "KV MLA", "KV MHA", "MHA / MLA"):
+        table.add_column(col, justify="right")
+    for name in PRESETS:
+        c = ModelConfig.preset(name)
+        n = count_parameters(c)
+        kv = kv_cache_bytes_per_token(c)
+        table.add_row(name, str(c.num_hidden_layers), f"{c.num_experts_per_tok}/{c.n_routed_experts}",
+                      human(n["total"]), human(n["active"]), human(n["total_with_mtp"] - n["total"]),
+                      f"{kv['mla']:,}", f"{kv['mha']:,}", f"{kv['mha'] / kv['mla']:.1f}x")
+    table.caption = "KV MHA: standard multi-head attention with the same heads, caching every head's key and value"
+    return table
+
+
+def human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 def run_inspect(args) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from nanoseek.errors import NanoseekError
+
+    if args.presets or args.model is None:
+        if args.model is None and not args.presets:
+            raise NanoseekError("inspect: give a checkpoint directory, or --presets")
+        Console(width=None if Console().is_terminal else 120).print(presets_table())
+        return 0
 
     from nanoseek.config import ModelConfig
     from nanoseek.io.hf import load_pretrained

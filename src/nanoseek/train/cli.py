@@ -1,4 +1,4 @@
-"""`nanoseek pretrain` and `nanoseek sft` (also under `torchrun --nproc_per_node=N`)."""
+"""`nanoseek pretrain` and `nanoseek sft` (also under `torchrun --nproc_per_node=N`), and `nanoseek grpo`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ def register(sub) -> None:
                        help="resume from CHECKPOINT (default: the newest in OUT). Without this flag a run "
                             "resumes from OUT's newest checkpoint if there is one")
         p.set_defaults(func=run_stage, stage=stage)
+    p = sub.add_parser("grpo", help="reinforcement learning with GRPO and verifiable rewards (R1-Zero)")
+    p.add_argument("--config", help="YAML config (e.g. configs/grpo-tiny.yaml); keys: GRPORunConfig "
+                                    "in nanoseek/train/grpo.py")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set init_from=runs/pretrain/hf steps=20 (repeatable)")
+    p.add_argument("--out", required=True, help="output directory: checkpoints, metrics, plots, hf/ model")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT (default: the newest in OUT). Without this flag a run "
+                        "resumes from OUT's newest checkpoint if there is one")
+    p.set_defaults(func=run_grpo)
 
 
 def run_stage(args) -> int:
@@ -27,4 +37,12 @@ def run_stage(args) -> int:
 
         check_sft_config(cfg)
     train(cfg, args.out, stage=args.stage, resume=args.resume)
+    return 0
+
+
+def run_grpo(args) -> int:
+    from nanoseek.train.config import load_config
+    from nanoseek.train.grpo import GRPORunConfig, run
+
+    run(load_config(args.config, args.overrides, cls=GRPORunConfig), args.out, resume=args.resume)
     return 0

@@ -131,8 +131,10 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------
 # Reading YAML and --set overrides, with the type of every key checked.
 # ---------------------------------------------------------------------------------------
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """A TrainConfig from a YAML file (or the defaults), then `key=value` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls=None):
+    """A config (TrainConfig unless `cls` says otherwise) from a YAML file (or the defaults),
+    then `key=value` overrides; `cls.validate()` runs last."""
+    cls = cls or TrainConfig
     raw: dict = {}
     where = "defaults"
     if path is not None:
@@ -147,7 +149,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise NanoseekError(f"{path}: expected a mapping of keys to values at the top level")
         raw = loaded or {}
-    cfg = from_dict(TrainConfig, raw, where)
+    cfg = from_dict(cls, raw, where)
     for item in overrides:
         cfg = apply_override(cfg, item)
     cfg.validate()
@@ -172,7 +174,10 @@ def from_dict(cls, raw: dict, where: str, prefix: str = ""):
             kwargs[key] = check_model_section(value, where)
         else:
             kwargs[key] = check_type(value, kind, full, where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except NanoseekError as e:  # a dataclass that checks itself on construction
+        raise NanoseekError(f"{where}: {e}") from None
 
 
 def check_model_section(value, where: str) -> dict:
@@ -258,7 +263,7 @@ def type_name(kind) -> str:
         kind, getattr(kind, "__name__", str(kind)))
 
 
-def apply_override(cfg: TrainConfig, item: str) -> TrainConfig:
+def apply_override(cfg, item: str):
     """`key=value` with a dotted key; the value is read as YAML (numbers, lists, null)."""
     where = f"--set {item}"
     if "=" not in item:
@@ -269,7 +274,7 @@ def apply_override(cfg: TrainConfig, item: str) -> TrainConfig:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    raw = cfg.to_dict()
+    raw = dataclasses.asdict(cfg)
     parts = key.split(".")
     section = raw
     for i, part in enumerate(parts[:-1]):
@@ -277,16 +282,16 @@ def apply_override(cfg: TrainConfig, item: str) -> TrainConfig:
             raise NanoseekError(f"{where}: unknown config key '{'.'.join(parts[:i + 1])}' (not a section)")
         section = section[part]
     leaf = parts[-1]
-    if _is_string_key(parts) and value is not None and not isinstance(value, str):
+    if _is_string_key(type(cfg), parts) and value is not None and not isinstance(value, str):
         value = text  # --set data.tokenizer=123 means the path "123"
-    if parts[0] != "model" and leaf not in section:
+    if not (parts[0] == "model" and type(cfg) is TrainConfig) and leaf not in section:
         raise NanoseekError(f"{where}: unknown config key '{key}'")
     section[leaf] = value
-    return from_dict(TrainConfig, raw, where)
+    return from_dict(type(cfg), raw, where)
 
 
-def _is_string_key(parts: list[str]) -> bool:
-    hints: Any = TrainConfig
+def _is_string_key(cls, parts: list[str]) -> bool:
+    hints: Any = cls
     for part in parts:
         if part == "model" and hints is TrainConfig:
             return parts[-1] in ("preset", "topk_method", "scoring_func", "hidden_act", "model_type")
@@ -299,5 +304,5 @@ def _is_string_key(parts: list[str]) -> bool:
     return hints in (str, str | None)
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")

@@ -15,8 +15,9 @@ with a "prompt" key whose other keys are passed to the reward as columns (one li
 from __future__ import annotations
 
 import copy
-import math
+import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,11 @@ from typing import Callable
 
 import torch
 
+from nanoseek.data.chat import R1_ZERO_TEMPLATE
 from nanoseek.errors import NanoseekError
+from nanoseek.train import checkpoint as ckpt
+from nanoseek.train import distributed
+from nanoseek.train.config import save_config
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, token_entropy, token_logprobs
 
 
@@ -112,7 +117,7 @@ class GRPOTrainer:
         self.ref_model = None
         if c.beta != 0.0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        prompt_len = max(len(self.encode(r["prompt"])) for r in self.rows)
+        prompt_len = max(len(self.tokenizer.encode(r["prompt"], bos=True)) for r in self.rows)
         # The engine reads the policy's weights in place: no copy of the model per step.
         self.engine = engine or Engine(self.model, self.tokenizer,
                                        max_batch_size=min(c.group_size * c.prompts_per_step, 256),
@@ -123,9 +128,6 @@ class GRPOTrainer:
         self.history: list[dict] = []
         self.end_think = self.tokenizer.special_ids.get("end_think")
         self.think = self.tokenizer.special_ids.get("think")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
 
     # ---- data --------------------------------------------------------------------------
     def next_prompts(self) -> list[dict]:
@@ -149,7 +151,7 @@ class GRPOTrainer:
         params = SamplingParams(n=c.group_size, temperature=c.temperature, top_p=c.top_p,
                                 max_tokens=c.max_new_tokens, min_tokens=c.min_new_tokens, stop=list(c.stop),
                                 seed=c.seed * 1_000_003 + self.step_count)
-        prompt_ids = [self.encode(r["prompt"]) for r in rows]
+        prompt_ids = [self.tokenizer.encode(r["prompt"], bos=True) for r in rows]  # as the corpus documents
         self.model.eval()
         results = self.engine.generate(prompt_ids, params)
         completions = [[o for o in res.outputs] for res in results]
@@ -270,24 +272,172 @@ class GRPOTrainer:
         self.history.append(metrics)
         return metrics
 
-    def train(self, steps: int, callback: Callable[[dict], None] | None = None) -> list[dict]:
+    def train(self, steps: int, callback: Callable[[dict], None] | None = None, progress: bool = True
+              ) -> list[dict]:
+        """`steps` more steps; `callback(metrics)` after each (logging, checkpoints)."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(range(steps), desc="grpo", dynamic_ncols=True)
-        for _ in bar:
+        bar = tqdm(total=self.step_count + steps, initial=self.step_count, desc="grpo", dynamic_ncols=True,
+                   disable=not progress)
+        for _ in range(steps):
             m = self.step()
-            postfix = {"reward": f"{m['reward_mean']:.3f}", "len": f"{m['completion_len_mean']:.0f}"}
+            postfix = {"reward": f"{m['reward_mean']:.3f}", "len": f"{m['completion_len_mean']:.0f}",
+                       "think": f"{m['thinking_len_mean']:.0f}"}
             if "accuracy" in m:
                 postfix["acc"] = f"{m['accuracy']:.3f}"
             bar.set_postfix(postfix)
+            bar.update()
             if callback:
                 callback(m)
+        bar.close()
         return self.history
 
-    # ---- resume ------------------------------------------------------------------------------
+    # ---- checkpoints (the layout of pretraining's: train/checkpoint.py) ------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "position": self.position, "epoch": self.epoch,
-                "config": asdict(self.config)}
+        return {"step": self.step_count, "position": self.position, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count, self.position, self.epoch = state["step"], state["position"], state["epoch"]
+
+    def _tensors(self) -> tuple[dict, dict]:
+        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, distributed.Context())
+        if self.ref_model is not None:
+            model_sd.update({f"ref.{k}": v.detach().clone() for k, v in self.ref_model.state_dict().items()})
+        return model_sd, optim_sd
+
+    def save(self, out: str | Path, keep: int = 2) -> Path:
+        """Policy, reference model, AdamW moments, prompt position and RNG states, atomically."""
+        model_sd, optim_sd = self._tensors()
+        state = {"stage": "grpo", "config": _plain(asdict(self.config)), "model_config": _plain(self.model.config.__dict__),
+                 "trainer": self.state_dict(), "rng": ckpt.rng_state()}
+        return ckpt.save_checkpoint(out, self.step_count, model_sd, optim_sd, state, keep=keep)
+
+    def restore(self, path: str | Path) -> None:
+        """Resume from a checkpoint written by `save`; checks everything before changing anything."""
+        c = ckpt.read_checkpoint(path)
+        if c.state.get("stage") != "grpo":
+            raise NanoseekError(f"{path}: checkpoint of a {c.state.get('stage')} run, not grpo")
+        shapes = {k: tuple(v.shape) for k, v in self._tensors()[0].items()}
+        ckpt.check_compatible(c, _plain(asdict(self.config)), _plain(self.model.config.__dict__), RESUMABLE_KEYS,
+                              shapes)
+        distributed.load_full_state(self.model, self.optimizer, {k: v for k, v in c.model.items()
+                                                                 if not k.startswith("ref.")}, c.optimizer)
+        if self.ref_model is not None:
+            self.ref_model.load_state_dict({k[4:]: v for k, v in c.model.items() if k.startswith("ref.")})
+        self.load_state_dict(c.state["trainer"])
+        ckpt.set_rng_state(c.state["rng"])
+
+
+def _plain(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))
+
+
+# ---------------------------------------------------------------------------------------
+# `nanoseek grpo --config FILE.yaml`: a model directory, a task, a template and rewards.
+# ---------------------------------------------------------------------------------------
+# Keys that may change when a run is resumed: how long it runs and how often it logs and saves.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress")
+
+
+@dataclass
+class GRPORunConfig(GRPOConfig):
+    init_from: str = ""  # the starting model: a Hugging Face format directory (with its tokenizer)
+    tokenizer: str | None = None  # default: init_from's
+    task: str = "arith"  # nanoseek.tasks: arith, countdown, gsm8k, math
+    task_options: dict = field(default_factory=dict)  # the task's constructor options
+    prompts: int = 2000  # problems drawn from the task's train split
+    template: str = R1_ZERO_TEMPLATE  # with a {prompt} field for the problem
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    overlong_buffer: int = 0  # DAPO's soft overlong penalty starts this many tokens before the limit
+    steps: int = 60
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        from nanoseek.rewards import REWARD_NAMES
+
+        if not self.init_from:
+            raise NanoseekError("config key 'init_from': the model directory to start from is required")
+        if not Path(self.init_from).is_dir():
+            raise NanoseekError(f"config key 'init_from': {self.init_from} is not a directory")
+        if "{prompt}" not in self.template:
+            raise NanoseekError("config key 'template': needs a {prompt} field for the problem")
+        unknown = set(self.rewards) - set(REWARD_NAMES)
+        if unknown:
+            raise NanoseekError(f"config key 'rewards': unknown {', '.join(sorted(unknown))} "
+                                f"(expected {', '.join(REWARD_NAMES)})")
+        if self.rewards.get("overlong") and self.overlong_buffer < 1:
+            raise NanoseekError("config key 'overlong_buffer': the overlong reward needs a buffer of at least 1")
+        for key in ("steps", "checkpoint_every", "keep_checkpoints", "prompts"):
+            if getattr(self, key) < 1:
+                raise NanoseekError(f"config key '{key}': must be at least 1, got {getattr(self, key)}")
+
+
+def task_prompts(task, problems, template: str) -> list[dict]:
+    """Rows for GRPOTrainer: the filled template, and the problem as a column for the rewards."""
+    return [{"prompt": template.format(prompt=p.prompt), "problem": p} for p in problems]
+
+
+def task_rewards(weights: dict, tokenizer, max_tokens: int, overlong_buffer: int = 0):
+    """(reward_fn, metrics_fn) from the config's reward weights, over the `problem` column."""
+    from nanoseek.rewards import combined_reward
+
+    def scores(completions, problem):
+        return [combined_reward(c, p, weights, num_tokens=len(tokenizer.encode(c)) if weights.get("overlong") else None,
+                                max_tokens=max_tokens, overlong_buffer=overlong_buffer)
+                for c, p in zip(completions, problem)]
+
+    def reward_fn(prompts, completions, problem, **_):
+        return [s["total"] for s in scores(completions, problem)]
+
+    def metrics_fn(prompts, completions, problem, **_):
+        s = scores(completions, problem)
+        return {"accuracy": [x["accuracy"] for x in s], "format": [x["format"] for x in s]}
+
+    return reward_fn, metrics_fn
+
+
+def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
+    """GRPO from cfg.init_from into OUT: checkpoints, metrics.jsonl, TensorBoard, plots and hf/.
+    A run resumes from OUT's newest checkpoint (or `resume`) exactly where it stopped."""
+    from nanoseek import tasks
+    from nanoseek.io.hf import save_pretrained
+    from nanoseek.train.metrics import Metrics, plot_grpo
+    from nanoseek.train.pretrain import find_resume
+
+    cfg.validate()
+    out = Path(out)
+    task = tasks.get(cfg.task, **cfg.task_options)
+    model, tokenizer = _load(cfg.init_from, cfg.tokenizer)
+    reward_fn, metrics_fn = task_rewards(cfg.rewards, tokenizer, cfg.max_new_tokens, cfg.overlong_buffer)
+    rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed), cfg.template)
+    trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn)
+    start = find_resume(out, resume)
+    if start is not None:  # check everything before writing anything
+        trainer.restore(start)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_partial(out)
+    save_config(cfg, out / "config.yaml")
+    verb = f"resuming {start} at step {trainer.step_count}" if start else "starting"
+    print(f"grpo: {verb}; {cfg.prompts_per_step} prompts x {cfg.group_size} completions a step, "
+          f"{cfg.loss_type} loss, beta {cfg.beta}, task {cfg.task}", file=sys.stderr)
+    metrics = Metrics(out, trainer.step_count, cfg.tensorboard)
+
+    def after_step(m: dict) -> None:
+        metrics.log(m)
+        if trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == cfg.steps:
+            trainer.save(out, cfg.keep_checkpoints)
+
+    try:
+        trainer.train(max(cfg.steps - trainer.step_count, 0), callback=after_step, progress=cfg.progress)
+    finally:
+        metrics.close()
+    hf = save_pretrained(trainer.model, out / "hf")
+    tokenizer.save_pretrained(hf)
+    plots = plot_grpo(out / "metrics.jsonl", out)
+    summary = {"stage": "grpo", "steps": trainer.step_count, "hf": str(hf), "plots": [str(p) for p in plots]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"grpo: {trainer.step_count} steps; model in {hf}", file=sys.stderr)
+    return summary

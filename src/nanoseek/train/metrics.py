@@ -72,34 +72,39 @@ def _scalars(record: dict, prefix: str = ""):
                     yield f"{prefix}{key}/{i}", v
 
 
-def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
-    """loss.png (main and MTP depths), lr.png and expert_load.png (max / mean load per MoE layer)."""
+def _figure(path: Path, title: str, ylabel: str, series, logy: bool = False) -> Path:
+    """One PNG: `series` is [(label, steps, values)]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, steps, values in series:
+        ax.plot(steps, values, label=label)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
+    """loss.png (main and MTP depths), lr.png and expert_load.png (max / mean load per MoE layer)."""
     records = [r for r in read_metrics(metrics_file) if "loss" in r and "event" not in r]
     if not records:
         return []
     out_dir = Path(out_dir)
     steps = [r["step"] for r in records]
-    written = []
+    written: list[Path] = []
 
     def figure(name, title, ylabel, series, logy=False):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, values in series:
-            ax.plot(steps, values, label=label)
-        ax.set(title=title, xlabel="step", ylabel=ylabel)
-        if logy:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(out_dir / name)
+        written.append(_figure(out_dir / name, title, ylabel, [(label, steps, v) for label, v in series], logy))
 
     loss = [("main (next token)", [r["loss"] for r in records])]
     depth = max((len(r.get("loss_mtp") or []) for r in records), default=0)
@@ -113,3 +118,28 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
                [(f"MoE layer {i}", [(r.get("expert_load") or [math.nan] * layers)[i] for r in records])
                 for i in range(layers)])
     return written
+
+
+def plot_grpo(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
+    """The RL curves: reward.png (reward, accuracy, share of all-equal groups), length.png
+    (completion and thinking tokens) and kl_entropy.png."""
+    records = [r for r in read_metrics(metrics_file) if "reward_mean" in r]
+    if not records:
+        return []
+    out_dir = Path(out_dir)
+    steps = [r["step"] for r in records]
+
+    def series(*keys_labels):
+        return [(label, steps, [r.get(key, math.nan) for r in records]) for key, label in keys_labels
+                if any(key in r for r in records)]
+
+    return [
+        _figure(out_dir / "reward.png", "Rewards per GRPO step", "mean over the step's completions",
+                series(("reward_mean", "reward"), ("accuracy", "accuracy"), ("format", "format"),
+                       ("all_equal_groups", "groups with all-equal rewards"))),
+        _figure(out_dir / "length.png", "Response length per GRPO step", "tokens",
+                series(("completion_len_mean", "completion (mean)"), ("thinking_len_mean", "thinking (mean)"),
+                       ("thinking_len_max", "thinking (max)"))),
+        _figure(out_dir / "kl_entropy.png", "KL to the reference and policy entropy", "nats per token",
+                series(("kl", "KL (k3)"), ("entropy", "entropy"), ("clip_fraction", "clip fraction"))),
+    ]

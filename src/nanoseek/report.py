@@ -1,0 +1,138 @@
+"""The report card of a run (`nanoseek demo`): OUT/report.md for people, OUT/report.json for programs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nanoseek.train.metrics import read_metrics
+
+ROWS = [  # (key, label, kind)
+    ("pass_at_1", "pass@1 (mean over samples)", "pct"),
+    ("pass_at_k", "pass@k", "pct"),
+    ("cons_at_k", "cons@k (majority vote)", "pct"),
+    ("format_rate", "well-formed (<think>..</think> <answer>..</answer>)", "pct"),
+    ("thinking_share", "samples that reason (non-empty <think>)", "pct"),
+    ("thinking_accuracy", "accuracy of samples that reason", "pct"),
+    ("direct_accuracy", "accuracy of samples that answer directly", "pct"),
+    ("response_len", "response length (tokens)", "num"),
+    ("thinking_len", "thinking length (tokens)", "num"),
+]
+SAMPLES_SHOWN = 4
+WINDOW = 5  # steps averaged at each end of the RL curves
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "loss":
+        return f"{value:.3f}"
+    return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.1f}"
+
+
+def _delta(a, b, kind: str) -> str:
+    if a is None or b is None:
+        return ""
+    return f"{100 * (b - a):+.1f} pts" if kind == "pct" else f"{b - a:+.1f}"
+
+
+def curve_ends(records: list[dict], key: str, window: int = WINDOW) -> tuple[float | None, float | None]:
+    """Mean of `key` over the first and the last `window` steps."""
+    values = [r[key] for r in records if key in r]
+    if not values:
+        return None, None
+    w = min(window, max(1, len(values) // 2))
+    return sum(values[:w]) / w, sum(values[-w:]) / w
+
+
+def write_report(out: Path, *, plan: dict, task: str, task_options: dict, template: str, before, after,
+                 samples: list[dict], pretrain: dict, rl_config: dict, seconds: dict, quick: bool, seed: int) -> Path:
+    out = Path(out)
+    records = [r for r in read_metrics(out / "grpo" / "metrics.jsonl") if "reward_mean" in r]
+    think_first, think_last = curve_ends(records, "thinking_len_mean")
+    acc_first, acc_last = curve_ends(records, "accuracy")
+    equal_first, equal_last = curve_ends(records, "all_equal_groups")
+    gain = after.pass_at_1 - before.pass_at_1
+    goals = {
+        "pass_at_1_gain_points": round(100 * gain, 1),
+        "pass_at_1_goal_met": gain >= 0.20,
+        "thinking_len_first_steps": think_first,
+        "thinking_len_last_steps": think_last,
+        "thinking_grew": think_first is not None and think_last is not None and think_last > think_first,
+    }
+    plots = {}
+    for name in ("reward.png", "length.png", "kl_entropy.png"):
+        if (out / "grpo" / name).exists():
+            plots[name] = str(Path("grpo") / name)
+    if (out / "pretrain" / "loss.png").exists():
+        plots["pretrain_loss.png"] = str(Path("pretrain") / "loss.png")
+    report = {
+        "task": task, "task_options": task_options, "template": template, "seed": seed, "quick": quick,
+        "base": before.as_dict(), "r1_zero": after.as_dict(), "goals": goals,
+        "rl_curve": {"accuracy_first_steps": acc_first, "accuracy_last_steps": acc_last,
+                     "all_equal_groups_first_steps": equal_first, "all_equal_groups_last_steps": equal_last,
+                     "steps": len(records)},
+        "pretrain": pretrain, "grpo": rl_config, "plan": plan, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "plots": plots, "models": {"base": "base", "r1_zero": "r1-zero"}, "samples": samples[:SAMPLES_SHOWN * 4],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+
+    k = after.samples_per_problem
+    lines = [
+        "# nanoseek demo: R1-Zero on a laptop" + (" (--quick: plumbing only, not a result)" if quick else ""),
+        "",
+        f"A `tiny` DeepSeek-V3 model pretrained on the synthetic `{task}` corpus ({_opts(task_options)}), "
+        f"then trained with GRPO ({rl_config['loss_type']}, {rl_config['steps']} steps of "
+        f"{rl_config['prompts_per_step']} prompts x {rl_config['group_size']} completions) on accuracy and format "
+        "rewards alone, with the R1-Zero template and no supervised reasoning data. Held-out problems: "
+        f"{after.problems}, {k} samples each at temperature 0.6, top-p 0.95.",
+        "",
+        "| | base | R1-Zero | change |",
+        "|---|---:|---:|---:|",
+    ]
+    b, a = before.as_dict(), after.as_dict()
+    for key, label, kind in ROWS:
+        label = label.replace("@k", f"@{k}")
+        lines.append(f"| {label} | {_fmt(b[key], kind)} | {_fmt(a[key], kind)} | {_delta(b[key], a[key], kind)} |")
+    lines += [
+        "",
+        f"- pass@1 {'rose' if gain >= 0 else 'fell'} by {abs(100 * gain):.1f} points (goal: +20): "
+        f"**{'met' if goals['pass_at_1_gain_points'] >= 20 else 'not met'}**.",
+        f"- Mean thinking length during RL: {_fmt(think_first, 'num')} tokens over the first {WINDOW} steps, "
+        f"{_fmt(think_last, 'num')} over the last {WINDOW}: **{'grew' if goals['thinking_grew'] else 'did not grow'}**.",
+        f"- Training accuracy {_fmt(acc_first, 'pct')} -> {_fmt(acc_last, 'pct')}; groups with all-equal rewards "
+        f"(nothing to learn from) {_fmt(equal_first, 'pct')} -> {_fmt(equal_last, 'pct')}.",
+        f"- Pretraining: {pretrain.get('steps')} steps, loss {_fmt(pretrain.get('loss_first'), 'loss')} -> "
+        f"{_fmt(pretrain.get('loss_last'), 'loss')}.",
+        "- Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".",
+        "",
+        "## Curves",
+        "",
+    ]
+    lines += [f"![{name}]({path})" for name, path in plots.items()]
+    lines += ["", "## Sample outputs of the R1-Zero model", ""]
+    for s in _pick_samples(samples):
+        mark = "right" if s["correct"] else "wrong"
+        lines += [f"**{s['prompt']}** (answer {s['answer']}; {mark})", "", "```", s["completion"].strip(), "```", ""]
+    lines += ["## Reproduce", "", "```", f"nanoseek demo --out {out}{' --quick' if quick else ''} --seed {seed}",
+              f"nanoseek chat --model {out / 'r1-zero'}", "```", ""]
+    md = out / "report.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    return md
+
+
+def _opts(options: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.items())
+
+
+def _pick_samples(samples: list[dict]) -> list[dict]:
+    """A few samples, right ones first, one per problem."""
+    seen, picked = set(), []
+    for s in sorted(samples, key=lambda s: not s["correct"]):
+        if s["prompt"] not in seen:
+            seen.add(s["prompt"])
+            picked.append(s)
+        if len(picked) == SAMPLES_SHOWN:
+            break
+    return picked
+
