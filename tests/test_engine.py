@@ -9,6 +9,7 @@ from nanoseek import ModelConfig, NanoseekError, Transformer, save_pretrained
 from nanoseek.data import format_chat, train_tokenizer
 from nanoseek.infer import Engine, SamplingParams, consensus, majority_vote
 from nanoseek.infer.sampling import filter_logits
+from model_support import random_model
 
 CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
               num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
@@ -18,16 +19,7 @@ CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_interme
 
 
 def make_model(seed=0, **changes) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**CONFIG, **changes}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.1)  # non-trivial norms catch a misplaced one
-        for moe in model.moe_layers():
-            if hasattr(moe.gate, "e_score_correction_bias"):
-                moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    return model.eval()
+    return random_model(ModelConfig(**{**CONFIG, **changes}), seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """FP8 tiles and blocks (V3 section 3.3): error bounds, the FP8 linear against float32,
-FP8 checkpoints, and a short FP8 training run against the same run in float32."""
+FP8 checkpoints, serving with FP8 weights through the engine, and a short FP8 training run
+against the same run in float32."""
 
 import json
 
@@ -10,9 +11,10 @@ from safetensors import safe_open
 
 import nanoseek.cli
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
-from nanoseek.fp8 import (E4M3, FP8Linear, FP8WeightLinear, dequantize_blockwise, dequantize_tiles,
-                          fp8_decode_report, fp8_swap, quantize_blockwise, quantize_tiles, scaled_mm_support,
-                          weight_bytes)
+from nanoseek.fp8 import (E4M3, FP8Linear, FP8WeightLinear, dequantize_blockwise, dequantize_tiles, fp8_swap,
+                          quantize_blockwise, quantize_tiles, scaled_mm_support, to_fp8_weights, weight_bytes)
+from nanoseek.infer import Engine, SamplingParams
+from model_support import random_model
 
 # E4M3 keeps 3 mantissa bits: rounding to nearest costs at most 2^-4 of a value in the
 # normal range (|q| >= 2^-6), and at most half the subnormal step, 2^-10, below it.
@@ -264,12 +266,57 @@ def test_convert_bad_input_is_one_line(tmp_path, capsys):
     assert "config.json: file not found" in capsys.readouterr().err
 
 
-def test_fp8_decode_report_halves_the_linear_weights():
+# ---- serving with FP8 weights: the engine and `nanoseek bench decode` ------------------
+@torch.no_grad()
+def greedy_reference(model, prompt, max_tokens):
+    """Greedy decoding by recomputing the whole sequence for every token."""
+    ids = list(prompt)
+    for _ in range(max_tokens):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        if ids[-1] == model.config.eos_token_id:
+            break
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "rope_interleave": False, "attention_bias": True}])
+def test_engine_greedy_with_fp8_weights_equals_full_recomputation(kw):
+    model = random_model(ModelConfig.preset("tiny").replace(**kw), seed=2)
+    if model.config.attention_bias:
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                    m.bias.normal_(0, 0.1)
+    to_fp8_weights(model)
+    engine = Engine(model, max_batch_size=3, max_seq_len=64)
+    # The runner calls the FP8 modules rather than folding dense copies of their weights.
+    assert all(b.attn.fp8 for b in engine.runner.blocks)
+    assert engine.runner.blocks[0].mlp.mlp is not None and not engine.runner.blocks[1].mlp.stacked
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == greedy_reference(model, prompt, 12)
+
+
+def test_bench_decode_fp8_section_halves_the_linear_weights():
+    from rich.console import Console
+
+    from nanoseek.infer.bench import DecodeBench, fp8_against_bf16, print_fp8
+
     torch.manual_seed(0)
-    report = fp8_decode_report(Transformer(ModelConfig.preset("tiny")), new_tokens=4)
-    assert 0.5 <= report["fp8_linear_bytes_ratio"] < 0.51
-    assert report["memory_ratio"] < 0.8
-    assert report["fp8"]["tokens_per_s"] > 0 and report["bf16"]["tokens_per_s"] > 0
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(3, 512, (b, 6), generator=g).tolist() for b in (1, 2)}
+    params = SamplingParams(temperature=0, max_tokens=4, min_tokens=4)
+    memory, results = fp8_against_bf16(model, prompts, params, repeats=1, log=lambda *_: None)
+    assert 0.5 <= memory.linears_ratio < 0.51  # 1 byte a weight and 4 bytes a 128x128 block, against 2
+    assert memory.fp8_model < 0.8 * memory.bf16_model
+    assert [r.batch for r in results] == [1, 2] and all(r.fp8_tokens_per_s > 0 < r.bf16_tokens_per_s for r in results)
+    bench = DecodeBench("tiny", 1, 6, 4, 1, fp8_results=results, fp8_memory=memory)
+    console = Console(record=True, width=200)
+    print_fp8(bench, console)
+    text = console.export_text()
+    assert "FP8 vs bf16 weights" in text and f"{memory.fp8_linears:,}" in text and "0.50" in text
 
 
 # ---- training in FP8 -------------------------------------------------------------------

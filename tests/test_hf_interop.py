@@ -9,6 +9,7 @@ import torch
 
 from nanoseek import ModelConfig, NanoseekError, Transformer, load_pretrained, save_pretrained
 from nanoseek.fp8 import dequantize_blockwise, quantize_blockwise
+from model_support import randomize
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -42,18 +43,6 @@ def make_config(name) -> ModelConfig:
     return ModelConfig(**{**BASE, **CONFIGS[name]})
 
 
-def randomize(model: Transformer, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(1.0, 0.1)  # non-trivial norms catch a swapped norm
-        for moe in model.moe_layers():
-            if hasattr(moe.gate, "e_score_correction_bias"):
-                moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    return model.eval()
-
-
 def hf_logits(directory, ids):
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -65,7 +54,7 @@ IDS = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_nanoseek_checkpoint_opens_in_transformers_with_the_same_logits(name, tmp_path):
-    model = randomize(Transformer(make_config(name)))
+    model = randomize(Transformer(make_config(name)), seed=0)
     save_pretrained(model, tmp_path)
     with torch.no_grad():
         ours = model(IDS)
@@ -99,7 +88,7 @@ def test_transformers_checkpoint_opens_in_nanoseek_with_the_same_logits(name, tm
 def test_mtp_layers_stored_as_in_the_released_checkpoint(tmp_path):
     from safetensors import safe_open
 
-    model = randomize(Transformer(make_config("v3-mtp")))
+    model = randomize(Transformer(make_config("v3-mtp")), seed=0)
     save_pretrained(model, tmp_path)
     keys = set(safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
     for k in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight",
@@ -111,7 +100,7 @@ def test_mtp_layers_stored_as_in_the_released_checkpoint(tmp_path):
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
-    model = randomize(Transformer(make_config("v3")))
+    model = randomize(Transformer(make_config("v3")), seed=0)
     save_pretrained(model, tmp_path, max_shard_bytes=60_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
@@ -138,7 +127,7 @@ def test_fp8_block_dequantisation_against_direct_computation():
 def test_fp8_checkpoint_loads_dequantised(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = randomize(Transformer(make_config("v3")))
+    model = randomize(Transformer(make_config("v3")), seed=0)
     save_pretrained(model, tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     fp8 = {}
@@ -160,7 +149,7 @@ def test_fp8_checkpoint_loads_dequantised(tmp_path):
 # ---- bad input: one clear line naming the file --------------------------------------
 @pytest.fixture
 def saved(tmp_path):
-    model = randomize(Transformer(make_config("v3")))
+    model = randomize(Transformer(make_config("v3")), seed=0)
     save_pretrained(model, tmp_path)
     return tmp_path
 

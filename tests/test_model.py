@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from nanoseek import ModelConfig, Transformer
 from nanoseek.errors import NanoseekError
 from nanoseek.model import LatentCache, count_parameters, kv_cache_bytes_per_token, rope_frequencies
+from model_support import random_model
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -18,19 +19,9 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig.preset("tiny").replace(**kw)
 
 
-def random_model(config, seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            if hasattr(moe.gate, "e_score_correction_bias"):
-                moe.gate.e_score_correction_bias.normal_(0, 0.05)
-    return model
-
-
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, {"rope_interleave": False}])
 def test_naive_and_absorbed_attention_agree(kw):
-    model = random_model(tiny(**kw))
+    model = random_model(tiny(**kw), norms=False)
     x = torch.randint(0, 512, (3, 17))
     with torch.no_grad():
         naive = model(x, impl="naive")
@@ -40,7 +31,7 @@ def test_naive_and_absorbed_attention_agree(kw):
 
 def test_incremental_decoding_over_the_latent_cache_matches_full_forward():
     config = tiny(rope_scaling=YARN)
-    model = random_model(config)
+    model = random_model(config, norms=False)
     x = torch.randint(0, 512, (2, 12))
     with torch.no_grad():
         full = model(x)
@@ -55,7 +46,7 @@ def test_incremental_decoding_over_the_latent_cache_matches_full_forward():
 def test_cache_rows_and_mixed_positions():
     """Two sequences of different lengths decode in one batch through their own cache rows."""
     config = tiny()
-    model = random_model(config)
+    model = random_model(config, norms=False)
     a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 4))
     cache = LatentCache.empty(config, batch=4, max_len=16)
     with torch.no_grad():
@@ -86,7 +77,7 @@ def reference_moe(moe, x):
     {"n_shared_experts": 0},
 ])
 def test_grouped_experts_equal_per_token_computation(kw):
-    model = random_model(tiny(**kw))
+    model = random_model(tiny(**kw), norms=False)
     moe = model.moe_layers()[0]
     x = torch.randn(2, 7, 128)
     with torch.no_grad():
@@ -137,7 +128,7 @@ def test_sequence_balance_loss_is_one_when_uniform():
 
 
 def test_mtp_logits_and_parameter_names():
-    model = random_model(tiny())
+    model = random_model(tiny(), norms=False)
     x = torch.randint(0, 512, (2, 10))
     hidden = model.hidden_states(x)
     (depth1,) = model.mtp_logits(hidden, x)

@@ -21,11 +21,10 @@ checks it against the emulation. `auto` takes the fast one where the probe passe
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
-import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -382,56 +381,26 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-# ---------------------------------------------------------------------------------------
-# Decode comparison for `nanoseek bench decode`: FP8 against bf16 weights.
-# ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def _greedy_decode_tps(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    from nanoseek.model import LatentCache
+@dataclass
+class WeightMemory:
+    """Bytes of one model's weights in bf16 and after to_fp8_weights: the linears that went to
+    FP8 (E4M3 weights plus float32 block scales against bf16 weights) and the whole model."""
 
-    b, t = prompt.shape
-    dtype = model.embed_tokens.weight.dtype
-    device = prompt.device
-    cache = LatentCache.empty(model.config, b, t + new_tokens, dtype=dtype, device=device)
-    positions = torch.arange(t, device=device).expand(b, t)
-    logits = model(prompt, positions=positions, cache=cache)
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for i in range(new_tokens):
-        pos = torch.full((b, 1), t + i, device=device)
-        token = model(token, positions=pos, cache=cache)[:, -1].argmax(-1, keepdim=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return b * new_tokens / (time.perf_counter() - start)
+    bf16_linears: int
+    fp8_linears: int
+    bf16_model: int
+    fp8_model: int
 
+    @classmethod
+    def compare(cls, bf16: nn.Module, fp8: nn.Module) -> "WeightMemory":
+        names = [n for n, m in fp8.named_modules() if isinstance(m, FP8WeightLinear)]
+        return cls(sum(weight_bytes(bf16.get_submodule(n)) for n in names),
+                   sum(weight_bytes(fp8.get_submodule(n)) for n in names), weight_bytes(bf16), weight_bytes(fp8))
 
-def fp8_decode_report(model: nn.Module, batch: int = 1, prompt_len: int = 16, new_tokens: int = 32,
-                      seed: int = 0) -> dict:
-    """Weight memory and greedy-decode tokens/s of `model` with bf16 weights and with FP8
-    weights (to_fp8_weights: E4M3 + 128x128 block scales, the rest bf16), on the model's
-    device, same random prompt. `model` itself is not changed.
+    @property
+    def linears_ratio(self) -> float:
+        return self.fp8_linears / self.bf16_linears if self.bf16_linears else math.nan
 
-    Returns {"bf16": {"weight_bytes", "tokens_per_s"}, "fp8": {...}, "memory_ratio",
-    "fp8_linear_bytes_ratio", "max_logit_diff"}: memory_ratio is FP8 over bf16 for the whole
-    model; fp8_linear_bytes_ratio for the linears that went to FP8 only (about 0.5).
-    """
-    device = next(model.parameters()).device
-    bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
-    fp8 = copy.deepcopy(bf16)
-    names = to_fp8_weights(fp8)
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
-    report = {}
-    for label, m in (("bf16", bf16), ("fp8", fp8)):
-        _greedy_decode_tps(m, prompt, 2)  # warm-up
-        report[label] = {"weight_bytes": weight_bytes(m), "tokens_per_s": _greedy_decode_tps(m, prompt, new_tokens)}
-    lin_bf16 = sum(bf16.get_submodule(n).weight.numel() * 2 for n in names)
-    lin_fp8 = sum(weight_bytes(fp8.get_submodule(n)) for n in names)
-    with torch.no_grad():
-        diff = (bf16(prompt).float() - fp8(prompt).float()).abs().max().item()
-    report["memory_ratio"] = report["fp8"]["weight_bytes"] / report["bf16"]["weight_bytes"]
-    report["fp8_linear_bytes_ratio"] = lin_fp8 / lin_bf16 if lin_bf16 else math.nan
-    report["max_logit_diff"] = diff
-    return report
+    @property
+    def model_ratio(self) -> float:
+        return self.fp8_model / self.bf16_model

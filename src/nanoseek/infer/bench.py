@@ -3,10 +3,15 @@
 Both decode greedily, the same random prompts, exactly `new_tokens` tokens each (end-of-
 sequence banned), timed from the prompt to the last token, prefill included. The cache sizes
 are read from what each one holds at the end, not from a formula.
+
+Then the engine with FP8 weights against the engine with the same weights in bf16 (V3 section
+3.3: E4M3 weights with one scale per 128x128 block, kept FP8 in memory and dequantised inside
+each matmul), on the same prompts: weight bytes and tokens/s.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.errors import NanoseekError
+from nanoseek.fp8 import WeightMemory
 
 
 @dataclass
@@ -31,6 +37,17 @@ class DecodeResult:
 
 
 @dataclass
+class FP8Result:
+    batch: int
+    bf16_tokens_per_s: float
+    fp8_tokens_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.fp8_tokens_per_s / self.bf16_tokens_per_s
+
+
+@dataclass
 class DecodeBench:
     preset: str
     threads: int
@@ -43,6 +60,8 @@ class DecodeBench:
     ours_cache_bytes: int = 0  # per token, all layers
     hf_cache_bytes: float = 0.0
     mha_cache_bytes: int = 0  # per-head keys and values, as standard attention caches them
+    fp8_results: list[FP8Result] = field(default_factory=list)
+    fp8_memory: WeightMemory | None = None
 
 
 def hf_cache_bytes_per_token(cache, batch: int) -> float:
@@ -66,9 +85,9 @@ def _best_of(repeats: int, *fns):
 
 def bench_decode(preset: str = "small", model_dir: str | None = None, batch_sizes=(1, 16), prompt_len: int = 32,
                  new_tokens: int = 256, threads: int | None = None, speculative: bool = True, seed: int = 0,
-                 repeats: int = 3, log=print) -> DecodeBench:
+                 repeats: int = 3, fp8: bool = True, log=print) -> DecodeBench:
     """Each timing is the best of `repeats` runs, the two tools taking turns, so that a busy
-    machine slows neither more than the other."""
+    machine slows neither more than the other. `fp8`: then FP8 against bf16 weights."""
     try:
         import transformers
     except ImportError:
@@ -107,9 +126,10 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
             return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                                min_new_tokens=n, pad_token_id=c.pad_token_id or 0, return_dict_in_generate=True)
 
+    prompts_by_batch = {}
     for batch in batch_sizes:
         ids = torch.randint(low, c.vocab_size, (batch, prompt_len), generator=gen)
-        prompts = ids.tolist()
+        prompts = prompts_by_batch[batch] = ids.tolist()
         engine = Engine(model, max_batch_size=batch, max_seq_len=prompt_len + new_tokens + 1)
         fns = [lambda: hf_generate(ids, new_tokens), lambda: engine.generate(prompts, params)]
         spec = None
@@ -135,7 +155,38 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
         bench.results.append(result)
         log(f"batch {batch}: transformers {result.hf_tokens_per_s:.1f} tok/s, nanoseek {result.ours_tokens_per_s:.1f} "
             f"tok/s ({result.ratio:.1f}x)")
+    if fp8:
+        del hf
+        bench.fp8_memory, bench.fp8_results = fp8_against_bf16(model, prompts_by_batch, params, repeats, log)
     return bench
+
+
+def fp8_against_bf16(model, prompts_by_batch: dict[int, list[list[int]]], params, repeats: int, log=print
+                     ) -> tuple[WeightMemory, list[FP8Result]]:
+    """The engine on `model` in bf16, and on the same bf16 model with its attention and expert
+    linears in FP8 (`to_fp8_weights`), taking turns on the same prompts."""
+    from nanoseek.fp8 import to_fp8_weights
+    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.sampling import SamplingParams
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
+    fp8 = copy.deepcopy(bf16)
+    to_fp8_weights(fp8)
+    memory = WeightMemory.compare(bf16, fp8)
+    log(f"FP8 weights: linears {memory.fp8_linears:,} vs {memory.bf16_linears:,} bytes in bf16 "
+        f"({memory.linears_ratio:.2f}), whole model {memory.model_ratio:.2f}")
+    warm_up = SamplingParams(temperature=0, max_tokens=4, min_tokens=4)
+    results = []
+    for batch, prompts in prompts_by_batch.items():
+        max_seq_len = len(prompts[0]) + params.max_tokens + 1
+        engines = [Engine(m, max_batch_size=batch, max_seq_len=max_seq_len) for m in (bf16, fp8)]
+        _best_of(1, *[(lambda e=e: e.generate(prompts, warm_up)) for e in engines])
+        _, secs = _best_of(repeats, *[(lambda e=e: e.generate(prompts, params)) for e in engines])
+        tokens = batch * params.max_tokens
+        results.append(FP8Result(batch, tokens / secs[0], tokens / secs[1]))
+        log(f"batch {batch}: bf16 weights {results[-1].bf16_tokens_per_s:.1f} tok/s, FP8 weights "
+            f"{results[-1].fp8_tokens_per_s:.1f} tok/s ({results[-1].ratio:.2f}x)")
+    return memory, results
 
 
 def print_bench(bench: DecodeBench, console=None) -> None:
@@ -168,6 +219,30 @@ def print_bench(bench: DecodeBench, console=None) -> None:
     cache.caption = ("transformers 5 caches the same compressed latent, but re-expands all of it through "
                      "kv_b_proj at every step; nanoseek attends over it with the absorbed weights")
     console.print(cache)
+    if bench.fp8_memory is not None:
+        print_fp8(bench, console)
+
+
+def print_fp8(bench: DecodeBench, console) -> None:
+    from rich.table import Table
+
+    m = bench.fp8_memory
+    memory = Table(title="weight bytes: FP8 (E4M3 + a float32 scale per 128x128 block) vs bf16")
+    for col in ("weights", "bf16", "FP8", "FP8 / bf16"):
+        memory.add_column(col, justify="right")
+    memory.add_row("attention and expert linears", f"{m.bf16_linears:,}", f"{m.fp8_linears:,}",
+                   f"{m.linears_ratio:.2f}")
+    memory.add_row("whole model", f"{m.bf16_model:,}", f"{m.fp8_model:,}", f"{m.model_ratio:.2f}")
+    memory.caption = "kv_b_proj, embedding, output head, MoE gate, MTP eh_proj and norms stay bf16"
+    console.print(memory)
+    speed = Table(title=f"nanoseek decode, FP8 vs bf16 weights (same prompts, best of {bench.repeats})")
+    for col in ("batch", "bf16 tok/s", "FP8 tok/s", "FP8 / bf16"):
+        speed.add_column(col, justify="right")
+    for r in bench.fp8_results:
+        speed.add_row(str(r.batch), f"{r.bf16_tokens_per_s:.1f}", f"{r.fp8_tokens_per_s:.1f}", f"{r.ratio:.2f}x")
+    speed.caption = ("the engine calls the FP8 linears rather than folding them; each dequantises its weight "
+                     "per block inside the matmul (a GPU with blockwise scaled_mm runs an FP8 matmul)")
+    console.print(speed)
 
 
 def _hf_version() -> str:
@@ -179,7 +254,8 @@ def _hf_version() -> str:
 # ---- `nanoseek bench decode` (registered by nanoseek.bench) ------------------------------
 def add_arguments(p) -> None:
     p.description = ("Greedy decoding of random prompts by the engine and by transformers' generate on the same "
-                     "weights, in one run: tokens/s and KV-cache bytes per token.")
+                     "weights, in one run: tokens/s and KV-cache bytes per token. Then the engine with FP8 "
+                     "weights against bf16 weights on the same prompts: weight bytes and tokens/s.")
     p.add_argument("--preset", default="small", help="model preset with random weights (default small)")
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory instead of a preset")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
@@ -190,6 +266,9 @@ def add_arguments(p) -> None:
                         "busy machine extra threads wait on each other; 0 keeps torch's default)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, the best kept (default 3)")
     p.add_argument("--no-speculative", action="store_true", help="skip the MTP speculative run")
+    p.add_argument("--no-fp8", action="store_true",
+                   help="skip the FP8-vs-bf16 weights runs (the engine with E4M3 weights and 128x128 block scales, "
+                        "kept FP8 in memory, against the same weights in bf16)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -201,6 +280,6 @@ def main(args) -> int:
     if not sizes or min(sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise NanoseekError("--batch-sizes, --prompt-len, --new-tokens and --repeats must be positive")
     bench = bench_decode(args.preset, args.model, sizes, args.prompt_len, args.new_tokens, args.threads or None,
-                         not args.no_speculative, args.seed, args.repeats)
+                         not args.no_speculative, args.seed, args.repeats, not args.no_fp8)
     print_bench(bench)
     return 0

@@ -15,15 +15,22 @@ with a cache and `impl="absorb"`, in fewer, larger operations:
   as one grouped matmul up and one down (`torch._grouped_mm`, as `transformers` does).
 Prefill stays with the model itself. The folded weights are recomputed when a parameter of
 the model changes in place (an optimizer step between RL rollouts), see `sync`.
+
+FP8 weights (`FP8WeightLinear`, V3 section 3.3) are not folded: folding would multiply them
+out into dense copies and lose the memory they save. The runner calls those modules, which
+keep E4M3 weights and dequantise them inside the matmul; W_UK, W_UV, the RoPE layout and the
+softmax scale are then applied to the activations instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from nanoseek.fp8 import FP8WeightLinear
 from nanoseek.model import MLP, LatentCache, MoE, Transformer
 
 
@@ -45,6 +52,22 @@ class StepContext:
     mask: torch.Tensor | None  # additive [B, T * heads, span]; None when every query sees all of 0..span-1
 
 
+def is_fp8(*modules) -> bool:
+    return any(isinstance(m, FP8WeightLinear) for m in modules)
+
+
+class ModuleProjection:
+    """x -> cat(m(x) for m in modules), its columns reordered by `index` and scaled by `scale`:
+    what a folded matrix computes, with the modules' own (FP8) weights."""
+
+    def __init__(self, modules, index: torch.Tensor, scale: torch.Tensor | None):
+        self.modules, self.index, self.scale = modules, index, scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([m(x) for m in self.modules], dim=-1)[..., self.index]
+        return y if self.scale is None else y * self.scale
+
+
 class FoldedAttention:
     def __init__(self, attn, dtype):
         h, nope, rope, v, r = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
@@ -53,6 +76,12 @@ class FoldedAttention:
                 else torch.arange(rope))
         kv_b = attn.kv_b_proj.weight.detach().double().view(h, nope + v, r)
         w_uk, w_uv = kv_b[:, :nope], kv_b[:, nope:]
+        q_in = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
+        q_out = attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj
+        self.fp8 = is_fp8(q_in, q_out, attn.kv_a_proj_with_mqa, attn.o_proj)
+        if self.fp8:
+            self._init_modules(attn, perm, w_uk, w_uv, dtype)
+            return
         q_w = (attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj).weight.detach().double()
         q_w = q_w.view(h, nope + rope, -1)
         q_nope, q_pe = q_w[:, :nope], q_w[:, nope:][:, perm]
@@ -77,22 +106,48 @@ class FoldedAttention:
             w_in, self.q_w = torch.cat([attn.q_a_proj.weight.detach().double(), kv_w]), q_w.to(dtype)
             q_bias = attn.q_a_proj.bias
             bias = None if kv_bias is None else torch.cat([q_bias.detach(), kv_bias])
-        self.w_in, self.b_in = w_in.to(dtype), None if bias is None else bias.to(dtype)
+        self.project_in = partial(F.linear, weight=w_in.to(dtype), bias=None if bias is None else bias.to(dtype))
+        self.project_q = None if self.q_w is None else partial(F.linear, weight=self.q_w)
         o_w = attn.o_proj.weight.detach().double()
         self.o_absorbed = r <= 2 * v  # fold W_UV into o_proj likewise
         if self.o_absorbed:
             self.o_w = torch.einsum("dhv,hvr->dhr", o_w.view(o_w.shape[0], h, v), w_uv).flatten(1).to(dtype)
         else:
             self.o_w, self.w_uv = o_w.to(dtype), w_uv.to(dtype)
-        self.o_b = None if attn.o_proj.bias is None else attn.o_proj.bias.detach()
+        self.project_o = partial(F.linear, weight=self.o_w,
+                                 bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach())
+
+    def _init_modules(self, attn, perm, w_uk, w_uv, dtype):
+        """The same step through attn's own (FP8) projections: W_UK and W_UV stay apart, and the
+        RoPE permutation and softmax scale go on their outputs."""
+        h, nope, rope, r = self.h, self.nope, self.rope, self.r
+        device = attn.kv_a_proj_with_mqa.weight.device
+        self.q_absorbed = self.o_absorbed = False
+        self.w_uk, self.w_uv = w_uk.to(dtype), w_uv.to(dtype)
+        head = torch.cat([torch.arange(nope), nope + perm])
+        q_index = (torch.arange(h)[:, None] * (nope + rope) + head).flatten()
+        q_scale = torch.full((h * (nope + rope),), attn.scale, dtype=dtype, device=device)
+        kv_index = torch.cat([torch.arange(r), r + perm])
+        if attn.q_lora_rank is None:  # V2-Lite: the query and the latent from x, one projection
+            self.split = [h * (nope + rope), r, rope]
+            index = torch.cat([q_index, q_index.numel() + kv_index])
+            scale = torch.cat([q_scale, q_scale.new_ones(r + rope)])
+            self.project_in = ModuleProjection([attn.q_proj, attn.kv_a_proj_with_mqa], index.to(device), scale)
+            self.project_q = None
+        else:
+            self.split = [attn.q_lora_rank, r, rope]
+            index = torch.cat([torch.arange(attn.q_lora_rank), attn.q_lora_rank + kv_index])
+            self.project_in = ModuleProjection([attn.q_a_proj, attn.kv_a_proj_with_mqa], index.to(device), None)
+            self.project_q = ModuleProjection([attn.q_b_proj], q_index.to(device), q_scale)
+        self.project_o = attn.o_proj
 
     def __call__(self, x: torch.Tensor, ctx: StepContext, latents: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         b, t, _ = x.shape
-        first, c_kv, k_pe = F.linear(x, self.w_in, self.b_in).split(self.split, dim=-1)
-        if self.q_w is not None:
-            first = F.linear(F.rms_norm(first, (first.shape[-1],), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps),
-                             self.q_w)
+        first, c_kv, k_pe = self.project_in(x).split(self.split, dim=-1)
+        if self.project_q is not None:
+            first = self.project_q(F.rms_norm(first, (first.shape[-1],), attn.q_a_layernorm.weight,
+                                              attn.q_a_layernorm.eps))
         q = first.view(b, t, self.h, -1)
         q_main, q_pe = q.split([q.shape[-1] - self.rope, self.rope], dim=-1)
         if not self.q_absorbed:
@@ -111,15 +166,20 @@ class FoldedAttention:
         out = torch.matmul(scores.softmax(dim=-1), keys[..., : self.r]).view(b, t, self.h, self.r)
         if not self.o_absorbed:
             out = torch.einsum("bthr,hvr->bthv", out, self.w_uv)
-        return F.linear(out.reshape(b, t, -1), self.o_w, self.o_b)
+        return self.project_o(out.reshape(b, t, -1))
 
 
 class FoldedMLP:
     def __init__(self, mlp: MLP, dtype):
+        self.mlp = mlp if is_fp8(mlp.gate_proj, mlp.up_proj, mlp.down_proj) else None
+        if self.mlp is not None:
+            return
         self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(dtype)
         self.w_down = mlp.down_proj.weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:
+            return self.mlp(x)
         gate, up = F.linear(x, self.w_gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w_down)
 
@@ -130,7 +190,8 @@ class FoldedMoE:
     def __init__(self, moe: MoE, dtype):
         self.moe = moe
         experts = list(moe.experts)
-        self.stacked = sum(p.numel() for p in moe.parameters()) <= self.STACK_LIMIT
+        self.stacked = (sum(p.numel() for p in moe.parameters()) <= self.STACK_LIMIT
+                        and not is_fp8(*(m for e in experts for m in (e.gate_proj, e.up_proj, e.down_proj))))
         if not self.stacked:
             self.shared = FoldedMLP(moe.shared_experts, dtype) if moe.shared_experts is not None else None
             return

@@ -1,0 +1,33 @@
+"""What the model-level tests share: random models whose norms and routing bias are not at
+their initial values (ones and zeros), so that a misplaced norm or a bias left out of the
+routing shows up in the numbers."""
+
+from __future__ import annotations
+
+import torch
+
+from nanoseek import Transformer
+
+
+@torch.no_grad()
+def randomize(model: Transformer, seed: int | None = None, norms: bool = True) -> Transformer:
+    """Norm weights ~ N(1, 0.1) (with `norms`) and the aux-loss-free routing bias ~ N(0, 0.05),
+    in place, drawn from the global RNG (seeded with `seed` first when given). Returns the
+    model in eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if norms:
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.1)
+    for moe in model.moe_layers():
+        if hasattr(moe.gate, "e_score_correction_bias"):
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def random_model(config, seed: int = 0, norms: bool = True) -> Transformer:
+    """A Transformer built and then randomised after torch.manual_seed(seed): the same seed
+    gives the same weights."""
+    torch.manual_seed(seed)
+    return randomize(Transformer(config), norms=norms)
