@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/nanoseek demo
 
-test: $(STAMP)
+# tests/test_web_chat.py drives Debian's chromium with Playwright: installed here when missing,
+# and a failed install stops `make test` (the test is never skipped).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium for tests/test_web_chat.py"; \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || { \
+	  echo "error: could not install chromium, which tests/test_web_chat.py needs (apt-get install chromium)" >&2; \
+	  exit 1; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(PY) -m pytest -m ""
 
 clean:

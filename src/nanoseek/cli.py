@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "nanoseek.data.cli",
     "nanoseek.train.cli",
     "nanoseek.infer.cli",
+    "nanoseek.serve.cli",
     "nanoseek.bench",
 ]
 

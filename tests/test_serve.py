@@ -1,0 +1,530 @@
+"""`nanoseek serve`: the official openai client against a running server on a tiny model,
+reasoning_content apart from content, usage, n, seeds, stop sequences, errors, metrics, and
+100 concurrent streams.
+
+The model is random, with the output rows of the special tokens zeroed: decoding greedily it
+never ends a completion nor closes its reasoning by itself, so every completion runs to
+max_tokens, and with a thinking budget the split between reasoning and answer falls at a
+known token. (Sampling can draw end-of-sequence: those tests fix a seed.)
+Expected texts come from the engine in this process on the same checkpoint (greedy).
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from nanoseek import ModelConfig, Transformer, save_pretrained
+from nanoseek.data import format_chat, train_tokenizer
+from nanoseek.infer import Engine, SamplingParams
+
+KEY = "test-key"
+CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+              num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+              v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+              first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
+              routed_scaling_factor=2.5)
+
+
+# ---- the model and the server (also used by test_web_chat.py) -----------------------------
+def save_chat_model(directory):
+    """A tiny random model + tokenizer in HF format; it never writes a special token."""
+    texts = ["3+4-2+5 = 10", "<think>3+4=7, 7-2=5</think> <answer>5</answer>", "The quick brown fox jumps."] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=CONFIG["vocab_size"])
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CONFIG)).eval()
+    with torch.no_grad():
+        for i in tokenizer.special_ids.values():
+            model.lm_head.weight[i] = 0
+    save_pretrained(model, directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`nanoseek serve` in a subprocess, up when /health answers."""
+
+    def __init__(self, model_dir, log_file, *args):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_file = log_file
+        cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model_dir), "--port",
+               self.url.rsplit(":", 1)[1], "--log-level", "warning", *args]
+        with open(log_file, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the server did not come up:\n{self.log()}"
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return open(self.log_file, encoding="utf-8", errors="replace").read()
+
+    def stop(self) -> int:
+        """Ctrl-C: uvicorn shuts down gracefully and the command exits 0."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"the server did not stop on SIGINT:\n{self.log()}") from None
+
+
+def health(url) -> dict:
+    return httpx.get(url + "/health", timeout=5).json()
+
+
+def wait_idle(url, timeout=10.0) -> float:
+    """Seconds until no completion is pending or running on the server."""
+    start = time.monotonic()
+    while True:
+        h = health(url)
+        if h["pending"] == 0 and h["running"] == 0 and h["waiting"] == 0:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout, f"still busy after {timeout}s: {h}"
+        time.sleep(0.02)
+
+
+def metric(url, name) -> float:
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def engine_steps(url) -> int:
+    return int(metric(url, "nanoseek_engine_steps_total"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_chat_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    """The same checkpoint in this process: what the server should answer."""
+    return Engine.from_pretrained(model_dir, max_batch_size=16, max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log", "--api-key", KEY, "--served-model-name", MODEL)
+    yield s
+    assert s.stop() == 0, s.log()
+    assert "Traceback" not in s.log(), s.log()  # no request crashed a handler or the engine thread
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+MODEL = "tiny"  # the checkpoint directory's name
+MESSAGES = [{"role": "user", "content": "What is 3+4-2?"}]
+
+
+def expected_message(engine, messages, **params):
+    """(reasoning, content, raw text) that the engine gives for a chat, greedy."""
+    out = engine.generate(format_chat(messages), SamplingParams(temperature=0, **params))[0].outputs[0]
+    reasoning, _, content = out.text.partition("</think>")
+    return reasoning.strip(), content.strip(), out
+
+
+def reasoning_of(obj):
+    return getattr(obj, "reasoning_content", None)
+
+
+# ---- chat completions ---------------------------------------------------------------------
+def test_chat_returns_reasoning_apart_from_the_answer(client, engine, model_dir):
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=12,
+                                       extra_body={"max_reasoning_tokens": 5})
+    message = r.choices[0].message
+    reasoning, content, out = expected_message(engine, MESSAGES, max_tokens=12, max_thinking_tokens=5)
+    assert reasoning and content  # the budget put </think> at token 6 of 12: both parts are there
+    assert reasoning_of(message) == reasoning and message.content == content and message.role == "assistant"
+    assert "</think>" not in message.content + reasoning_of(message)
+    assert r.choices[0].finish_reason == "length" and r.object == "chat.completion" and r.model == MODEL
+    prompt_tokens = len(engine.tokenizer.encode(format_chat(MESSAGES)))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        prompt_tokens, 12, prompt_tokens + 12)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 6 == out.reasoning_tokens  # 5 + "</think>"
+    # Without a budget this model never closes its reasoning: all of it is reasoning.
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=6)
+    assert r.choices[0].message.content == "" and reasoning_of(r.choices[0].message)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 6
+
+
+def test_chat_stream_sends_reasoning_deltas_then_content_deltas(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=24, extra_body={"max_reasoning_tokens": 10})
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    kinds, reasoning, content, finish = [], "", "", []
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        if reasoning_of(choice.delta):
+            kinds.append("r")
+            reasoning += reasoning_of(choice.delta)
+        if choice.delta.content:
+            kinds.append("c")
+            content += choice.delta.content
+        finish.append(choice.finish_reason)
+    assert kinds == sorted(kinds, reverse=True) and "r" in kinds and "c" in kinds  # r...r c...c
+    assert kinds.count("r") > 2 and kinds.count("c") > 2, kinds  # token by token, not in one piece
+    assert reasoning == reasoning_of(full.choices[0].message) and content == full.choices[0].message.content
+    assert finish[-1] == "length" and not any(finish[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_n_completions_with_a_seed(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, temperature=1.0, max_tokens=8, n=3, seed=11)
+    r = client.chat.completions.create(**kwargs)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [reasoning_of(c.message) for c in r.choices]
+    assert len(set(texts)) > 1  # each completion samples on its own
+    assert r.usage.completion_tokens == 24 and r.usage.completion_tokens_details.reasoning_tokens == 24
+    again = client.chat.completions.create(**kwargs)
+    assert [reasoning_of(c.message) for c in again.choices] == texts  # same seed, same samples
+    streamed = {0: "", 1: "", 2: ""}
+    finished = set()
+    for c in client.chat.completions.create(**kwargs, stream=True):
+        for choice in c.choices:
+            streamed[choice.index] += reasoning_of(choice.delta) or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert [streamed[i] for i in range(3)] == texts and finished == {0, 1, 2}
+
+
+def test_stop_sequences_cut_the_answer(client, engine):
+    kwargs = dict(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=16, extra_body={"max_reasoning_tokens": 4})
+    full = client.chat.completions.create(**kwargs).choices[0].message
+    raw = expected_message(engine, MESSAGES, max_tokens=16, max_thinking_tokens=4)[2].text
+    answer_at = raw.index("</think>") + len("</think>")
+    # a two-character piece of the answer whose first appearance in the whole output is in the answer
+    stop = next(full.content[i:i + 2] for i in range(2, len(full.content) - 1)
+                if raw.find(full.content[i:i + 2]) >= answer_at)
+    for stops in (stop, ["never-appears", stop]):
+        r = client.chat.completions.create(**kwargs, stop=stops)
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop"
+        assert choice.message.content == full.content[: full.content.index(stop)].strip()
+        assert reasoning_of(choice.message) == reasoning_of(full)
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(**kwargs, stop=stop, stream=True) if c.choices)
+    assert streamed == full.content[: full.content.index(stop)].strip()
+
+
+def test_completions_endpoint_returns_the_raw_text(client, engine):
+    out = engine.generate("3+4-2", SamplingParams(temperature=0, max_tokens=7))[0].outputs[0]
+    r = client.completions.create(model=MODEL, prompt="3+4-2", temperature=0, max_tokens=7)
+    assert r.choices[0].text == out.text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(engine.tokenizer.encode("3+4-2", bos=True)), 7)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="3+4-2", temperature=0, max_tokens=7, stream=True))
+    assert streamed == out.text
+    ids = engine.tokenizer.encode("3+4-2", bos=True)
+    assert client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=7).choices[0].text == out.text
+
+
+def test_models_health_metrics_and_page(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert health(server.url)["status"] == "ok"
+    metrics = httpx.get(server.url + "/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    assert int(lines['nanoseek_requests_total{path="/v1/chat/completions",status="200"}']) >= 1
+    assert int(lines['nanoseek_tokens_total{kind="completion"}']) > 0
+    assert int(lines['nanoseek_tokens_total{kind="reasoning"}']) > 0
+    assert lines["nanoseek_queue_length"] == "0" and lines["nanoseek_pending"] == "0"
+    assert int(lines["nanoseek_time_to_first_token_seconds_count"]) > 0
+    assert "# TYPE nanoseek_request_duration_seconds histogram" in metrics
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "Thought for" in page.text
+
+
+# ---- errors ---------------------------------------------------------------------------------
+def post(server, body, key=KEY, path="/v1/chat/completions", raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, content=raw if raw is not None else json.dumps(body), headers=headers,
+                      timeout=30)
+
+
+GOOD = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "temperature": 0}  # sampling could draw EOS
+LONG = [{"role": "user", "content": "The quick brown fox jumps. " * 150}]  # > 512 tokens
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    ({**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ({k: v for k, v in GOOD.items() if k != "model"}, 400, "model", "missing_model"),
+    ({**GOOD, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({**GOOD, "temperature": "hot"}, 400, "temperature", "invalid_type"),
+    ({**GOOD, "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({**GOOD, "n": 0}, 400, "n", "invalid_value"),
+    ({**GOOD, "n": True}, 400, "n", "invalid_type"),
+    ({**GOOD, "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
+    ({**GOOD, "max_reasoning_tokens": 1.5}, 400, "max_reasoning_tokens", "invalid_type"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({**GOOD, "stop": [""]}, 400, "stop", "invalid_value"),
+    ({**GOOD, "seed": "x"}, 400, "seed", "invalid_type"),
+    ({**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
+    ({**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
+    ({**GOOD, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ({**GOOD, "messages": []}, 400, "messages", "invalid_value"),
+    ({**GOOD, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
+    ({**GOOD, "messages": [{"role": "user", "content": 7}]}, 400, "messages[0].content", "invalid_value"),
+    ({**GOOD, "messages": LONG}, 400, "messages", "context_length_exceeded"),
+    ({**GOOD, "messages": [{"role": "user", "content": "3+4 " * 30_000}]}, 400, "messages",
+     "context_length_exceeded"),  # tokenized off the event loop
+    ({**GOOD, "max_tokens": 510}, 400, "max_tokens", "context_length_exceeded"),
+])
+def test_bad_parameters_are_4xx_with_an_openai_error_body(server, body, status, param, code):
+    r = post(server, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == (param, code) and error["message"] and error["type"]
+    assert "Traceback" not in r.text
+
+
+def test_bad_key_bad_json_bad_routes(server, client):
+    for key, message in ((None, "Missing API key"), ("wrong", "Incorrect API key")):
+        r = post(server, GOOD, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert message in r.json()["error"]["message"] and r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="deepseek-reasoner", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=-1)
+    for raw, words in ((b"{not json", "could not parse the JSON"), (b"[1, 2]", "JSON object"),
+                       (b"\xff\xfe", "could not parse the JSON"), (b"", "could not parse the JSON")):
+        r = post(server, None, raw=raw)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    r = post(server, None, raw=b'{"model": "tiny", "pad": "' + b"x" * (5 << 20) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = post(server, {"model": MODEL, "prompt": [[1, 2], [3]]}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = post(server, {"model": MODEL, "prompt": [5, 99999]}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route GET /v1/nothing-here"
+    r = httpx.get(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "error" in r.json()
+    assert post(server, GOOD).status_code == 200  # still serving
+
+
+# ---- load ------------------------------------------------------------------------------------
+async def stream_one(server, i, max_tokens, stop_after=None):
+    """One streamed chat over its own connection, read off the wire (HTTP/1.1 chunked framing,
+    then server-sent events); returns (its chunks, seconds to the first token). `stop_after`:
+    hang up after that many chunks."""
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": f"question {i}: {i}+{i}?"}],
+                       "temperature": 0, "max_tokens": max_tokens, "max_reasoning_tokens": 3, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    start, first, chunks, done = time.perf_counter(), None, [], False
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                     .encode() + body)
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+        headers = {}
+        while (line := await reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        assert headers["content-type"].startswith("text/event-stream") and headers["transfer-encoding"] == "chunked"
+        buffer = ""
+        while size := int(await reader.readline(), 16):
+            buffer += (await reader.readexactly(size + 2))[:-2].decode()
+            while "\n\n" in buffer:
+                event, buffer = buffer.split("\n\n", 1)
+                assert event.startswith("data: ") and not done, event
+                if event == "data: [DONE]":
+                    done = True
+                    continue
+                chunk = json.loads(event[len("data: "):])
+                assert "error" not in chunk, chunk
+                delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                if first is None and (delta.get("reasoning_content") or delta.get("content")):
+                    first = time.perf_counter() - start
+                chunks.append(chunk)
+                if stop_after is not None and len(chunks) > stop_after:
+                    return chunks, first
+        assert done and buffer == "" and await reader.read() == b"\r\n", "the stream must end with data: [DONE]"
+    finally:
+        writer.close()
+    return chunks, first
+
+
+def test_load_100_concurrent_streams_then_clients_that_hang_up(server, engine):
+    n, max_tokens = 100, 8
+    prompts = [format_chat([{"role": "user", "content": f"question {i}: {i}+{i}?"}]) for i in range(n)]
+    expected = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, max_thinking_tokens=3))
+
+    steps = 0
+
+    async def run():
+        nonlocal steps
+        start = time.perf_counter()
+        results = await asyncio.gather(*[stream_one(server, i, max_tokens) for i in range(n)])
+        took = time.perf_counter() - start
+        # Then 20 clients ask for long answers and hang up after a few tokens.
+        steps = engine_steps(server.url)
+        dropped = await asyncio.gather(*[stream_one(server, 1000 + i, 400, stop_after=3) for i in range(20)])
+        return results, took, dropped
+
+    results, took, dropped = asyncio.run(run())
+    ids = set()
+    for out, (chunks, ttft) in zip(expected, results):
+        ids |= {c["id"] for c in chunks}
+        assert len({c["id"] for c in chunks}) == 1 and ttft is not None
+        deltas = [c["choices"][0] for c in chunks if c["choices"]]
+        reasoning = "".join(d["delta"].get("reasoning_content") or "" for d in deltas)
+        content = "".join(d["delta"].get("content") or "" for d in deltas)
+        want = out.outputs[0].text.partition("</think>")
+        assert (reasoning, content) == (want[0].strip(), want[2].strip())  # this request's own tokens
+        assert [d["finish_reason"] for d in deltas].count("length") == 1
+        assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
+    assert len(ids) == n
+    ttfts = sorted(t for _, t in results)
+    print(f"\nload: {n} concurrent streams of {max_tokens} tokens in {took:.2f}s = {n / took:.1f} requests/s, "
+          f"{n * max_tokens / took:.0f} tokens/s; time to first token mean {statistics.mean(ttfts) * 1000:.0f} ms, "
+          f"p50 {ttfts[n // 2] * 1000:.0f} ms, p95 {ttfts[int(n * 0.95)] * 1000:.0f} ms")
+    assert all(len(chunks) == 4 for chunks, _ in dropped)  # role chunk + 3 tokens, then the client left
+    # Served to the end, 20 x 400 tokens would take 800 steps at batch 16: hung-up clients are aborted.
+    wait_idle(server.url)
+    print(f"20 clients that hung up after 3 tokens of 400 took {engine_steps(server.url) - steps} engine steps")
+    assert engine_steps(server.url) - steps < 100
+    r = post(server, GOOD)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_non_streaming_client_that_hangs_up_is_aborted(server):
+    steps = engine_steps(server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json={**GOOD, "max_tokens": 490},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(5, read=0.2))
+    wait_idle(server.url)
+    assert engine_steps(server.url) - steps < 400  # not run to its 490 tokens
+    assert metric(server.url, 'nanoseek_requests_total{path="/v1/chat/completions",status="499"}') >= 1
+
+
+# ---- in-process: a full queue, a failing engine ------------------------------------------------
+@contextlib.contextmanager
+def serve_in_thread(engine, **kwargs):
+    """`create_app(engine, MODEL, **kwargs)` on uvicorn in a thread of this process; yields its URL."""
+    import uvicorn
+
+    from nanoseek.serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL, **kwargs), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the in-process server did not stop"
+
+
+@pytest.fixture
+def small_server(model_dir):
+    """Room for 2 completions: 1 in the batch, 1 waiting."""
+    engine = Engine.from_pretrained(model_dir, max_batch_size=1, max_seq_len=512)
+    with serve_in_thread(engine, max_queue=1) as url:
+        yield url, engine
+
+
+def test_a_full_queue_answers_429_with_retry_after(small_server):
+    url, engine = small_server
+    long = {**GOOD, "max_tokens": 400, "stream": True}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json=long) as first, \
+                c.stream("POST", "/v1/chat/completions", json=long) as second:
+            assert first.status_code == second.status_code == 200
+            assert health(url)["pending"] == 2
+            r = c.post("/v1/chat/completions", json=GOOD)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+            r = c.post("/v1/chat/completions", json={**GOOD, "n": 3})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        wait_idle(url)
+        assert c.post("/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(small_server, monkeypatch):
+    url, engine = small_server
+    real_step = engine.step
+
+    def broken_step():
+        monkeypatch.setattr(engine, "step", real_step)  # fails once
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json=GOOD)
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        assert not engine.has_unfinished() and engine.free_slots == [0]
+        monkeypatch.setattr(engine, "step", broken_step)
+        with c.stream("POST", "/v1/chat/completions", json={**GOOD, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and "device lost" in lines[-2] and lines[-1] == "data: [DONE]"
+        r = c.post("/v1/chat/completions", json=GOOD)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def test_serve_command_errors_are_one_line(model_dir, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "error:" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model", str(model_dir), "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen there" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--port", "70000"]) == 2
+    save_pretrained(Transformer(ModelConfig(**CONFIG)), tmp_path / "no-tokenizer")
+    assert main(["serve", "--model", str(tmp_path / "no-tokenizer"), "--port", "0"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
