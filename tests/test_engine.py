@@ -449,3 +449,19 @@ def test_runner_decode_step_equals_the_model(name, path, monkeypatch):
         for i, n in enumerate(lengths):
             want = model.hidden_states(ids[i: i + 1, : n + 2])[0, n:]
             assert (ours[i] - want).abs().max() < 1e-5
+
+
+def test_streamed_reasoning_never_shows_half_a_tag():
+    from nanoseek.infer.engine import split_reasoning
+
+    text = "<think>3+4=7</think>7"
+    seen_r, seen_a = "", ""
+    for i in range(len(text) + 1):
+        r, a = split_reasoning(text[:i], think_opened=False)
+        assert r.startswith(seen_r) and a.startswith(seen_a), text[:i]  # only ever grows
+        seen_r, seen_a = r, a
+        assert "<" not in r and "<" not in a, (text[:i], r, a)
+    assert (seen_r, seen_a) == ("3+4=7", "7")
+    assert split_reasoning("2 </th", think_opened=True) == ("2 ", "")
+    assert split_reasoning("a < b", think_opened=True) == ("a < b", "")
+    assert split_reasoning("plain answer", think_opened=False) == ("", "plain answer")

@@ -115,18 +115,29 @@ class Sequence:
 
 
 def split_reasoning(text: str, think_opened: bool) -> tuple[str, str]:
-    """(reasoning, answer) of a partial output, each only ever growing as the text grows.
+    """(reasoning, answer) of a partial output, each only ever growing as the text grows: a tag
+    cut in the middle ("</thi") is held back until it is complete or proves not to be a tag.
     The final split is `parse_reasoning`'s; this one is for streaming."""
     start = 0
     if not think_opened:
         i = text.find(THINK)
+        if i < 0 and THINK.startswith(text.lstrip()):  # nothing yet, or "<thi" still growing
+            return "", ""
         if i < 0 or text[:i].strip():  # a <think> counts only at the start of the output
-            return ("", "") if not text.strip() else ("", text)
+            return "", text
         start = i + len(THINK)
     close = text.find(END_THINK, start)
     if close < 0:
-        return text[start:], ""
+        return text[start:len(text) - _partial_tag(text, END_THINK)], ""
     return text[start:close], text[close + len(END_THINK):]
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
