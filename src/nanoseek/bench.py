@@ -11,11 +11,12 @@ import importlib
 BENCHES = {
     "train": ("nanoseek.train.bench", "training tokens/s: nanoseek vs transformers' DeepseekV3ForCausalLM"),
     "decode": ("nanoseek.infer.bench", "decoding tokens/s: nanoseek's engine vs transformers' generate"),
+    "grpo": ("nanoseek.train.grpo_bench", "seconds per GRPO step: nanoseek vs TRL's GRPOTrainer"),
 }
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks against transformers (train, decode)")
+    p = sub.add_parser("bench", help="benchmarks against transformers and TRL (train, decode, grpo)")
     bench_sub = p.add_subparsers(dest="bench", metavar="BENCH")
     for name, (module_name, help_) in BENCHES.items():
         try:
