@@ -23,7 +23,7 @@ def test_demo_quick_runs_the_pipeline_and_writes_the_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: {tmp_path / 'report.md'}" in r.stdout
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["task"] == "arith" and report["template"] == R1_ZERO_TEMPLATE
+    assert report["task"] == "chain" and report["template"] == R1_ZERO_TEMPLATE
     assert "{prompt}" in report["template"]
     for side in ("base", "r1_zero"):
         for key in ("pass_at_1", "pass_at_k", "cons_at_k", "response_len", "thinking_len", "thinking_share"):

@@ -27,7 +27,7 @@ def chain_value(prompt):
 
 
 def test_names():
-    assert set(tasks.names()) == {"arith", "countdown", "gsm8k", "math"}
+    assert set(tasks.names()) == {"arith", "chain", "countdown", "gsm8k", "math"}
 
 
 def test_bad_options_are_errors():
@@ -199,3 +199,38 @@ def test_parquet_and_bad_files(tmp_path):
         tasks.get("gsm8k", path=tmp_path / "nohash.jsonl")
     with pytest.raises(NanoseekError, match=".jsonl or .parquet"):
         tasks.get("math", path=tmp_path / "data.csv")
+
+
+def test_chain_problems_answers_and_worked_solutions():
+    import re
+
+    task = tasks.get("chain", min_values=5, max_values=7)
+    problems = task.sample(200, "train", seed=1)
+    assert {p.difficulty for p in problems} == {5, 6, 7}
+    for p in problems[:50]:
+        bindings, expression = p.prompt.split(". ")
+        values = dict(item.split("=") for item in bindings.split(", "))
+        # the answer, computed independently: substitute the values into the expression
+        assert int(p.answer) == chain_value("".join(values.get(c, c) for c in expression))
+        steps = p.solution.split(", ")
+        assert len(steps) == p.difficulty - 1
+        for step, name in zip(steps, expression[2::2]):
+            named, numbers, result = step.split("=")
+            assert named.endswith(name) and numbers.endswith(values[name])
+            assert int(result) == chain_value("0" + numbers if numbers.startswith("-") else numbers)
+        assert steps[-1].endswith(f"={p.answer}")
+        assert task.reward(answer(p.answer), p) == 1.0 and task.reward(answer(int(p.answer) + 1), p) == 0.0
+    assert re.fullmatch(r"a[+-]b=\d[+-]\d=-?\d+", problems[0].solution.split(", ")[0])
+
+
+def test_chain_splits_options_and_bad_prompts():
+    task = tasks.get("chain")
+    train = {p.prompt for p in task.sample(300, "train", seed=0)}
+    test = {p.prompt for p in task.sample(100, "test", seed=0)}
+    assert not train & test
+    with pytest.raises(NanoseekError, match="min_values"):
+        tasks.get("chain", min_values=1)
+    with pytest.raises(NanoseekError, match="cannot read"):
+        task.steps(Problem(prompt="a=1, b=2. a*b", answer="2"))
+    with pytest.raises(NanoseekError, match="cannot read"):
+        task.steps(Problem(prompt="1+2", answer="3"))

@@ -9,6 +9,7 @@ from nanoseek.errors import NanoseekError
 # Task options that `data corpus` passes on when given: flag name -> task option.
 TASK_FLAGS = {
     "arith": ["min_ops", "max_ops", "min_operand", "max_operand", "ops"],
+    "chain": ["min_values", "max_values", "min_value", "max_value"],
     "countdown": ["min_numbers", "max_numbers", "max_number", "max_target"],
 }
 
@@ -46,6 +47,11 @@ def register(subparsers) -> None:
     group.add_argument("--min-operand", type=int, help="smallest operand (default 1)")
     group.add_argument("--max-operand", type=int, help="largest operand (default 5)")
     group.add_argument("--ops", help="operators to use, from '+-*' (default '+-')")
+    group = corpus.add_argument_group("chain options")
+    group.add_argument("--min-values", type=int, help="fewest named values in a problem (default 5)")
+    group.add_argument("--max-values", type=int, help="most named values in a problem (default 7)")
+    group.add_argument("--min-value", type=int, help="smallest value (default 1)")
+    group.add_argument("--max-value", type=int, help="largest value (default 5)")
     group = corpus.add_argument_group("countdown options")
     group.add_argument("--min-numbers", type=int, help="fewest numbers to combine (default 3)")
     group.add_argument("--max-numbers", type=int, help="most numbers to combine (default 4)")

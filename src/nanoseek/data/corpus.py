@@ -56,7 +56,7 @@ def terse(steps: list[Step]) -> list[str]:
 def document(kind: str, problem: Problem, task: Task, extra: Sequence[Problem] = ()) -> str:
     steps = task.steps(problem)
     if kind == "worked":
-        return r1_zero_prompt(problem.prompt) + completion(", ".join(map(str, steps)), problem.answer)
+        return r1_zero_prompt(problem.prompt) + completion(task.worked(problem), problem.answer)
     if kind == "terse":
         return r1_zero_prompt(problem.prompt) + completion(", ".join(terse(steps)), problem.answer)
     if kind == "direct":

@@ -70,6 +70,10 @@ class Task:
         """The worked solution as steps, for tasks that can write one (used by the corpus)."""
         raise NanoseekError(f"task {self.name!r} has no step-by-step solutions")
 
+    def worked(self, problem: Problem) -> str:
+        """The worked solution as the corpus writes it inside <think>: "3+4=7, 7-2=5"."""
+        return ", ".join(map(str, self.steps(problem)))
+
 
 class GeneratedTask(Task):
     """A task whose problems come from a random generator; the split filters them by hash."""
@@ -106,10 +110,11 @@ class GeneratedTask(Task):
 
 def _registry() -> dict[str, type[Task]]:
     from nanoseek.tasks.arith import Arith
+    from nanoseek.tasks.chain import Chain
     from nanoseek.tasks.countdown import Countdown
     from nanoseek.tasks.files import GSM8K, MATH
 
-    return {"arith": Arith, "countdown": Countdown, "gsm8k": GSM8K, "math": MATH}
+    return {"arith": Arith, "chain": Chain, "countdown": Countdown, "gsm8k": GSM8K, "math": MATH}
 
 
 def names() -> list[str]:
