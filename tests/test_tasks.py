@@ -207,20 +207,23 @@ def test_chain_problems_answers_and_worked_solutions():
     task = tasks.get("chain", min_values=5, max_values=7)
     problems = task.sample(200, "train", seed=1)
     assert {p.difficulty for p in problems} == {5, 6, 7}
+    assert any(v.startswith("-") for p in problems for v in re.findall(r"=(-?\d)", p.prompt))
     for p in problems[:50]:
         bindings, expression = p.prompt.split(". ")
-        values = dict(item.split("=") for item in bindings.split(", "))
-        # the answer, computed independently: substitute the values into the expression
-        assert int(p.answer) == chain_value("".join(values.get(c, c) for c in expression))
+        values = {name: int(v) for name, v in (item.split("=") for item in bindings.split(", "))}
+        assert expression == "+".join(values) and int(p.answer) == sum(values.values())
         steps = p.solution.split(", ")
         assert len(steps) == p.difficulty - 1
-        for step, name in zip(steps, expression[2::2]):
+        total = values["a"]
+        for step, name in zip(steps, list(values)[1:]):
             named, numbers, result = step.split("=")
-            assert named.endswith(name) and numbers.endswith(values[name])
-            assert int(result) == chain_value("0" + numbers if numbers.startswith("-") else numbers)
+            assert named.endswith("+" + name)
+            assert numbers == f"{total}{values[name]:+d}"  # 6-2 adds d=-2
+            total += values[name]
+            assert int(result) == total
         assert steps[-1].endswith(f"={p.answer}")
         assert task.reward(answer(p.answer), p) == 1.0 and task.reward(answer(int(p.answer) + 1), p) == 0.0
-    assert re.fullmatch(r"a[+-]b=\d[+-]\d=-?\d+", problems[0].solution.split(", ")[0])
+    assert re.fullmatch(r"a\+b=-?\d[+-]\d=-?\d+", problems[0].solution.split(", ")[0])
 
 
 def test_chain_splits_options_and_bad_prompts():
@@ -231,6 +234,6 @@ def test_chain_splits_options_and_bad_prompts():
     with pytest.raises(NanoseekError, match="min_values"):
         tasks.get("chain", min_values=1)
     with pytest.raises(NanoseekError, match="cannot read"):
-        task.steps(Problem(prompt="a=1, b=2. a*b", answer="2"))
+        task.steps(Problem(prompt="a=1, b=2. a+c", answer="2"))
     with pytest.raises(NanoseekError, match="cannot read"):
         task.steps(Problem(prompt="1+2", answer="3"))

@@ -35,7 +35,7 @@ class Plan:
     mix: tuple = (("worked", 0.5), ("direct", 0.3), ("plain", 0.2))
     docs: int = 20_000
     vocab_size: int = 512
-    pretrain_steps: int = 300
+    pretrain_steps: int = 450
     seq_len: int = 256
     batch_size: int = 16
     eval_problems: int = 100
@@ -44,7 +44,7 @@ class Plan:
     prompts_per_step: int = 16
     group_size: int = 8
     max_new_tokens: int = 112  # the longest worked solution is 88 tokens
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 3e-4
     loss_type: str = "dr_grpo"
 
 

@@ -1,14 +1,14 @@
-"""chain: a chain of +/- over named values, e.g. "a=3, b=1, c=4, d=2, e=5. a+b-c+d-e".
+"""chain: the sum of named signed values, e.g. "a=3, b=-1, c=4, d=-2, e=5. a+b+c+d+e".
 
 The task of the default R1-Zero run. It is arith with the operands behind names, because a
 tiny model learns to look a value up by its name (an induction head: find "c=", copy what
-follows) within minutes, while finding "the k-th number" of an arith prompt by position takes
-it far longer than a laptop run allows (measured: SYSTEM.md section 6 and issue 6's note).
-Written out, each step is easy:
+follows) within minutes of pretraining, while finding "the k-th number" of an arith prompt by
+its position, or the operator before a name, takes it far longer than a laptop run allows
+(measured in issue 6's note). Written out, each step is easy:
 
-    a+b=3+1=4, 4-c=4-4=0, 0+d=0+2=2, 2-e=2-5=-3
+    a+b=3-1=2, 2+c=2+4=6, 6+d=6-2=4, 4+e=4+5=9
 
-while the answer at a glance needs every value and sign at once: the gap RL turns into pass@1.
+while the answer at a glance needs every value at once: the gap RL turns into pass@1.
 Difficulty is the number of values.
 """
 
@@ -23,30 +23,30 @@ from nanoseek.tasks import GeneratedTask, Problem, Step
 NAMES = string.ascii_lowercase
 
 
-def parse(prompt: str) -> tuple[dict[str, int], str, list[str]]:
-    """(values by name, operators, names in order) of a chain prompt."""
+def parse(prompt: str) -> tuple[dict[str, int], list[str]]:
+    """(values by name, names in the order they are added) of a chain prompt."""
     try:
         bindings, expression = prompt.rsplit(". ", 1)
         values = {}
         for item in bindings.split(", "):
             name, value = item.split("=")
             values[name.strip()] = int(value)
-        names = [expression[0]] + list(expression[2::2])
-        ops = expression[1::2]
-        if any(n not in values for n in names) or set(ops) - set("+-") or len(ops) != len(names) - 1:
+        names = expression.split("+")
+        if any(n not in values for n in names):
             raise ValueError
-    except (ValueError, IndexError):
+    except ValueError:
         raise NanoseekError(f"chain: cannot read {prompt!r}") from None
-    return values, ops, names
+    return values, names
 
 
-def solve(values: dict[str, int], ops: str, names: list[str]) -> tuple[int, list[Step]]:
-    steps, value = [], values[names[0]]
-    for op, name in zip(ops, names[1:]):
-        result = value + values[name] if op == "+" else value - values[name]
-        steps.append(Step(value, op, values[name], result))
-        value = result
-    return value, steps
+def solve(values: dict[str, int], names: list[str]) -> tuple[int, list[Step]]:
+    """The sum and its steps; a negative value is subtracted: 6 + (-2) is the step 6-2=4."""
+    steps, total = [], values[names[0]]
+    for name in names[1:]:
+        v = values[name]
+        steps.append(Step(total, "+" if v >= 0 else "-", abs(v), total + v))
+        total += v
+    return total, steps
 
 
 class Chain(GeneratedTask):
@@ -58,7 +58,8 @@ class Chain(GeneratedTask):
             raise NanoseekError(f"chain: need 2 <= min_values <= max_values <= {len(NAMES)}, "
                                 f"got {min_values} and {max_values}")
         if not 0 <= min_value <= max_value:
-            raise NanoseekError(f"chain: need 0 <= min_value <= max_value, got {min_value} and {max_value}")
+            raise NanoseekError(f"chain: need 0 <= min_value <= max_value (the size of the values; each "
+                                f"gets a random sign), got {min_value} and {max_value}")
         if not 0 <= test_share < 1:
             raise NanoseekError(f"chain: test_share {test_share} must be in [0, 1)")
         self.min_values, self.max_values = min_values, max_values
@@ -67,11 +68,9 @@ class Chain(GeneratedTask):
     def generate(self, rng: random.Random) -> Problem:
         n = rng.randint(self.min_values, self.max_values)
         names = list(NAMES[:n])
-        values = {name: rng.randint(self.min_value, self.max_value) for name in names}
-        ops = "".join(rng.choice("+-") for _ in range(n - 1))
-        expression = names[0] + "".join(op + name for op, name in zip(ops, names[1:]))
-        prompt = ", ".join(f"{name}={values[name]}" for name in names) + ". " + expression
-        value, _ = solve(values, ops, names)
+        values = {name: rng.choice((1, -1)) * rng.randint(self.min_value, self.max_value) for name in names}
+        prompt = ", ".join(f"{name}={values[name]}" for name in names) + ". " + "+".join(names)
+        value, _ = solve(values, names)
         problem = Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name)
         return Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name,
                        solution=self.worked(problem))
@@ -80,11 +79,11 @@ class Chain(GeneratedTask):
         return solve(*parse(problem.prompt))[1]
 
     def worked(self, problem: Problem) -> str:
-        """Each step names its value, then computes: "a+b=3+1=4, 4-c=4-4=0"."""
-        values, ops, names = parse(problem.prompt)
-        _, steps = solve(values, ops, names)
+        """Each step names its value, then computes: "a+b=3-1=2, 2+c=2+4=6"."""
+        values, names = parse(problem.prompt)
+        _, steps = solve(values, names)
         out = []
         for i, (step, name) in enumerate(zip(steps, names[1:])):
             left = names[0] if i == 0 else str(step.left)
-            out.append(f"{left}{step.op}{name}={step.left}{step.op}{step.right}={step.result}")
+            out.append(f"{left}+{name}={step}")
         return ", ".join(out)
