@@ -204,13 +204,13 @@ def test_parquet_and_bad_files(tmp_path):
 def test_chain_problems_answers_and_worked_solutions():
     import re
 
-    task = tasks.get("chain", min_values=5, max_values=7)
+    task = tasks.get("chain", min_values=5, max_values=7, signed=True)
     problems = task.sample(200, "train", seed=1)
     assert {p.difficulty for p in problems} == {5, 6, 7}
     assert any(v.startswith("-") for p in problems for v in re.findall(r"=(-?\d)", p.prompt))
     for p in problems[:50]:
         bindings, expression = p.prompt.split(". ")
-        values = {name: int(v) for name, v in (item.split("=") for item in bindings.split(", "))}
+        values = {name: int(v) for name, v in (item.split("=") for item in bindings.split(","))}
         assert expression == "+".join(values) and int(p.answer) == sum(values.values())
         steps = p.solution.split(", ")
         assert len(steps) == p.difficulty - 1
@@ -234,6 +234,10 @@ def test_chain_splits_options_and_bad_prompts():
     with pytest.raises(NanoseekError, match="min_values"):
         tasks.get("chain", min_values=1)
     with pytest.raises(NanoseekError, match="cannot read"):
-        task.steps(Problem(prompt="a=1, b=2. a+c", answer="2"))
+        task.steps(Problem(prompt="a=1,b=2. a+c", answer="2"))
+    # the default: positive values under + and -, the worked steps follow the operators
+    p = Problem(prompt="a=3,b=1,c=4,d=2,e=5. a+b-c+d-e", answer="-3")
+    assert task.worked(p) == "a+b=3+1=4, 4-c=4-4=0, 0+d=0+2=2, 2-e=2-5=-3"
+    assert all("=-" not in q.prompt for q in task.sample(50, "train", seed=2))
     with pytest.raises(NanoseekError, match="cannot read"):
         task.steps(Problem(prompt="1+2", answer="3"))

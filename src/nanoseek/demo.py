@@ -35,7 +35,7 @@ class Plan:
     mix: tuple = (("worked", 0.5), ("direct", 0.3), ("plain", 0.2))
     docs: int = 20_000
     vocab_size: int = 512
-    pretrain_steps: int = 450
+    pretrain_steps: int = 600
     seq_len: int = 256
     batch_size: int = 16
     eval_problems: int = 100

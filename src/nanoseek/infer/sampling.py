@@ -98,19 +98,25 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
                   ) -> list[int]:
     """One token per row of logits [B, V]: argmax for greedy rows, else a draw from the
     filtered distribution with that row's generator."""
-    if all(p.greedy for p in params):
-        return logits.argmax(dim=-1).tolist()
-    tokens = logits.argmax(dim=-1).tolist()
     rows = [i for i, p in enumerate(params) if not p.greedy]
+    tokens = logits.argmax(dim=-1).tolist() if len(rows) < len(params) else [0] * len(params)
+    if not rows:
+        return tokens
     sub = [params[i] for i in rows]
     filtered = filter_logits(
-        logits[rows],
+        logits if len(rows) == len(params) else logits[rows],
         torch.tensor([p.temperature for p in sub]),
         torch.tensor([p.top_k for p in sub]),
         torch.tensor([p.top_p for p in sub]),
     )
-    probs = filtered.softmax(dim=-1)
-    for j, i in enumerate(rows):
-        tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+    # One uniform per row from its own generator, then every row at once by inverse CDF:
+    # a row's token depends only on its logits and its generator, not on the batch.
+    u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])
+    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    chosen = torch.searchsorted(cdf, u[:, None].to(cdf.device) * total, right=True)
+    # u * total may round up to total: then the last token with any probability (cdf reaches total there)
+    chosen = torch.minimum(chosen, torch.searchsorted(cdf, total))[:, 0]
+    for i, token in zip(rows, chosen.tolist()):
+        tokens[i] = token
     return tokens
-

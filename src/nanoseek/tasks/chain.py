@@ -1,4 +1,4 @@
-"""chain: the sum of named signed values, e.g. "a=3, b=-1, c=4, d=-2, e=5. a+b+c+d+e".
+"""chain: a +/- chain over named values, e.g. "a=3,b=1,c=4,d=2,e=5. a+b-c+d-e".
 
 The task of the default R1-Zero run. It is arith with the operands behind names, because a
 tiny model learns to look a value up by its name (an induction head: find "c=", copy what
@@ -6,10 +6,12 @@ follows) within minutes of pretraining, while finding "the k-th number" of an ar
 its position, or the operator before a name, takes it far longer than a laptop run allows
 (measured in issue 6's note). Written out, each step is easy:
 
-    a+b=3-1=2, 2+c=2+4=6, 6+d=6-2=4, 4+e=4+5=9
+    a+b=3+1=4, 4-c=4-4=0, 0+d=0+2=2, 2-e=2-5=-3
 
 while the answer at a glance needs every value at once: the gap RL turns into pass@1.
-Difficulty is the number of values.
+The bindings have no spaces, so that "b" is the same token in "b=1", in "a+b" and in the
+worked steps (byte-level BPE gives " b" another id). `signed=True` instead adds up signed
+values ("a=3,b=-1. a+b"). Difficulty is the number of values.
 """
 
 from __future__ import annotations
@@ -23,29 +25,29 @@ from nanoseek.tasks import GeneratedTask, Problem, Step
 NAMES = string.ascii_lowercase
 
 
-def parse(prompt: str) -> tuple[dict[str, int], list[str]]:
-    """(values by name, names in the order they are added) of a chain prompt."""
+def parse(prompt: str) -> tuple[dict[str, int], list[str], str]:
+    """(values by name, names in order, the operator before each name but the first)."""
     try:
         bindings, expression = prompt.rsplit(". ", 1)
         values = {}
-        for item in bindings.split(", "):
+        for item in bindings.split(","):
             name, value = item.split("=")
             values[name.strip()] = int(value)
-        names = expression.split("+")
-        if any(n not in values for n in names):
+        names, ops = expression[0::2], expression[1::2]
+        if any(n not in values for n in names) or set(ops) - set("+-") or not names:
             raise ValueError
     except ValueError:
         raise NanoseekError(f"chain: cannot read {prompt!r}") from None
-    return values, names
+    return values, list(names), ops
 
 
-def solve(values: dict[str, int], names: list[str]) -> tuple[int, list[Step]]:
-    """The sum and its steps; a negative value is subtracted: 6 + (-2) is the step 6-2=4."""
+def solve(values: dict[str, int], names: list[str], ops: str) -> tuple[int, list[Step]]:
+    """The value and its steps; subtracting -2 or adding -2 is written as the step "6+2" or "6-2"."""
     steps, total = [], values[names[0]]
-    for name in names[1:]:
-        v = values[name]
-        steps.append(Step(total, "+" if v >= 0 else "-", abs(v), total + v))
-        total += v
+    for op, name in zip(ops, names[1:]):
+        term = values[name] if op == "+" else -values[name]
+        steps.append(Step(total, "+" if term >= 0 else "-", abs(term), total + term))
+        total += term
     return total, steps
 
 
@@ -53,7 +55,7 @@ class Chain(GeneratedTask):
     name = "chain"
 
     def __init__(self, min_values: int = 5, max_values: int = 7, min_value: int = 1, max_value: int = 5,
-                 test_share: float = 0.1):
+                 signed: bool = False, test_share: float = 0.1):
         if not 2 <= min_values <= max_values <= len(NAMES):
             raise NanoseekError(f"chain: need 2 <= min_values <= max_values <= {len(NAMES)}, "
                                 f"got {min_values} and {max_values}")
@@ -64,13 +66,17 @@ class Chain(GeneratedTask):
             raise NanoseekError(f"chain: test_share {test_share} must be in [0, 1)")
         self.min_values, self.max_values = min_values, max_values
         self.min_value, self.max_value, self.test_share = min_value, max_value, test_share
+        self.signed = signed  # signed values added up, or positive values under + and - operators
 
     def generate(self, rng: random.Random) -> Problem:
         n = rng.randint(self.min_values, self.max_values)
         names = list(NAMES[:n])
-        values = {name: rng.choice((1, -1)) * rng.randint(self.min_value, self.max_value) for name in names}
-        prompt = ", ".join(f"{name}={values[name]}" for name in names) + ". " + "+".join(names)
-        value, _ = solve(values, names)
+        sign = (lambda: rng.choice((1, -1))) if self.signed else (lambda: 1)
+        values = {name: sign() * rng.randint(self.min_value, self.max_value) for name in names}
+        ops = "+" * (n - 1) if self.signed else "".join(rng.choice("+-") for _ in range(n - 1))
+        expression = names[0] + "".join(op + name for op, name in zip(ops, names[1:]))
+        prompt = ",".join(f"{name}={values[name]}" for name in names) + ". " + expression
+        value, _ = solve(values, names, ops)
         problem = Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name)
         return Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name,
                        solution=self.worked(problem))
@@ -79,11 +85,12 @@ class Chain(GeneratedTask):
         return solve(*parse(problem.prompt))[1]
 
     def worked(self, problem: Problem) -> str:
-        """Each step names its value, then computes: "a+b=3-1=2, 2+c=2+4=6"."""
-        values, names = parse(problem.prompt)
-        _, steps = solve(values, names)
+        """Each step names its value, then computes: "a+b=3-1=2, 2+c=2+4=6" (signed values)
+        or "a+b=3+1=4, 4-c=4-4=0" (positive values under + and -)."""
+        values, names, ops = parse(problem.prompt)
+        _, steps = solve(values, names, ops)
         out = []
-        for i, (step, name) in enumerate(zip(steps, names[1:])):
+        for i, (step, op, name) in enumerate(zip(steps, ops, names[1:])):
             left = names[0] if i == 0 else str(step.left)
-            out.append(f"{left}+{name}={step}")
+            out.append(f"{left}{op}{name}={step}")
         return ", ".join(out)

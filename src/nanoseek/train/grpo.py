@@ -27,6 +27,7 @@ import torch
 
 from nanoseek.data.chat import R1_ZERO_TEMPLATE
 from nanoseek.errors import NanoseekError
+from nanoseek.model import LatentCache
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import distributed
 from nanoseek.train.config import save_config
@@ -175,53 +176,77 @@ class GRPOTrainer:
         return max(end - start, 0)
 
     def batch_tensors(self, prompt_ids, completions, keep_groups):
-        seqs, masks = [], []
-        for g in keep_groups:
-            for o in completions[g]:
-                ids = prompt_ids[g] + list(o.token_ids)
-                seqs.append(ids)
-                masks.append([0] * len(prompt_ids[g]) + [1] * len(o.token_ids))
-        width = max(len(s) for s in seqs)
+        """The kept groups: prompts [P, Lp] and completions [N, C] (both padded at the end), each
+        prompt's length [P], each completion's prompt row [N], and the mask of completion tokens [N, C]."""
         pad = self.tokenizer.special_ids.get("pad") or 0
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width)
-        for i, (s, m) in enumerate(zip(seqs, masks)):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
-        # position t predicts token t+1: shift the mask to the predicting positions
-        return input_ids, mask[:, 1:]
+
+        def padded(seqs):
+            width = max(max(map(len, seqs)), 1)
+            return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+        prompts = [prompt_ids[g] for g in keep_groups]
+        outs = [list(o.token_ids) for g in keep_groups for o in completions[g]]
+        comp = padded(outs)
+        mask = (torch.arange(comp.shape[1]) < torch.tensor([len(o) for o in outs])[:, None]).float()
+        group = torch.arange(len(prompts)).repeat_interleave(torch.tensor([len(completions[g]) for g in keep_groups]))
+        return padded(prompts), torch.tensor([len(p) for p in prompts]), comp, group, mask
 
     def logprobs(self, model, input_ids, with_entropy=False):
+        """log pi(token t+1 | tokens <= t) of whole sequences [N, T]: [N, T - 1]."""
         logits = model(input_ids[:, :-1])
         lp = token_logprobs(logits, input_ids[:, 1:])
         return (lp, token_entropy(logits)) if with_entropy else (lp, None)
+
+    def completion_logprobs(self, model, prompts, prompt_lens, comp, group, with_entropy=False):
+        """log pi of each completion token [N, C] (and the entropy there, without grad), where
+        completion i follows prompt group[i]. Each prompt runs once: its MLA latent cache is copied
+        to its completions, which read it as context, and their gradients flow back through it."""
+        used, group = group.unique(return_inverse=True)
+        prompts, lens = prompts[used], prompt_lens[used]
+        n, width = prompts.shape
+        weight = model.embed_tokens.weight
+        cache = LatentCache.empty(model.config, n, width + comp.shape[1], dtype=weight.dtype, device=weight.device)
+        positions = torch.arange(width, device=prompts.device).expand(n, width)
+        hidden = model.hidden_states(prompts, positions, cache, impl="naive")
+        cache = LatentCache([kv[group] for kv in cache.kv], [pe[group] for pe in cache.pe])
+        positions = lens[group, None] + torch.arange(comp.shape[1], device=comp.device)  # right after the prompt
+        # The prompt's last position predicts the first completion token.
+        hidden = torch.cat([hidden[group, lens[group] - 1, None],
+                            model.hidden_states(comp, positions, cache, impl="naive")[:, :-1]], dim=1)
+        logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
+        lp = logp.gather(-1, comp[..., None]).squeeze(-1)
+        if not with_entropy:
+            return lp, None
+        with torch.no_grad():
+            return lp, -(logp.exp() * logp).sum(-1)
 
     def update(self, prompt_ids, completions, advantages, keep) -> dict:
         """mu passes of the clipped objective over the kept groups' completions."""
         c = self.config
         loss_sum, kl_sum, clip_sum, ent_sum, n_mb = 0.0, 0.0, 0.0, 0.0, 0
         if keep:
-            input_ids, mask = self.batch_tensors(prompt_ids, completions, keep)
+            prompts, prompt_lens, comp, group, mask = self.batch_tensors(prompt_ids, completions, keep)
             adv = advantages[keep].flatten()
             self.model.train()
-            mbs = range(0, len(input_ids), c.micro_batch_size)
+            n_total = len(comp)
+            mbs = [slice(i, i + c.micro_batch_size) for i in range(0, n_total, c.micro_batch_size)]
+
+            def micro_batch_logprobs(model, sl, with_entropy=False):
+                return self.completion_logprobs(model, prompts, prompt_lens, comp[sl], group[sl], with_entropy)
+
             with torch.no_grad():
-                old = [self.logprobs(self.model, input_ids[i:i + c.micro_batch_size])[0] for i in mbs] \
-                    if c.mu > 1 else None
-                ref = [self.logprobs(self.ref_model, input_ids[i:i + c.micro_batch_size])[0] for i in mbs] \
-                    if self.ref_model is not None else None
-            n_total = len(input_ids)
+                old = [micro_batch_logprobs(self.model, sl)[0] for sl in mbs] if c.mu > 1 else None
+                ref = None if self.ref_model is None else [micro_batch_logprobs(self.ref_model, sl)[0] for sl in mbs]
             for _ in range(c.mu):
                 self.optimizer.zero_grad(set_to_none=True)
-                for j, i in enumerate(mbs):
-                    sl = slice(i, i + c.micro_batch_size)
-                    lp, ent = self.logprobs(self.model, input_ids[sl], with_entropy=True)
+                for j, sl in enumerate(mbs):
+                    lp, ent = micro_batch_logprobs(self.model, sl, with_entropy=True)
                     old_lp = old[j] if old is not None else lp.detach()
                     loss, stats = grpo_loss(lp, old_lp, adv[sl], mask[sl], ref[j] if ref is not None else None,
                                             c.loss_type, c.epsilon, c.epsilon_high, c.beta, c.max_new_tokens)
                     # micro-batches add up to the batch loss: by tokens for the token-level loss
                     share = (mask[sl].sum() / mask.sum()).item() if c.loss_type == "dapo" \
-                        else len(input_ids[sl]) / n_total
+                        else len(comp[sl]) / n_total
                     (loss * share).backward()
                     loss_sum += stats.loss * share
                     kl_sum += stats.kl * share
