@@ -100,6 +100,7 @@ def write_report(out: Path, *, plan: dict, task: str, task_options: dict, templa
         f"**{'met' if goals['pass_at_1_gain_points'] >= 20 else 'not met'}**.",
         f"- Mean thinking length during RL: {_fmt(think_first, 'num')} tokens over the first {WINDOW} steps, "
         f"{_fmt(think_last, 'num')} over the last {WINDOW}: **{'grew' if goals['thinking_grew'] else 'did not grow'}**.",
+        *_diagnosis(before),
         f"- Training accuracy {_fmt(acc_first, 'pct')} -> {_fmt(acc_last, 'pct')}; groups with all-equal rewards "
         f"(nothing to learn from) {_fmt(equal_first, 'pct')} -> {_fmt(equal_last, 'pct')}.",
         f"- Pretraining: {pretrain.get('steps')} steps, loss {_fmt(pretrain.get('loss_first'), 'loss')} -> "
@@ -119,6 +120,16 @@ def write_report(out: Path, *, plan: dict, task: str, task_options: dict, templa
     md = out / "report.md"
     md.write_text("\n".join(lines), encoding="utf-8")
     return md
+
+
+def _diagnosis(base) -> list[str]:
+    """SYSTEM.md section 6: RL can only amplify a gap between thinking and guessing."""
+    think, direct = base.thinking_accuracy, base.direct_accuracy
+    if think is None or direct is None or think > direct + 0.05:
+        return []
+    return [f"- The base model's reasoning was no more accurate than its direct answers ({_fmt(think, 'pct')} vs "
+            f"{_fmt(direct, 'pct')}): thinking did not pay, so RL had no gap to amplify (SYSTEM.md section 6). "
+            "Its worked steps must be right far more often than its guesses before R1-Zero can work."]
 
 
 def _opts(options: dict) -> str:
