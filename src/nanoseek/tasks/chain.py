@@ -16,6 +16,7 @@ values ("a=3,b=-1. a+b"). Difficulty is the number of values.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import string
 
@@ -78,8 +79,7 @@ class Chain(GeneratedTask):
         prompt = ",".join(f"{name}={values[name]}" for name in names) + ". " + expression
         value, _ = solve(values, names, ops)
         problem = Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name)
-        return Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name,
-                       solution=self.worked(problem))
+        return dataclasses.replace(problem, solution=self.worked(problem))
 
     def steps(self, problem: Problem) -> list[Step]:
         return solve(*parse(problem.prompt))[1]

@@ -142,6 +142,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                       state)
 
 
+def jsonable(d: dict) -> dict:
+    """`d` as it reads back from trainer.json (tuples become lists), so that a saved config
+    compares equal to the one resuming it."""
+    return json.loads(json.dumps(d, default=str))
+
+
 def check_compatible(ckpt: Checkpoint, config: dict, model_config: dict, resumable: tuple[str, ...],
                      shapes: dict[str, tuple[int, ...]]) -> None:
     """Raise if the checkpoint was written by another configuration or for another model."""

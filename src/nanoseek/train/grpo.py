@@ -330,11 +330,16 @@ class GRPOTrainer:
             model_sd.update({f"ref.{k}": v.detach().clone() for k, v in self.ref_model.state_dict().items()})
         return model_sd, optim_sd
 
+    def _configs(self) -> tuple[dict, dict]:
+        """The run's config and the model's, as a checkpoint records and compares them."""
+        return ckpt.jsonable(asdict(self.config)), ckpt.jsonable(self.model.config.__dict__)
+
     def save(self, out: str | Path, keep: int = 2) -> Path:
         """Policy, reference model, AdamW moments, prompt position and RNG states, atomically."""
         model_sd, optim_sd = self._tensors()
-        state = {"stage": "grpo", "config": _plain(asdict(self.config)), "model_config": _plain(self.model.config.__dict__),
-                 "trainer": self.state_dict(), "rng": ckpt.rng_state()}
+        config, model_config = self._configs()
+        state = {"stage": "grpo", "config": config, "model_config": model_config, "trainer": self.state_dict(),
+                 "rng": ckpt.rng_state()}
         return ckpt.save_checkpoint(out, self.step_count, model_sd, optim_sd, state, keep=keep)
 
     def restore(self, path: str | Path) -> None:
@@ -342,19 +347,16 @@ class GRPOTrainer:
         c = ckpt.read_checkpoint(path)
         if c.state.get("stage") != "grpo":
             raise NanoseekError(f"{path}: checkpoint of a {c.state.get('stage')} run, not grpo")
-        shapes = {k: tuple(v.shape) for k, v in self._tensors()[0].items()}
-        ckpt.check_compatible(c, _plain(asdict(self.config)), _plain(self.model.config.__dict__), RESUMABLE_KEYS,
-                              shapes)
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        if self.ref_model is not None:
+            shapes.update({f"ref.{k}": shape for k, shape in shapes.items()})
+        ckpt.check_compatible(c, *self._configs(), RESUMABLE_KEYS, shapes)
         distributed.load_full_state(self.model, self.optimizer, {k: v for k, v in c.model.items()
                                                                  if not k.startswith("ref.")}, c.optimizer)
         if self.ref_model is not None:
             self.ref_model.load_state_dict({k[4:]: v for k, v in c.model.items() if k.startswith("ref.")})
         self.load_state_dict(c.state["trainer"])
         ckpt.set_rng_state(c.state["rng"])
-
-
-def _plain(d: dict) -> dict:
-    return json.loads(json.dumps(d, default=str))
 
 
 # ---------------------------------------------------------------------------------------

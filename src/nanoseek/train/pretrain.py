@@ -240,7 +240,7 @@ class Run:
     # ---- checkpoints -----------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {
-            "config": self.cfg.to_dict(), "model_config": _plain(self.model_config), "stage": self.stage,
+            "config": self.cfg.to_dict(), "model_config": ckpt.jsonable(self.model_config.__dict__), "stage": self.stage,
             "data": self.data.state_dict(), "guard": self.guard.state_dict(), "rng": ckpt.rng_state(),
             "tokens": self.tokens, "elapsed": self.elapsed, "world_size": self.ctx.world_size,
         }
@@ -255,7 +255,7 @@ class Run:
     def verify(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.read_checkpoint(path)
         shapes = {name: tuple(t.shape) for name, t in _full_shapes(self.model_config).items()}
-        ckpt.check_compatible(c, self.cfg.to_dict(), _plain(self.model_config), RESUMABLE_KEYS, shapes)
+        ckpt.check_compatible(c, self.cfg.to_dict(), ckpt.jsonable(self.model_config.__dict__), RESUMABLE_KEYS, shapes)
         if c.state.get("stage") != self.stage:
             raise NanoseekError(f"{path}: checkpoint of a {c.state.get('stage')} run, not {self.stage}")
         return c
@@ -456,10 +456,6 @@ class Progress:
 def _full_shapes(mc: ModelConfig) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         return Transformer(mc).state_dict()
-
-
-def _plain(mc: ModelConfig) -> dict:
-    return json.loads(json.dumps(mc.__dict__))
 
 
 def _describe(mc: ModelConfig) -> str:
