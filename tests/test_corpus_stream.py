@@ -14,7 +14,7 @@ import torch
 from nanoseek import tasks
 from nanoseek.data import PackedStream, SFTDataset, Tokenizer, iter_documents, r1_zero_prompt, train_tokenizer
 from nanoseek.data import cli as data_cli
-from nanoseek.data.chat import EOS
+from nanoseek.data.chat import EOS, R1_ZERO_PREAMBLE
 from nanoseek.data.corpus import DEFAULT_MIX, corpus, terse, write_corpus
 from nanoseek.data.stream import IGNORE_INDEX
 from nanoseek.errors import NanoseekError
@@ -52,6 +52,27 @@ def test_corpus_mix_and_template():
             assert steps[-1].endswith(f"={answer}")
             if kind == "worked":
                 assert all(step_is_right(s) for s in steps)
+
+
+def test_corpus_preamble_share_and_recall_drills():
+    task = tasks.get("chain", signed=True)
+    docs = list(corpus(task, 2000, seed=3, mix={"worked": 0.5, "direct": 0.2, "recall": 0.3}, preamble=0.25))
+    chat = [text for kind, text in docs if kind != "recall"]
+    with_preamble = sum(text.startswith(R1_ZERO_PREAMBLE) for text in chat) / len(chat)
+    assert 0.2 < with_preamble < 0.3
+    assert all(text.startswith(R1_ZERO_PREAMBLE + "User: ") or text.startswith("User: ") for text in chat)
+    for kind, text in docs:
+        if kind == "recall":  # every binding, once, in another order
+            bindings, recalled = text.split(". ")
+            assert sorted(recalled.split(",")) == sorted(bindings.split(",")) and "User:" not in text
+    assert sum(kind == "recall" and text.split(". ")[0].split(",") != text.split(". ")[1].split(",")
+               for kind, text in docs) > 500
+    with pytest.raises(NanoseekError, match="no named values to recall"):
+        list(corpus(tasks.get("arith"), 10, mix={"recall": 1.0}))
+    with pytest.raises(NanoseekError, match="unknown document kind 'proofs'"):
+        list(corpus(task, 10, mix={"proofs": 1.0}))
+    with pytest.raises(NanoseekError, match="preamble share"):
+        list(corpus(task, 10, preamble=1.5))
 
 
 def test_terse_merges_steps_in_order():
@@ -234,6 +255,26 @@ def test_cli_corpus_then_tokenizer(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert hf.encode(rows[0]["text"], add_special_tokens=False) == tok.encode(rows[0]["text"])
+
+
+def test_cli_chain_corpus_with_recall_and_a_punctuation_split_tokenizer(tmp_path, capsys):
+    out = tmp_path / "chain.jsonl"
+    assert run(["data", "corpus", "--task", "chain", "--signed", "--out", str(out), "--docs", "200",
+                "--worked", "0.5", "--direct", "0.3", "--terse", "0", "--plain", "0", "--recall", "0.2",
+                "--preamble", "0.5"]) == 0
+    assert "wrote 200 documents to" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"worked", "direct", "recall"}
+    assert any("=-" in r["text"] for r in rows)  # signed values
+    assert run(["tokenizer", "train", "--input", str(out), "--vocab-size", "300", "--split-punctuation",
+                "--out", str(tmp_path / "tok")]) == 0
+    tok = Tokenizer.from_pretrained(tmp_path / "tok")
+    text = next(r["text"] for r in rows if r["kind"] == "worked" and "=-" in r["text"])
+    pieces = [tok.id_to_token(i) for i in tok.encode(text)]
+    assert "=-" not in pieces and "=" in pieces and "-" in pieces and tok.decode(tok.encode(text)) == text
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
 def test_cli_errors(tmp_path):

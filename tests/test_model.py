@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.errors import NanoseekError
-from nanoseek.model import LatentCache, count_parameters, kv_cache_bytes_per_token, rope_frequencies
+from nanoseek.model import LatentCache, count_parameters, document_mask, kv_cache_bytes_per_token, rope_frequencies
 from model_support import random_model
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
@@ -140,6 +140,25 @@ def test_mtp_logits_and_parameter_names():
     x2[:, 5] = (x2[:, 5] + 1) % 512
     (other,) = model.mtp_logits(model.hidden_states(x2), x2)
     assert not torch.allclose(depth1[:, 4], other[:, 4]) and torch.allclose(depth1[:, :3], other[:, :3], atol=1e-6)
+
+
+def test_document_mask_makes_packed_documents_independent():
+    torch.manual_seed(0)
+    model = random_model(tiny(), norms=False)
+    docs = [torch.randint(3, 512, (1, n)) for n in (7, 12, 5)]
+    for d in docs:
+        d[0, 0] = 0  # each document starts at BOS
+    packed = torch.cat(docs, dim=1)
+    mask = document_mask(packed, 0)
+    assert mask.shape == (1, 24, 24) and mask[0, 8, 6].item() is False and mask[0, 8, 7].item() is True
+    with torch.no_grad():
+        hidden = model.hidden_states(packed, mask=mask)
+        alone = torch.cat([model.hidden_states(d) for d in docs], dim=1)  # RoPE is relative: same scores
+        assert torch.allclose(hidden, alone, atol=1e-5)
+        assert not torch.allclose(model.hidden_states(packed)[:, 7:], alone[:, 7:], atol=1e-2)  # unmasked leaks
+        (mtp,) = model.mtp_logits(hidden, packed, mask)
+        (mtp_alone,) = model.mtp_logits(model.hidden_states(docs[0]), docs[0])
+        assert torch.allclose(mtp[:, :6], mtp_alone, atol=1e-5)
 
 
 def test_model_trains():

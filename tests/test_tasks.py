@@ -212,18 +212,20 @@ def test_chain_problems_answers_and_worked_solutions():
         bindings, expression = p.prompt.split(". ")
         values = {name: int(v) for name, v in (item.split("=") for item in bindings.split(","))}
         assert expression == "+".join(values) and int(p.answer) == sum(values.values())
-        steps = p.solution.split(", ")
-        assert len(steps) == p.difficulty - 1
+        first, *steps = p.solution.split(",")
+        assert first == f"a={values['a']}" and len(steps) == p.difficulty - 1
         total = values["a"]
         for step, name in zip(steps, list(values)[1:]):
-            named, numbers, result = step.split("=")
-            assert named.endswith("+" + name)
+            recall, arithmetic = step.split(":")
+            assert recall == f"{name}={values[name]}"  # the binding, token for token
+            numbers, result = arithmetic.split("=")
             assert numbers == f"{total}{values[name]:+d}"  # 6-2 adds d=-2
             total += values[name]
             assert int(result) == total
         assert steps[-1].endswith(f"={p.answer}")
         assert task.reward(answer(p.answer), p) == 1.0 and task.reward(answer(int(p.answer) + 1), p) == 0.0
-    assert re.fullmatch(r"a\+b=-?\d[+-]\d=-?\d+", problems[0].solution.split(", ")[0])
+        assert [str(s) for s in task.steps(p)] == [step.split(":")[1] for step in steps]
+    assert re.fullmatch(r"a=-?\d,b=-?\d:-?\d[+-]\d=-?\d+", ",".join(problems[0].solution.split(",")[:2]))
 
 
 def test_chain_splits_options_and_bad_prompts():
@@ -237,7 +239,7 @@ def test_chain_splits_options_and_bad_prompts():
         task.steps(Problem(prompt="a=1,b=2. a+c", answer="2"))
     # the default: positive values under + and -, the worked steps follow the operators
     p = Problem(prompt="a=3,b=1,c=4,d=2,e=5. a+b-c+d-e", answer="-3")
-    assert task.worked(p) == "a+b=3+1=4, 4-c=4-4=0, 0+d=0+2=2, 2-e=2-5=-3"
+    assert task.worked(p) == "a=3,b=1:3+1=4,c=4:4-4=0,d=2:0+2=2,e=5:2-5=-3"
     assert all("=-" not in q.prompt for q in task.sample(50, "train", seed=2))
     with pytest.raises(NanoseekError, match="cannot read"):
         task.steps(Problem(prompt="1+2", answer="3"))

@@ -128,3 +128,18 @@ def test_bf16_autocast_runs_close_to_fp32(tmp_path, data):
         train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=2", f"precision={precision}"])
         first[precision] = read_metrics(out / "metrics.jsonl")[0]["loss"]
     assert first["bf16"] == pytest.approx(first["fp32"], rel=0.02)
+
+
+def test_document_mask_changes_the_loss_of_packed_rows_and_trains(tmp_path, data):
+    """`document_mask: true` reaches the model: the first step's loss differs from the unmasked
+    run on the same rows (each holds several arith documents), and it trains. (That masked rows
+    equal their documents run alone is tested in test_model.py.)"""
+    losses = {}
+    for masked in (False, True):
+        out = tmp_path / f"mask{masked}"
+        train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=8", "checkpoint_every=100",
+                         f"document_mask={str(masked).lower()}"])
+        records = read_metrics(out / "metrics.jsonl")
+        losses[masked] = [r["loss"] for r in records]
+    assert losses[True][0] != pytest.approx(losses[False][0], rel=1e-4)
+    assert losses[True][-1] < losses[True][0]

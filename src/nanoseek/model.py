@@ -156,15 +156,15 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def forward(self, x, cos, sin, positions=None, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rows=None, impl: str = "naive") -> torch.Tensor:
-        """x [B, T, D]. Without a cache: causal self-attention over x (positions 0..T-1).
+                rows=None, impl: str = "naive", mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]. Without a cache: causal self-attention over x (positions 0..T-1), or
+        attention where `mask` [B, T, T] allows (see `document_mask`).
         With a cache (kv, pe) of this layer: the new latents are written at `positions`
         [B, T] of cache rows `rows` [B], and each query attends to the cached keys at
         positions <= its own."""
         b, t, _ = x.shape
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
-        mask = None
         if cache is not None:
             kv_cache, pe_cache = cache
             rows = torch.arange(b, device=x.device) if rows is None else rows
@@ -339,8 +339,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_id) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, positions=None, cache=None, rows=None, impl="naive"):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, rows, impl)
+    def forward(self, x, cos, sin, positions=None, cache=None, rows=None, impl="naive", mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, rows, impl, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -364,9 +364,19 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h, emb, cos, sin, positions=None, cache=None, rows=None, impl="naive"):
+    def forward(self, h, emb, cos, sin, positions=None, cache=None, rows=None, impl="naive", mask=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, positions, cache, rows, impl)
+        return super().forward(x, cos, sin, positions, cache, rows, impl, mask)
+
+
+def document_mask(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """[B, T, T] attention mask for rows packed with several documents, each starting at BOS:
+    causal, and within a document only (as Llama 3 trains; V3 packs without it). Synthetic
+    documents that reuse names ("a=3" in one, "a=-1" in the next) need it to look values up."""
+    doc = torch.cumsum(input_ids == bos_id, dim=1)
+    t = input_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+    return (doc[:, :, None] == doc[:, None, :]) & causal
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,8 +412,9 @@ class Transformer(nn.Module):
         self.rope.reset_parameters()
 
     def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, rows=None,
-                      impl: str | None = None) -> torch.Tensor:
-        """The final-normed hidden states [B, T, D] that the output head reads."""
+                      impl: str | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, D] that the output head reads; `mask` [B, T, T]
+        replaces the causal mask when there is no cache (`document_mask` for packed rows)."""
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -412,7 +423,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.kv[i], cache.pe[i])
-            x = layer(x, cos, sin, positions if cache is not None else None, layer_cache, rows, impl)
+            x = layer(x, cos, sin, positions if cache is not None else None, layer_cache, rows, impl, mask)
         return self.norm(x)
 
     def forward(self, input_ids, positions=None, cache: LatentCache | None = None, rows=None,
@@ -420,7 +431,8 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab] of the main head."""
         return self.lm_head(self.hidden_states(input_ids, positions, cache, rows, impl))
 
-    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Training-time MTP: depth k's logits [B, T-k, vocab] predict token i+k+1 at position i."""
         out, h = [], hidden
         t = input_ids.shape[1]
@@ -429,7 +441,8 @@ class Transformer(nn.Module):
                 break
             positions = torch.arange(t - k, device=input_ids.device).expand(input_ids.shape[0], t - k)
             cos, sin = self.rope(positions)
-            h = module(h[:, : t - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
+            h = module(h[:, : t - k], self.embed_tokens(input_ids[:, k:]), cos, sin,
+                       mask=None if mask is None else mask[:, : t - k, : t - k])
             out.append(self.lm_head(module.shared_head.norm(h)))
         return out
 

@@ -24,17 +24,20 @@ ANSWER, END_ANSWER = "<answer>", "</answer>"
 # The R1-Zero template, in our words and kept short: the tiny pipeline pays for every token
 # of it in each pretraining document and in each rollout. The completion starts after
 # "Assistant:" and should read " <think>...</think> <answer>...</answer>".
-R1_ZERO_TEMPLATE = (
+R1_ZERO_PREAMBLE = (
     "A conversation between User and Assistant. The Assistant first thinks inside "
-    "<think> </think>, then answers inside <answer> </answer>.\nUser: {prompt}\nAssistant:"
+    "<think> </think>, then answers inside <answer> </answer>.\n"
 )
+R1_ZERO_TEMPLATE = R1_ZERO_PREAMBLE + "User: {prompt}\nAssistant:"
 
 GENERATION_PROMPT = ASSISTANT + THINK + "\n"
 
 
-def r1_zero_prompt(prompt: str) -> str:
-    """The R1-Zero prompt for one question: plain text, encoded with bos=True like the corpus documents."""
-    return R1_ZERO_TEMPLATE.format(prompt=prompt)
+def r1_zero_prompt(prompt: str, preamble: bool = True) -> str:
+    """The R1-Zero prompt for one question: plain text, encoded with bos=True like the corpus
+    documents. Without the preamble it starts at "User:" (the short form of corpus documents)."""
+    text = R1_ZERO_TEMPLATE.format(prompt=prompt)
+    return text if preamble else text[len(R1_ZERO_PREAMBLE):]
 
 
 def _assistant_parts(message: dict) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from nanoseek.errors import NanoseekError
 # Task options that `data corpus` passes on when given: flag name -> task option.
 TASK_FLAGS = {
     "arith": ["min_ops", "max_ops", "min_operand", "max_operand", "ops"],
-    "chain": ["min_values", "max_values", "min_value", "max_value"],
+    "chain": ["min_values", "max_values", "min_value", "max_value", "signed"],
     "countdown": ["min_numbers", "max_numbers", "max_number", "max_target"],
 }
 
@@ -25,6 +25,8 @@ def register(subparsers) -> None:
                        help=".txt/.md (documents split at blank lines), .jsonl or .parquet files, or directories")
     train.add_argument("--vocab-size", type=int, default=1024, help="vocabulary size, special tokens included (default 1024)")
     train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
+    train.add_argument("--split-punctuation", action="store_true",
+                       help="one token per punctuation mark, as for digits (the chain task: '=-2' is '=', '-', '2')")
     train.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows (default text)")
     train.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     train.set_defaults(func=cmd_tokenizer_train)
@@ -39,8 +41,11 @@ def register(subparsers) -> None:
     corpus.add_argument("--out", required=True, metavar="FILE", help="output .jsonl (text, kind) or .txt")
     corpus.add_argument("--docs", type=int, default=20000, help="number of documents (default 20000)")
     corpus.add_argument("--seed", type=int, default=0)
-    for kind, share in (("worked", 0.5), ("direct", 0.3), ("terse", 0.1), ("plain", 0.1)):
+    for kind, share in (("worked", 0.5), ("direct", 0.3), ("terse", 0.1), ("plain", 0.1), ("recall", 0.0)):
         corpus.add_argument(f"--{kind}", type=float, default=share, help=f"share of {kind} documents (default {share})")
+    corpus.add_argument("--preamble", type=float, default=1.0,
+                        help="share of problem documents that start with the R1-Zero preamble; the others start "
+                             "at 'User:' (default 1.0)")
     group = corpus.add_argument_group("arith options")
     group.add_argument("--min-ops", type=int, help="fewest operations in a problem (default 2)")
     group.add_argument("--max-ops", type=int, help="most operations in a problem (default 6)")
@@ -52,6 +57,7 @@ def register(subparsers) -> None:
     group.add_argument("--max-values", type=int, help="most named values in a problem (default 7)")
     group.add_argument("--min-value", type=int, help="smallest value (default 1)")
     group.add_argument("--max-value", type=int, help="largest value (default 5)")
+    group.add_argument("--signed", action="store_true", default=None, help="signed values added up (a=3,b=-1. a+b)")
     group = corpus.add_argument_group("countdown options")
     group.add_argument("--min-numbers", type=int, help="fewest numbers to combine (default 3)")
     group.add_argument("--max-numbers", type=int, help="most numbers to combine (default 4)")
@@ -71,7 +77,8 @@ def cmd_tokenizer_train(args) -> int:
     from nanoseek.data.tokenizer import train_tokenizer
 
     texts = iter_documents(args.input, args.text_field)
-    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                                split_punctuation=args.split_punctuation)
     out = tokenizer.save_pretrained(args.out)
     print(f"wrote {out}/tokenizer.json and tokenizer_config.json: {tokenizer.vocab_size} tokens")
     return 0
@@ -88,8 +95,9 @@ def cmd_data_corpus(args) -> int:
     if others:
         raise NanoseekError(f"--{others[0].replace('_', '-')} is an option of another task than {args.task}")
     task = tasks.get(args.task, **chosen)
-    mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain")}
-    counts = write_corpus(args.out, corpus(task, args.docs, seed=args.seed, mix=mix))
+    mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain", "recall")}
+    mix = {k: v for k, v in mix.items() if v}
+    counts = write_corpus(args.out, corpus(task, args.docs, seed=args.seed, mix=mix, preamble=args.preamble))
     print(f"wrote {sum(counts.values())} documents to {args.out}: "
           + ", ".join(f"{counts[k]} {k}" for k in mix))
     return 0

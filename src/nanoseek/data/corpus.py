@@ -27,6 +27,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.tasks import Problem, Step, Task
 
 DEFAULT_MIX = {"worked": 0.5, "direct": 0.3, "terse": 0.1, "plain": 0.1}
+KINDS = ("worked", "direct", "terse", "plain", "recall")
 PLAIN_PROBLEMS = 4  # problems whose steps make one plain document
 
 
@@ -53,17 +54,20 @@ def terse(steps: list[Step]) -> list[str]:
     return out
 
 
-def document(kind: str, problem: Problem, task: Task, extra: Sequence[Problem] = ()) -> str:
-    steps = task.steps(problem)
+def document(kind: str, problem: Problem, task: Task, extra: Sequence[Problem] = (), preamble: bool = True,
+             rng: random.Random | None = None) -> str:
+    prompt = r1_zero_prompt(problem.prompt, preamble)
     if kind == "worked":
-        return r1_zero_prompt(problem.prompt) + completion(task.worked(problem), problem.answer)
+        return prompt + completion(task.worked(problem), problem.answer)
     if kind == "terse":
-        return r1_zero_prompt(problem.prompt) + completion(", ".join(terse(steps)), problem.answer)
+        return prompt + completion(", ".join(terse(task.steps(problem))), problem.answer)
     if kind == "direct":
-        return r1_zero_prompt(problem.prompt) + completion("", problem.answer)
+        return prompt + completion("", problem.answer)
     if kind == "plain":
         return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
-    raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(DEFAULT_MIX)})")
+    if kind == "recall":
+        return task.recall(problem, rng or random.Random(problem.prompt))
+    raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(KINDS)})")
 
 
 def _counts(n: int, mix: dict[str, float]) -> dict[str, int]:
@@ -78,9 +82,18 @@ def _counts(n: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def corpus(task: Task, n_docs: int, seed: int = 0, mix: dict[str, float] | None = None) -> Iterator[tuple[str, str]]:
-    """(kind, text) for n_docs documents in a seeded order."""
-    counts = _counts(n_docs, dict(mix or DEFAULT_MIX))
+def corpus(task: Task, n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
+           preamble: float = 1.0) -> Iterator[tuple[str, str]]:
+    """(kind, text) for n_docs documents in a seeded order. `preamble` is the share of chat
+    documents that carry the R1-Zero preamble; the others start at "User:" (the preamble is a
+    fifth of a document's tokens, learnt after a few hundred copies)."""
+    if not 0 <= preamble <= 1:
+        raise NanoseekError(f"corpus: preamble share {preamble} must be in [0, 1]")
+    mix = dict(mix or DEFAULT_MIX)
+    unknown = sorted(set(mix) - set(KINDS))
+    if unknown:
+        raise NanoseekError(f"corpus: unknown document kind {unknown[0]!r} (expected {', '.join(KINDS)})")
+    counts = _counts(n_docs, mix)
     kinds = [k for k, c in counts.items() for _ in range(c)]
     rng = random.Random(f"corpus:{seed}")
     rng.shuffle(kinds)
@@ -89,7 +102,7 @@ def corpus(task: Task, n_docs: int, seed: int = 0, mix: dict[str, float] | None 
     for kind in kinds:
         problem = next(problems)
         extra = [next(problems) for _ in range(PLAIN_PROBLEMS - 1)] if kind == "plain" else []
-        yield kind, document(kind, problem, task, extra)
+        yield kind, document(kind, problem, task, extra, preamble=rng.random() < preamble, rng=rng)
 
 
 def write_corpus(path: str | Path, docs: Iterator[tuple[str, str]]) -> Counter:

@@ -27,15 +27,19 @@ SPECIAL_TOKENS: dict[str, str] = {
 N_BYTES = 256
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2,
+                    split_punctuation: bool = False) -> Tokenizer:
     """Train a byte-level BPE on `texts`. Digits are split one per token, so that arithmetic
-    stays learnable with a vocabulary of a few hundred entries."""
+    stays learnable with a vocabulary of a few hundred entries; `split_punctuation` does the
+    same for punctuation, so that "c=-4" and "c=4" share the tokens "c" and "=" (a value
+    is then looked up by copying what follows "c=", instead of choosing between "=" and "=-")."""
     smallest = N_BYTES + len(SPECIAL_TOKENS)
     if vocab_size < smallest:
         raise NanoseekError(f"--vocab-size {vocab_size}: must be at least {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
+        *([pre_tokenizers.Punctuation("isolated")] if split_punctuation else []),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

@@ -461,12 +461,16 @@ class Engine:
 
     # ---- choosing and committing tokens ----------------------------------------------
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        banned = [(i, self._stop_ids(s)) for i, s in enumerate(seqs) if len(s.token_ids) < s.params.min_tokens]
-        banned = [(i, b) for i, b in banned if b]
-        if banned:
-            logits = logits.clone()
-            for i, b in banned:
-                logits[i, b] = float("-inf")
+        rows, cols = [], []  # stop tokens are banned until min_tokens: one indexed write for the batch
+        for i, s in enumerate(seqs):
+            if len(s.token_ids) < s.params.min_tokens:
+                stop = self._stop_ids(s)
+                rows += [i] * len(stop)
+                cols += stop
+        if rows:
+            dev = logits.device
+            logits = logits.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                                      torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
         tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for i, s in enumerate(seqs):
             budget = s.params.max_thinking_tokens

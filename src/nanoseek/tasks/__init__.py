@@ -70,6 +70,11 @@ class Task:
         """The worked solution as steps, for tasks that can write one (used by the corpus)."""
         raise NanoseekError(f"task {self.name!r} has no step-by-step solutions")
 
+    def recall(self, problem: Problem, rng: random.Random) -> str:
+        """A drill document that states the problem's named values and recalls them in a random
+        order (the "recall" corpus kind), for tasks whose steps look values up by name."""
+        raise NanoseekError(f"task {self.name!r} has no named values to recall (the 'recall' corpus kind is for chain)")
+
     def worked(self, problem: Problem) -> str:
         """The worked solution as the corpus writes it inside <think>: "3+4=7, 7-2=5"."""
         return ", ".join(map(str, self.steps(problem)))

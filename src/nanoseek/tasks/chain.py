@@ -4,14 +4,15 @@ The task of the default R1-Zero run. It is arith with the operands behind names,
 tiny model learns to look a value up by its name (an induction head: find "c=", copy what
 follows) within minutes of pretraining, while finding "the k-th number" of an arith prompt by
 its position, or the operator before a name, takes it far longer than a laptop run allows
-(measured in issue 6's note). Written out, each step is easy:
+(measured in issue 6's note). Written out, each step recalls a value and adds it:
 
-    a+b=3+1=4, 4-c=4-4=0, 0+d=0+2=2, 2-e=2-5=-3
+    a=3,b=1:3+1=4,c=4:4-4=0,d=2:0+2=2,e=5:2-5=-3
 
 while the answer at a glance needs every value at once: the gap RL turns into pass@1.
-The bindings have no spaces, so that "b" is the same token in "b=1", in "a+b" and in the
+Nothing has spaces, so that "b" is the same token in the bindings, in "a+b" and in the
 worked steps (byte-level BPE gives " b" another id). `signed=True` instead adds up signed
-values ("a=3,b=-1. a+b"). Difficulty is the number of values.
+values ("a=3,b=-1. a+b"): then the expression holds no information and a worked step needs
+nothing but the recall, which is what the default run uses. Difficulty is the number of values.
 """
 
 from __future__ import annotations
@@ -84,13 +85,20 @@ class Chain(GeneratedTask):
     def steps(self, problem: Problem) -> list[Step]:
         return solve(*parse(problem.prompt))[1]
 
+    def recall(self, problem: Problem, rng: random.Random) -> str:
+        """The bindings, then each of them again in a random order: "a=3,b=-1,c=4. c=4,a=3,b=-1"."""
+        bindings = problem.prompt.rsplit(". ", 1)[0]
+        items = bindings.split(",")
+        rng.shuffle(items)
+        return f"{bindings}. {','.join(items)}"
+
     def worked(self, problem: Problem) -> str:
-        """Each step names its value, then computes: "a+b=3-1=2, 2+c=2+4=6" (signed values)
-        or "a+b=3+1=4, 4-c=4-4=0" (positive values under + and -)."""
+        """Each step recalls a value exactly as the prompt binds it, then computes:
+        "a=3,b=-1:3-1=2,c=4:2+4=6" (signed values) or "a=3,b=1:3+1=4,c=4:4-4=0" (positive
+        values under + and -). The recall "c=4" repeats the prompt's tokens, so finding it is
+        one copy of what follows "c=" there."""
         values, names, ops = parse(problem.prompt)
         _, steps = solve(values, names, ops)
-        out = []
-        for i, (step, op, name) in enumerate(zip(steps, ops, names[1:])):
-            left = names[0] if i == 0 else str(step.left)
-            out.append(f"{left}{op}{name}={step}")
-        return ", ".join(out)
+        out = [f"{names[0]}={values[names[0]]}"]
+        out += [f"{name}={values[name]}:{step}" for step, name in zip(steps, names[1:])]
+        return ",".join(out)

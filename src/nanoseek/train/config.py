@@ -45,6 +45,7 @@ class TrainConfig:
     init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     seq_len: int = 256
+    document_mask: bool = False  # attend within each packed document only (V3 packs without a mask)
     batch_size: int = 16  # sequences per optimizer step, over all ranks
     micro_batch_size: int | None = None  # sequences per forward on one rank; the rest is accumulation
     steps: int = 300

@@ -28,7 +28,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.data.stream import IGNORE_INDEX
 from nanoseek.errors import NanoseekError
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, document_mask
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import distributed
 from nanoseek.train.config import RESUMABLE_KEYS, TrainConfig, save_config
@@ -41,17 +41,19 @@ class Objective(nn.Module):
     MTP depth (depth k at position i predicts token i+k+1: targets y[:, k:]), and the
     sequence-wise balance loss. The trainer calls this module, so FSDP's root is here."""
 
-    def __init__(self, model: Transformer, mtp: bool = True):
+    def __init__(self, model: Transformer, mtp: bool = True, document_mask: bool = False):
         super().__init__()
         self.model = model
         self.mtp = mtp and len(model.mtp) > 0
+        self.document_mask = document_mask
 
     def forward(self, x: torch.Tensor, y: torch.Tensor):
-        hidden = self.model.hidden_states(x)
+        mask = document_mask(x, self.model.config.bos_token_id) if self.document_mask else None
+        hidden = self.model.hidden_states(x, mask=mask)
         main = cross_entropy_sum(self.model.lm_head(hidden), y)
         mtp = []
         if self.mtp:
-            for k, logits in enumerate(self.model.mtp_logits(hidden, x), start=1):
+            for k, logits in enumerate(self.model.mtp_logits(hidden, x, mask), start=1):
                 mtp.append(cross_entropy_sum(logits, y[:, k:]))
         return main, mtp, self.model.balance_loss().to(main.device)
 
@@ -198,7 +200,7 @@ class Run:
         self.tokenizer = load_tokenizer(cfg)
         self.model_config = build_model_config(cfg, self.tokenizer)
         self.model = build_model(cfg, self.model_config, ctx.device)
-        self.objective = Objective(self.model, mtp=cfg.mtp_lambda > 0)
+        self.objective = Objective(self.model, mtp=cfg.mtp_lambda > 0, document_mask=cfg.document_mask)
         if ctx.distributed:
             self.expert_params = distributed.parallelize(self.objective, self.model, ctx)
         else:  # the same expert loop as on many ranks: every expert gets a gradient every step
