@@ -75,3 +75,23 @@ def test_cosine_schedule_shape():
     assert lrs[4] == 1.0
     assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
     assert lrs[-1] == pytest.approx(0.1, abs=2e-3)
+
+
+@pytest.mark.parametrize("name", ["pretrain-tiny", "sft-tiny", "grpo-tiny"])
+def test_shipped_configs_load_and_match_the_demo(name, tmp_path):
+    """configs/*.yaml are valid configs, and the tiny pretraining and GRPO ones are the demo's recipe."""
+    from pathlib import Path
+
+    from nanoseek.demo import FULL
+    from nanoseek.train.grpo import GRPORunConfig
+
+    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    overrides = [f"init_from={tmp_path}"] if name != "pretrain-tiny" else []  # they start from a pretrained model
+    cfg = load_config(path, overrides, cls=GRPORunConfig if name.startswith("grpo") else None)
+    if name == "pretrain-tiny":
+        assert (cfg.steps, cfg.batch_size, cfg.seq_len, cfg.document_mask) == \
+            (FULL.pretrain_steps, FULL.batch_size, FULL.seq_len, True)
+    if name == "grpo-tiny":
+        assert cfg.task == "chain" and cfg.task_options == dict(FULL.task_options)
+        assert (cfg.steps, cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.lr, cfg.loss_type) == \
+            (FULL.grpo_steps, FULL.prompts_per_step, FULL.group_size, FULL.max_new_tokens, FULL.grpo_lr, FULL.loss_type)

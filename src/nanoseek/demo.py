@@ -36,11 +36,11 @@ class Plan:
 
     task_options: tuple = (("min_values", 5), ("max_values", 7), ("min_value", 1), ("max_value", 5),
                            ("signed", True))
-    mix: tuple = (("worked", 0.5), ("direct", 0.3), ("plain", 0.2))
+    mix: tuple = (("worked", 0.4), ("direct", 0.4), ("plain", 0.2))
     preamble: float = 0.25
     docs: int = 40_000
     vocab_size: int = 512
-    pretrain_steps: int = 600
+    pretrain_steps: int = 1000
     seq_len: int = 256
     batch_size: int = 16
     eval_problems: int = 100

@@ -9,9 +9,13 @@ that the base model already has between thinking and guessing):
 - direct: empty reasoning, the answer at once. Hard for a small model: room for RL.
 - terse: two operations a step, "3+4-2=5, ...": shorter reasoning, less reliable.
 - plain: no template, lines of single steps ("12-3=9"), so the steps themselves are drilled.
+- recall: no template, a chain problem's bindings and then each of them again in a random
+  order ("a=3,b=-1. b=-1,a=3"): the lookup that chain's worked steps make, drilled.
 
 Default mix: 50% worked, 30% direct, 10% terse, 10% plain. Problems come from the task's
-train split only, so the test split stays unseen.
+train split only, so the test split stays unseen. `preamble` < 1 drops the R1-Zero preamble
+(the sentence before "User:") from that share of the problem documents, so that more of the
+token budget goes to problems; a few thousand copies teach the model the preamble all the same.
 """
 
 from __future__ import annotations

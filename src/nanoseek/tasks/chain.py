@@ -2,9 +2,12 @@
 
 The task of the default R1-Zero run. It is arith with the operands behind names, because a
 tiny model learns to look a value up by its name (an induction head: find "c=", copy what
-follows) within minutes of pretraining, while finding "the k-th number" of an arith prompt by
+follows) in an 11-minute pretraining run, while finding "the k-th number" of an arith prompt by
 its position, or the operator before a name, takes it far longer than a laptop run allows
-(measured in issue 6's note). Written out, each step recalls a value and adds it:
+(measured in issue 6's notes). It learns the lookup only when the documents packed into a row
+cannot see each other (`document_mask`: every document binds "a", "b", ... again) and when
+"c=-4" and "c=4" share their first tokens (`split_punctuation`). Written out, each step
+recalls a value and adds it:
 
     a=3,b=1:3+1=4,c=4:4-4=0,d=2:0+2=2,e=5:2-5=-3
 
