@@ -1,6 +1,6 @@
 """`nanoseek demo`: R1-Zero on a laptop, the default end-to-end job.
 
-1. data: the synthetic arith corpus and a BPE tokenizer trained on it;
+1. data: the synthetic chain corpus and a BPE tokenizer trained on it;
 2. pretrain the `tiny` base model on it (DeepSeek-V3 recipe: MTP, aux-loss-free balancing);
 3. evaluate the base model on held-out problems with the R1-Zero template;
 4. R1-Zero: GRPO from the base model with accuracy and format rewards only;
