@@ -60,6 +60,10 @@ def terse(steps: list[Step]) -> list[str]:
 
 def document(kind: str, problem: Problem, task: Task, extra: Sequence[Problem] = (), preamble: bool = True,
              rng: random.Random | None = None) -> str:
+    if kind == "plain":
+        return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
+    if kind == "recall":
+        return task.recall(problem, rng or random.Random(problem.prompt))
     prompt = r1_zero_prompt(problem.prompt, preamble)
     if kind == "worked":
         return prompt + completion(task.worked(problem), problem.answer)
@@ -67,10 +71,6 @@ def document(kind: str, problem: Problem, task: Task, extra: Sequence[Problem] =
         return prompt + completion(", ".join(terse(task.steps(problem))), problem.answer)
     if kind == "direct":
         return prompt + completion("", problem.answer)
-    if kind == "plain":
-        return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
-    if kind == "recall":
-        return task.recall(problem, rng or random.Random(problem.prompt))
     raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(KINDS)})")
 
 

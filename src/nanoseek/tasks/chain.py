@@ -46,6 +46,11 @@ def parse(prompt: str) -> tuple[dict[str, int], list[str], str]:
     return values, list(names), ops
 
 
+def binding(name: str, value: int) -> str:
+    """How a prompt binds a value, and how a worked step recalls it: "c=-4"."""
+    return f"{name}={value}"
+
+
 def solve(values: dict[str, int], names: list[str], ops: str) -> tuple[int, list[Step]]:
     """The value and its steps; subtracting -2 or adding -2 is written as the step "6+2" or "6-2"."""
     steps, total = [], values[names[0]]
@@ -80,7 +85,7 @@ class Chain(GeneratedTask):
         values = {name: sign() * rng.randint(self.min_value, self.max_value) for name in names}
         ops = "+" * (n - 1) if self.signed else "".join(rng.choice("+-") for _ in range(n - 1))
         expression = names[0] + "".join(op + name for op, name in zip(ops, names[1:]))
-        prompt = ",".join(f"{name}={values[name]}" for name in names) + ". " + expression
+        prompt = ",".join(binding(name, values[name]) for name in names) + ". " + expression
         value, _ = solve(values, names, ops)
         problem = Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name)
         return dataclasses.replace(problem, solution=self.worked(problem))
@@ -90,10 +95,11 @@ class Chain(GeneratedTask):
 
     def recall(self, problem: Problem, rng: random.Random) -> str:
         """The bindings, then each of them again in a random order: "a=3,b=-1,c=4. c=4,a=3,b=-1"."""
-        bindings = problem.prompt.rsplit(". ", 1)[0]
-        items = bindings.split(",")
+        values, names, _ = parse(problem.prompt)
+        items = [binding(name, values[name]) for name in names]
+        stated = ",".join(items)
         rng.shuffle(items)
-        return f"{bindings}. {','.join(items)}"
+        return f"{stated}. {','.join(items)}"
 
     def worked(self, problem: Problem) -> str:
         """Each step recalls a value exactly as the prompt binds it, then computes:
@@ -102,6 +108,6 @@ class Chain(GeneratedTask):
         one copy of what follows "c=" there."""
         values, names, ops = parse(problem.prompt)
         _, steps = solve(values, names, ops)
-        out = [f"{names[0]}={values[names[0]]}"]
-        out += [f"{name}={values[name]}:{step}" for step, name in zip(steps, names[1:])]
+        out = [binding(names[0], values[names[0]])]
+        out += [f"{binding(name, values[name])}:{step}" for step, name in zip(steps, names[1:])]
         return ",".join(out)
