@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from test_serve import MESSAGES, MODEL, engine_steps, expected_message, save_chat_model, serve_in_thread, wait_idle
+from serve_support import MESSAGES, MODEL, engine_steps, expected_message, save_chat_model, serve_in_thread, wait_idle
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

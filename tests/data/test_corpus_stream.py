@@ -312,7 +312,7 @@ def test_cli_main(tmp_path, capsys):
 def test_cli_from_a_fresh_process(tmp_path):
     """`python -m nanoseek.cli` as a user runs it."""
     main_cli()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     done = subprocess.run([sys.executable, "-m", "nanoseek.cli", "data", "corpus", "--out", str(tmp_path / "c.jsonl"),
                            "--docs", "10"], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "wrote 10 documents" in done.stdout, done.stderr

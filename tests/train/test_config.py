@@ -85,7 +85,7 @@ def test_shipped_configs_load_and_match_the_demo(name, tmp_path):
     from nanoseek.demo import FULL
     from nanoseek.train.grpo import GRPORunConfig
 
-    path = Path(__file__).parent.parent / "configs" / f"{name}.yaml"
+    path = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
     overrides = [f"init_from={tmp_path}"] if name != "pretrain-tiny" else []  # they start from a pretrained model
     cfg = load_config(path, overrides, cls=GRPORunConfig if name.startswith("grpo") else None)
     if name == "pretrain-tiny":
