@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean chromium
+.PHONY: demo test test-all lint format install clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: $(STAMP) chromium
 
 test-all: $(STAMP) chromium
 	$(PY) -m pytest -m ""
+
+# ruff: lint and the format check (what .ci/run runs first); `make format` rewrites the files
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
