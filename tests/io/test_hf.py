@@ -85,6 +85,73 @@ def test_transformers_checkpoint_opens_in_nanoseek_with_the_same_logits(name, tm
         assert (ours(IDS) - ref).abs().max().item() < 1e-4
 
 
+# transformers' own default configs, only the sizes shrunk: DeepseekV3Config() declares one MTP
+# module that DeepseekV3ForCausalLM neither has nor saves; DeepseekV2Config() routes greedily
+# with n_group / topk_group unset. (num_experts_per_tok has no V2 default that runs.)
+HF_SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8,
+                qk_rope_head_dim=8, v_head_dim=12)
+HF_DEFAULTS = {
+    # first_k_dense_replace=3, n_group=8, topk_group=4, num_experts_per_tok=8 are the defaults
+    "v3": (lambda: transformers.DeepseekV3Config(**HF_SIZES, num_hidden_layers=4, n_routed_experts=16),
+           lambda c: transformers.DeepseekV3ForCausalLM(c)),
+    "v2": (lambda: transformers.DeepseekV2Config(**HF_SIZES, num_hidden_layers=3, n_routed_experts=8,
+                                                 num_experts_per_tok=2),
+           lambda c: transformers.DeepseekV2ForCausalLM(c)),
+}
+
+
+def random_transformers_model(make):
+    torch.manual_seed(0)
+    hf = make().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.normal_(0, 0.05) if not n.endswith("norm.weight") else p.normal_(1, 0.1)
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)
+    return hf
+
+
+@pytest.mark.parametrize("name", list(HF_DEFAULTS))
+def test_checkpoint_from_transformers_default_config_opens_with_the_same_logits(name, tmp_path, capsys):
+    make_config, make_model = HF_DEFAULTS[name]
+    hf_config = make_config()
+    hf = random_transformers_model(lambda: make_model(hf_config))
+    with torch.no_grad():
+        ref = hf(IDS).logits
+    hf.save_pretrained(tmp_path)
+    capsys.readouterr()
+    ours = load_pretrained(tmp_path)
+    err = capsys.readouterr().err
+    c = ours.config
+    if name == "v3":
+        assert hf_config.num_nextn_predict_layers == 1 and c.num_nextn_predict_layers == 0 and len(ours.mtp) == 0
+        assert err == (f"note: {tmp_path} has no weights for the 1 MTP module(s) its config.json declares; "
+                       "loading without MTP (no speculative decoding, no MTP loss)\n")
+        assert (c.topk_method, c.n_group, c.topk_group, c.num_experts_per_tok) == ("noaux_tc", 8, 4, 8)
+        assert len(ours.moe_layers()) == 1  # layer 3, after the 3 dense layers
+    else:
+        assert err == ""
+        assert (c.topk_method, c.scoring_func, c.n_group, c.topk_group) == ("greedy", "softmax", 1, 1)
+        assert (c.norm_topk_prob, c.routed_scaling_factor, c.n_shared_experts) == (False, 1.0, 2)
+        assert len(ours.moe_layers()) == 3  # first_k_dense_replace defaults to 0
+    with torch.no_grad():
+        assert (ours(IDS) - ref).abs().max().item() < 1e-4
+
+
+def test_checkpoint_with_some_mtp_tensors_missing_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = randomize(Transformer(make_config("v3-mtp")), seed=0)
+    save_pretrained(model, tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["model.layers.3.eh_proj.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(NanoseekError, match=rf"^{tmp_path}: missing tensor model\.layers\.3\.eh_proj\.weight$"):
+        load_pretrained(tmp_path)
+
+
 def test_mtp_layers_stored_as_in_the_released_checkpoint(tmp_path):
     from safetensors import safe_open
 

@@ -56,10 +56,11 @@ def run_inspect(args) -> int:
         return 0
 
     from nanoseek.config import ModelConfig
-    from nanoseek.io.hf import load_pretrained
+    from nanoseek.io.hf import checkpoint_config, load_pretrained
     from nanoseek.model import count_parameters, kv_cache_bytes_per_token
 
-    config = ModelConfig.from_hf(f"{args.model}/config.json")
+    # Without --config-only, the model the weights make (no MTP if the checkpoint has none).
+    config = ModelConfig.from_hf(f"{args.model}/config.json") if args.config_only else checkpoint_config(args.model)
     counts = count_parameters(config)
     cache = kv_cache_bytes_per_token(config)
     table = Table(title=f"{args.model} ({config.model_type})")
@@ -73,7 +74,7 @@ def run_inspect(args) -> int:
     table.add_row("KV cache bytes / token (MLA, bf16)", f"{cache['mla']:,}")
     if not args.config_only:
         t0 = time.perf_counter()
-        load_pretrained(args.model)
+        load_pretrained(args.model, config=config)
         table.add_row("weights", f"loaded in {time.perf_counter() - t0:.2f}s")
     Console().print(table)
     return 0

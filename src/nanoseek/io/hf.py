@@ -3,7 +3,8 @@
 Key names are the hub's (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, ...). The MTP
 modules are stored as layers `num_hidden_layers + k`, each with copies of the shared
 embedding and output head (`embed_tokens`, `shared_head.head`), as in the released V3
-checkpoint. FP8 weights with `weight_scale_inv` are dequantised block by block on load, or,
+checkpoint; a directory that holds none of them (transformers saves none) loads without
+MTP. FP8 weights with `weight_scale_inv` are dequantised block by block on load, or,
 with `keep_fp8=True`, stay FP8 in memory in FP8WeightLinear modules.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -77,6 +79,46 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     return found
 
 
+def _checkpoint_keys(files: list[Path]) -> set[str]:
+    """The tensor names in the files' headers (no tensor is read)."""
+    keys: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                keys.update(sf.keys())
+        except SafetensorError as e:
+            raise NanoseekError(f"{f}: not a readable safetensors file ({e})") from None
+        except OSError as e:
+            raise NanoseekError(f"{f}: cannot read ({e})") from None
+    return keys
+
+
+def without_absent_mtp(config: ModelConfig, keys: set[str], directory: Path) -> ModelConfig:
+    """The config without its MTP modules when the checkpoint holds no tensor of any of them.
+
+    `transformers.DeepseekV3Config()` declares one MTP module, but transformers' DeepseekV3
+    has no MTP and its save_pretrained writes none: such a directory (a model fine-tuned with
+    transformers or TRL) loads as the main model alone. Some MTP tensors but not all is a
+    broken checkpoint, reported by the loader as the first missing tensor."""
+    n, depth = config.num_hidden_layers, config.num_nextn_predict_layers
+    if depth == 0:
+        return config
+    mtp_layer = re.compile(r"model\.layers\.(\d+)\.")
+    if any((m := mtp_layer.match(k)) and int(m.group(1)) >= n for k in keys):
+        return config
+    print(f"note: {directory} has no weights for the {depth} MTP module(s) its config.json declares; "
+          "loading without MTP (no speculative decoding, no MTP loss)", file=sys.stderr)
+    return config.replace(num_nextn_predict_layers=0)
+
+
+def checkpoint_config(directory: str | Path) -> ModelConfig:
+    """The config of the model that `load_pretrained(directory)` builds: config.json, less
+    the MTP modules whose weights the directory lacks (see `without_absent_mtp`)."""
+    directory = Path(directory)
+    config = ModelConfig.from_hf(directory / "config.json")
+    return without_absent_mtp(config, _checkpoint_keys(_checkpoint_files(directory)), directory)
+
+
 def _read_tensors(files: list[Path], keep_fp8=None):
     """Yield (file, key, tensor) with FP8 block-scaled weights dequantised, except those whose
     key `keep_fp8(key)` accepts: they come as E4M3, followed by their `weight_scale_inv`."""
@@ -116,6 +158,8 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
     if not directory.is_dir():
         raise NanoseekError(f"{directory}: not a directory")
     config = config or ModelConfig.from_hf(directory / "config.json")
+    files = _checkpoint_files(directory)
+    config = without_absent_mtp(config, _checkpoint_keys(files), directory)
     with torch.device("meta"):
         model = Transformer(config)
     fp8_modules = {}  # hub key of an FP8 linear's weight -> (parent module, attribute)
@@ -127,7 +171,7 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
-    for f, key, t in _read_tensors(_checkpoint_files(directory), keep_fp8=fp8_modules.__contains__):
+    for f, key, t in _read_tensors(files, keep_fp8=fp8_modules.__contains__):
         name = from_hub_name(key, config)
         if name is None:
             continue
