@@ -7,6 +7,7 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -72,74 +73,145 @@ def _scalars(record: dict, prefix: str = ""):
                     yield f"{prefix}{key}/{i}", v
 
 
-def _figure(path: Path, title: str, ylabel: str, series, logy: bool = False) -> Path:
-    """One PNG: `series` is [(label, steps, values)]."""
+# ---------------------------------------------------------------------------------------
+# Plots: each figure shows only what ran (no KL curve without a KL term, no MTP curve without
+# MTP), and shares in [0, 1] get their own axis.
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Panel:
+    """One axes of a figure: `lines` are (label, steps, values)."""
+
+    title: str
+    ylabel: str
+    lines: list[tuple[str, list, list]]
+    ylim: tuple[float, float] | None = None
+    logy: bool = False
+
+    @property
+    def labels(self) -> list[str]:
+        return [label for label, _, _ in self.lines]
+
+
+@dataclass
+class Plot:
+    """A PNG that was written, and what it shows (so a test can check what was drawn)."""
+
+    path: Path
+    panels: list[Panel]
+
+    @property
+    def titles(self) -> list[str]:
+        return [panel.title for panel in self.panels]
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _draw(path: Path, panels: list[Panel]) -> Plot:
+    """The panels side by side in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, steps, values in series:
-        ax.plot(steps, values, label=label)
-    ax.set(title=title, xlabel="step", ylabel=ylabel)
-    if logy:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1, 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, steps, values in panel.lines:
+            ax.plot(steps, values, label=label)
+        ax.set(title=panel.title, xlabel="step", ylabel=panel.ylabel)
+        if panel.ylim:
+            ax.set_ylim(*panel.ylim)
+        if panel.logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if len(panel.lines) > 1:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return Plot(path, panels)
 
 
-def plot_metrics(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
-    """loss.png (main and MTP depths), lr.png and expert_load.png (max / mean load per MoE layer)."""
+def _curve(records: list[dict], key: str, index: int | None = None) -> list[float]:
+    """The values of `key` (or of its list's `index`-th item) per record; NaN where absent."""
+    out = []
+    for r in records:
+        v = r.get(key)
+        if index is not None:
+            v = v[index] if isinstance(v, list) and index < len(v) else None
+        out.append(v if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
+    return out
+
+
+def _ran(values: list[float]) -> bool:
+    """Whether a curve holds anything: some value present and not zero (a KL of a run with
+    beta 0, or a clip fraction that never clipped, is all zeros)."""
+    return any(math.isfinite(v) and v != 0 for v in values)
+
+
+def plot_metrics(metrics_file: str | Path, out_dir: str | Path, moe_names: list[str] | None = None) -> list[Plot]:
+    """loss.png (main and MTP depths), lr.png and expert_load.png (max / mean load per MoE
+    layer, labelled by `moe_names`, e.g. Transformer.named_moe_layers(): "layer 1", "MTP 1")."""
     records = [r for r in read_metrics(metrics_file) if "loss" in r and "event" not in r]
     if not records:
         return []
     out_dir = Path(out_dir)
     steps = [r["step"] for r in records]
-    written: list[Path] = []
+    written: list[Plot] = []
 
-    def figure(name, title, ylabel, series, logy=False):
-        written.append(_figure(out_dir / name, title, ylabel, [(label, steps, v) for label, v in series], logy))
-
-    loss = [("main (next token)", [r["loss"] for r in records])]
+    loss = [("main (next token)", steps, _curve(records, "loss"))]
     depth = max((len(r.get("loss_mtp") or []) for r in records), default=0)
-    for k in range(depth):
-        loss.append((f"MTP depth {k + 1}", [(r.get("loss_mtp") or [math.nan] * depth)[k] for r in records]))
-    figure("loss.png", "Training loss", "cross-entropy (nats)", loss)
-    figure("lr.png", "Learning rate", "lr", [("lr", [r.get("lr", math.nan) for r in records])])
+    loss += [(f"MTP depth {k + 1}", steps, _curve(records, "loss_mtp", k)) for k in range(depth)]
+    written.append(_draw(out_dir / "loss.png", [Panel("Training loss", "cross-entropy (nats)", loss)]))
+    written.append(_draw(out_dir / "lr.png", [Panel("Learning rate", "lr", [("lr", steps, _curve(records, "lr"))])]))
     layers = max((len(r.get("expert_load") or []) for r in records), default=0)
-    if layers:
-        figure("expert_load.png", "Expert load (max / mean tokens per expert)", "max / mean",
-               [(f"MoE layer {i}", [(r.get("expert_load") or [math.nan] * layers)[i] for r in records])
-                for i in range(layers)])
+    names = moe_names if moe_names and len(moe_names) == layers else [f"MoE layer {i}" for i in range(layers)]
+    # A layer with no load logged did not run (the MTP module when its loss is off): no line.
+    loads = [(names[i], steps, _curve(records, "expert_load", i)) for i in range(layers)]
+    loads = [line for line in loads if any(math.isfinite(v) for v in line[2])]
+    if loads:
+        written.append(_draw(out_dir / "expert_load.png",
+                             [Panel("Expert load (max / mean tokens per expert)", "max / mean", loads)]))
     return written
 
 
-def plot_grpo(metrics_file: str | Path, out_dir: str | Path) -> list[Path]:
-    """The RL curves: reward.png (reward, accuracy, share of all-equal groups), length.png
-    (completion and thinking tokens) and kl_entropy.png."""
+# GRPO: the metric keys, with their labels, of each panel.
+GRPO_SHARES = (("accuracy", "accuracy"), ("format", "format rate"),
+               ("all_equal_groups", "groups with all-equal rewards"))
+GRPO_LENGTHS = (("completion_len_mean", "completion (mean)"), ("thinking_len_mean", "thinking (mean)"),
+                ("thinking_len_max", "thinking (max)"))
+
+
+def plot_grpo(metrics_file: str | Path, out_dir: str | Path) -> list[Plot]:
+    """The RL curves: reward.png (the mean reward; the shares, accuracy, format and all-equal
+    groups, on a [0, 1] axis), length.png (completion and thinking tokens) and kl_entropy.png
+    (policy entropy; the KL to the reference only when beta > 0 made one, the clip fraction
+    only when something was clipped)."""
     records = [r for r in read_metrics(metrics_file) if "reward_mean" in r]
     if not records:
         return []
     out_dir = Path(out_dir)
     steps = [r["step"] for r in records]
 
-    def series(*keys_labels):
-        return [(label, steps, [r.get(key, math.nan) for r in records]) for key, label in keys_labels
-                if any(key in r for r in records)]
+    def lines(keys_labels, keep=lambda values: any(math.isfinite(v) for v in values)):
+        found = [(label, steps, _curve(records, key)) for key, label in keys_labels]
+        return [line for line in found if keep(line[2])]
 
-    return [
-        _figure(out_dir / "reward.png", "Rewards per GRPO step", "mean over the step's completions",
-                series(("reward_mean", "reward"), ("accuracy", "accuracy"), ("format", "format"),
-                       ("all_equal_groups", "groups with all-equal rewards"))),
-        _figure(out_dir / "length.png", "Response length per GRPO step", "tokens",
-                series(("completion_len_mean", "completion (mean)"), ("thinking_len_mean", "thinking (mean)"),
-                       ("thinking_len_max", "thinking (max)"))),
-        _figure(out_dir / "kl_entropy.png", "KL to the reference and policy entropy", "nats per token",
-                series(("kl", "KL (k3)"), ("entropy", "entropy"), ("clip_fraction", "clip fraction"))),
-    ]
+    figures = {
+        "reward.png": [Panel("Reward per GRPO step", "mean over the step's completions",
+                             lines([("reward_mean", "reward")])),
+                       Panel("Shares per GRPO step", "share", lines(GRPO_SHARES), ylim=(0, 1))],
+        "length.png": [Panel("Response length per GRPO step", "tokens", lines(GRPO_LENGTHS))],
+        "kl_entropy.png": [Panel("Policy entropy", "nats per token", lines([("entropy", "entropy")])),
+                           Panel("KL to the reference", "nats per token", lines([("kl", "KL (k3)")], _ran)),
+                           Panel("PPO clip fraction", "share of tokens", lines([("clip_fraction", "clipped")], _ran))],
+    }
+    written = []
+    for name, panels in figures.items():
+        panels = [panel for panel in panels if panel.lines]
+        if panels:
+            written.append(_draw(out_dir / name, panels))
+    return written
