@@ -4,7 +4,7 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.errors import NanoseekError
-from nanoseek.train.config import load_config
+from nanoseek.train.config import load_config, save_config
 from nanoseek.train.schedule import lr_at
 
 
@@ -19,7 +19,7 @@ def test_yaml_and_overrides(tmp_path):
                       ["seq_len=32", "data.tokenizer=123", "model.hidden_size=64", "lr=1e-3", "data.files=[b, c]"])
     assert cfg.steps == 50 and cfg.seq_len == 32 and cfg.lr == 1e-3
     assert cfg.data.files == ["b", "c"] and cfg.data.tokenizer == "123"
-    mc = cfg.model_config()
+    mc = cfg.to_model_config()
     assert mc.hidden_size == 64 and mc.vocab_size == 4096  # the rest from the small preset
 
 
@@ -42,6 +42,64 @@ def test_yaml_and_overrides(tmp_path):
 def test_errors_name_the_key(tmp_path, text, overrides, key):
     with pytest.raises(NanoseekError, match=f"'{key}'"):
         load_config(write(tmp_path, text), overrides)
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("lr: -1\n", [], "{path}: config key 'lr': must be at least 0, got -1"),
+    ("steps: ten\n", [], "{path}: config key 'steps' expects an integer, got 'ten'"),
+    ("data:\n  files: [a, 3]\n", [], "{path}: config key 'data.files[1]' expects a string, got 3"),
+    ("data:\n  filez: [a]\n", [],
+     "{path}: unknown config key 'data.filez' (known: files, messages_field, shuffle, text_field, tokenizer)"),
+    ("model:\n  hidden: 3\n", [], "{path}: unknown config key 'model.hidden' (a ModelConfig field or 'preset')"),
+    ("beta2: 1\nlr: -1\n", [], "{path}: config key 'lr': must be at least 0, got -1 (and 1 more)"),
+    ("", ["precision=fp16"], "--set precision=fp16: config key 'precision': must be one of 'fp32', 'bf16', 'fp8', "
+                             "got 'fp16'"),
+    ("steps: 5\n", ["steps.x=1"], "--set steps.x=1: config key 'steps' is not a section"),
+    ("decay_fraction: 0.8\n", ["tail_fraction=0.5"],
+     "{path}: config key 'decay_fraction': decay_fraction 0.8 and tail_fraction 0.5 add up to more than 1"),
+])
+def test_exact_one_line_messages(tmp_path, text, overrides, message):
+    path = write(tmp_path, text)
+    with pytest.raises(NanoseekError) as e:
+        load_config(path, overrides)
+    assert str(e.value) == message.format(path=path)
+
+
+def test_checks_across_keys_see_every_override(tmp_path):
+    """A file is checked with its overrides in: lr 1e-4 from the file and min_lr from --set."""
+    path = write(tmp_path, "lr: 1e-4\n")
+    assert load_config(path, ["min_lr=1e-5"]).min_lr == 1e-5
+    with pytest.raises(NanoseekError) as e:
+        load_config(path, ["min_lr=1e-3"])
+    assert str(e.value) == "--set min_lr=1e-3: config key 'min_lr': 0.001 is above lr 0.0001"
+
+
+def test_configs_built_in_python_fail_the_same_way():
+    from nanoseek.train.config import DataConfig, TrainConfig
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(NanoseekError) as e:
+        TrainConfig(data={"files": "a.jsonl"})
+    assert str(e.value) == "config key 'data.files' expects a list, got 'a.jsonl'"
+    with pytest.raises(NanoseekError, match="^config key 'files' expects a list"):
+        DataConfig(files="a.jsonl")
+    with pytest.raises(NanoseekError, match="^unknown config key 'gruop_size'"):
+        GRPOConfig(gruop_size=4)
+    assert GRPOConfig(loss_type="dapo").dynamic_sampling and not GRPOConfig().dynamic_sampling
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from nanoseek.train.grpo import GRPORunConfig
+
+    cfg = load_config(None, ["model.hidden_size=64", "data.files=[a.jsonl]", "data.tokenizer=7", "lr=3e-4",
+                             "micro_batch_size=4", "precision=bf16"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and again.model == {"hidden_size": 64} and again.data.tokenizer == "7"
+    grpo = load_config(None, [f"init_from={tmp_path}", "task_options={max_len: 5}", "stop=[END]", "loss_type=dapo"],
+                       cls=GRPORunConfig)
+    save_config(grpo, tmp_path / "grpo.yaml")
+    assert load_config(tmp_path / "grpo.yaml", cls=GRPORunConfig) == grpo
 
 
 def test_precision_values():

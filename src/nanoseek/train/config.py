@@ -1,21 +1,24 @@
-"""Training configs: dataclasses read from YAML, with `--set key=value` overrides.
+"""Training configs: pydantic models read from YAML, with `--set key=value` overrides.
 
-Every key is checked against the dataclass: an unknown key or a value of the wrong type is a
-NanoseekError that names the key and where it came from. Nested sections use dotted keys on
-the command line (`--set data.files=[a.jsonl] model.hidden_size=64`). The `model` section
-takes a `preset` and any ModelConfig field under its Hugging Face name.
+Every key is checked by the model: an unknown key (in any section) or a value of the wrong
+type or out of range is a NanoseekError of one line that names the key and where it came
+from ("configs/x.yaml: config key 'lr': must be at least 0, got -1"). Nested sections use dotted
+keys on the command line (`--set data.files=[a.jsonl] model.hidden_size=64`). The `model`
+section takes a `preset` and any ModelConfig field under its Hugging Face name.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from typing_extensions import TypedDict  # pydantic reads TypedDicts from typing_extensions on Python 3.11
 
 from nanoseek.config import PRESETS, ModelConfig
 from nanoseek.errors import NanoseekError
@@ -23,101 +26,135 @@ from nanoseek.errors import NanoseekError
 PRECISIONS = ("fp32", "bf16", "fp8")
 SCHEDULES = ("wsd", "cosine")
 # Keys that may differ between a checkpoint and the run resuming it: extending a run, logging
-# and checkpointing more or less often, or moving to other hardware (checkpoints hold full
-# tensors, whatever the number of ranks) does not change what was trained so far.
+# and checkpointing more or less often, or moving to other hardware (a checkpoint reloads on
+# any number of ranks) does not change what was trained so far.
 RESUMABLE_KEYS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress",
                   "device", "expert_parallel")
 
 
-@dataclass
-class DataConfig:
-    files: list[str] = field(default_factory=list)  # text / jsonl / parquet files or directories
+class ConfigKeyError(ValueError):
+    """Raised by a model validator about one key (a check across keys): pydantic reports it with
+    an empty location, so the key travels with the error."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("config_depth", default=0)
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors. Whether built in Python or by `parse`, a bad
+    value is a NanoseekError of one line: the outermost section turns pydantic's errors into it
+    (an inner one passes them up, so that the key is named in full: 'data.files')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, data, handler, info):
+        depth = _depth.set(_depth.get() + 1)
+        context = info.context or {}
+        try:
+            section = handler(data)
+            section.check()
+            return section
+        except ValidationError as e:
+            if _depth.get() > 1:
+                raise
+            error = e.errors(include_url=False)
+            more = f" (and {len(error) - 1} more)" if len(error) > 1 else ""
+            raise NanoseekError(_origin(error_key(error[0]), context) + explain(error[0], cls) + more) from None
+        except ConfigKeyError as e:
+            if _depth.get() > 1:
+                raise  # pydantic reports it at this section's place
+            raise NanoseekError(f"{_origin(e.key, context)}config key '{e.key}': {e}") from None
+        except NanoseekError as e:  # a check that asks elsewhere (is this device there?)
+            if _depth.get() > 1 or not context.get("where"):
+                raise
+            raise NanoseekError(f"{context['where']}: {e}") from None
+        finally:
+            _depth.reset(depth)
+
+    def check(self) -> None:
+        """Checks across keys, once every key is valid: raise ConfigKeyError."""
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON values, as config.yaml and trainer.json hold it."""
+        return self.model_dump(mode="json")
+
+
+def _model_section() -> type:
+    """The `model` section: `preset` plus ModelConfig's fields, all optional, checked by type.
+    It stays a plain dict (only the keys given), so config.yaml shows what was asked for."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = {"preset": Literal[tuple(PRESETS)], **{f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}}
+    section = TypedDict("ModelSection", fields, total=False)
+    section.__pydantic_config__ = ConfigDict(extra="forbid")
+    return section
+
+
+ModelSection = _model_section()
+
+
+class DataConfig(Section):
+    files: list[str] = []  # text / jsonl / parquet files or directories
     tokenizer: str | None = None  # directory with tokenizer.json; SFT falls back to init_from's
     text_field: str = "text"  # pretraining: the field of a jsonl/parquet record holding the document
     messages_field: str = "messages"  # SFT: the field holding the chat messages
     shuffle: bool = True
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     # The model: a preset plus ModelConfig fields, or a Hugging Face checkpoint to start from.
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
+    model: ModelSection = Field(default_factory=lambda: {"preset": "tiny"})
     init_from: str | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    seq_len: int = 256
+    data: DataConfig = Field(default_factory=DataConfig)
+    seq_len: int = Field(256, ge=1)
     document_mask: bool = False  # attend within each packed document only (V3 packs without a mask)
-    batch_size: int = 16  # sequences per optimizer step, over all ranks
-    micro_batch_size: int | None = None  # sequences per forward on one rank; the rest is accumulation
-    steps: int = 300
+    batch_size: int = Field(16, ge=1)  # sequences per optimizer step, over all ranks
+    micro_batch_size: int | None = Field(None, ge=1)  # sequences per forward on one rank; the rest is accumulation
+    steps: int = Field(300, ge=1)
     seed: int = 0
     # AdamW and the learning-rate schedule (V3 section 4.2)
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    schedule: str = "wsd"  # wsd: warm-up, constant, cosine decay, low tail (V3); cosine: warm-up then cosine
-    warmup_steps: int = 20
-    decay_fraction: float = 0.3  # wsd: share of the steps spent in the cosine decay
-    tail_fraction: float = 0.0  # wsd: share of the steps held at min_lr at the end
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    lr: float = Field(3e-3, ge=0)
+    min_lr: float = Field(3e-4, ge=0)
+    schedule: Literal[SCHEDULES] = "wsd"  # wsd: warm-up, constant, cosine decay, low tail (V3); cosine: warm-up then cosine
+    warmup_steps: int = Field(20, ge=0)
+    decay_fraction: float = Field(0.3, ge=0, le=1)  # wsd: share of the steps spent in the cosine decay
+    tail_fraction: float = Field(0.0, ge=0, le=1)  # wsd: share of the steps held at min_lr at the end
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
     # DeepSeek-V3 objectives: MTP weight lambda, aux-loss-free bias step gamma, balance-loss weight alpha
-    mtp_lambda: float = 0.3
-    bias_gamma: float = 0.001
-    balance_alpha: float = 0.0001
+    mtp_lambda: float = Field(0.3, ge=0)
+    bias_gamma: float = Field(0.001, ge=0)
+    balance_alpha: float = Field(0.0001, ge=0)
     # Loss-spike guard: skip a batch whose loss is non-finite or above spike_factor x running mean;
     # after rollback_after spikes in a row, go back to the last checkpoint.
-    spike_factor: float = 2.0
-    spike_warmup: int = 10  # steps before the running mean is trusted
-    rollback_after: int = 3
+    spike_factor: float = Field(2.0, gt=1)
+    spike_warmup: int = Field(10, ge=0)  # steps before the running mean is trusted
+    rollback_after: int = Field(3, ge=1)
     # Running
-    precision: str = "fp32"
-    device: str = "auto"  # auto, cpu, cuda
+    precision: Literal[PRECISIONS] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     expert_parallel: bool = False  # under torchrun: split routed experts across ranks
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
     tensorboard: bool = True
     progress: bool = True
 
-    def validate(self) -> None:
-        def bad(key, msg):
-            raise NanoseekError(f"config key '{key}': {msg}")
-
-        for key in ("seq_len", "batch_size", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                    "rollback_after"):
-            if getattr(self, key) < 1:
-                bad(key, f"must be at least 1, got {getattr(self, key)}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            bad("micro_batch_size", f"must be at least 1, got {self.micro_batch_size}")
-        for key in ("warmup_steps", "spike_warmup"):
-            if getattr(self, key) < 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "mtp_lambda", "bias_gamma", "balance_alpha"):
-            if getattr(self, key) < 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
+    def check(self) -> None:
         if self.min_lr > self.lr:
-            bad("min_lr", f"{self.min_lr} is above lr {self.lr}")
-        if not (0 <= self.decay_fraction <= 1 and 0 <= self.tail_fraction <= 1
-                and self.decay_fraction + self.tail_fraction <= 1):
-            bad("decay_fraction", "decay_fraction and tail_fraction must be in [0, 1] and sum to at most 1")
-        for key in ("beta1", "beta2"):
-            if not 0 <= getattr(self, key) < 1:
-                bad(key, f"must be in [0, 1), got {getattr(self, key)}")
-        if self.spike_factor <= 1:
-            bad("spike_factor", f"must be above 1, got {self.spike_factor}")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"'{self.schedule}' is not one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            bad("precision", f"'{self.precision}' is not one of {', '.join(PRECISIONS)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            bad("device", f"'{self.device}' is not one of auto, cpu, cuda")
-        if self.init_from is None:
-            preset = self.model.get("preset", "tiny")
-            if preset not in PRESETS:
-                bad("model.preset", f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+            raise ConfigKeyError("min_lr", f"{self.min_lr} is above lr {self.lr}")
+        if self.decay_fraction + self.tail_fraction > 1:
+            raise ConfigKeyError("decay_fraction", f"decay_fraction {self.decay_fraction} and tail_fraction "
+                                              f"{self.tail_fraction} add up to more than 1")
 
-    def model_config(self) -> ModelConfig:
+    def to_model_config(self) -> ModelConfig:
         """The ModelConfig of `model`: its preset with the other keys replaced."""
         overrides = {k: v for k, v in self.model.items() if k != "preset"}
         try:
@@ -125,16 +162,78 @@ class TrainConfig:
         except NanoseekError as e:
             raise NanoseekError(f"config section 'model': {e}") from None
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+# ---------------------------------------------------------------------------------------
+# pydantic's errors as one line that names the key.
+# ---------------------------------------------------------------------------------------
+# What a value should be, by pydantic's error type; the others keep pydantic's own words.
+EXPECTED = {
+    "int_type": "expects an integer", "int_parsing": "expects an integer", "int_from_float": "expects an integer",
+    "float_type": "expects a number", "float_parsing": "expects a number", "bool_type": "expects true or false",
+    "bool_parsing": "expects true or false", "string_type": "expects a string", "list_type": "expects a list",
+    "dict_type": "expects a mapping", "model_type": "expects a mapping", "model_attributes_type": "expects a mapping",
+}
+BOUNDS = {"greater_than_equal": ("ge", "must be at least"), "greater_than": ("gt", "must be above"),
+          "less_than_equal": ("le", "must be at most"), "less_than": ("lt", "must be below")}
+
+
+def _key(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+
+
+def _fields_at(cls: type, loc: tuple) -> list[str] | None:
+    """The keys the section at `loc` accepts (None for the `model` section: too many to list)."""
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return sorted(cls.model_fields) if hasattr(cls, "model_fields") else None
+
+
+def error_key(error: dict) -> str:
+    exc = (error.get("ctx") or {}).get("error")
+    loc = tuple(error["loc"]) + ((exc.key,) if isinstance(exc, ConfigKeyError) else ())
+    return _key(loc)
+
+
+def explain(error: dict, cls: type) -> str:
+    """One pydantic error as "config key 'KEY': what is wrong, got VALUE"."""
+    key, kind, value = error_key(error), error["type"], error.get("input")
+    got = f", got {value!r:.60}"
+    if kind == "extra_forbidden":
+        known = _fields_at(cls, tuple(error["loc"])[:-1])
+        return f"unknown config key '{key}' (" + (f"known: {', '.join(known)})" if known is not None
+                                                   else "a ModelConfig field or 'preset')")
+    if kind == "missing":
+        return f"config key '{key}' is required"
+    if kind == "value_error":
+        return f"config key '{key}': {error['ctx']['error']}"
+    if kind in BOUNDS:
+        name, words = BOUNDS[kind]
+        return f"config key '{key}': {words} {error['ctx'][name]:g}{got}"
+    if kind == "literal_error":
+        return f"config key '{key}': must be one of {error['ctx']['expected'].replace(' or ', ', ')}{got}"
+    if kind in EXPECTED:
+        return f"config key '{key}' {EXPECTED[kind]}{got}"
+    return f"config key '{key}': {error['msg'][0].lower()}{error['msg'][1:]}{got}"
+
+
+def _origin(key: str, context: dict) -> str:
+    """Where the value of `key` came from, as an error's prefix: the --set that gave it, or the file."""
+    sources = context.get("sources") or {}
+    origin = next((s for k, s in sources.items() if key == k or key.startswith((k + ".", k + "[")) or
+                   k.startswith(key + ".")),
+                  context.get("where"))
+    return f"{origin}: " if origin else ""
 
 
 # ---------------------------------------------------------------------------------------
-# Reading YAML and --set overrides, with the type of every key checked.
+# Reading YAML and --set overrides.
 # ---------------------------------------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls=None):
-    """A config (TrainConfig unless `cls` says otherwise) from a YAML file (or the defaults),
-    then `key=value` overrides; `cls.validate()` runs last."""
+    """A config (TrainConfig unless `cls` says otherwise) from a YAML file (or the defaults) with
+    `key=value` overrides on top; checked once, when all of them are in."""
     cls = cls or TrainConfig
     raw: dict = {}
     where = "defaults"
@@ -150,160 +249,70 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if loaded is not None and not isinstance(loaded, dict):
             raise NanoseekError(f"{path}: expected a mapping of keys to values at the top level")
         raw = loaded or {}
-    cfg = from_dict(cls, raw, where)
+    sources: dict[str, str] = {}  # dotted key -> the --set that gave it
     for item in overrides:
-        cfg = apply_override(cfg, item)
-    cfg.validate()
-    return cfg
+        key = apply_override(raw, item, cls)
+        sources[key] = f"--set {item}"
+    return parse(cls, raw, where, sources)
 
 
-def from_dict(cls, raw: dict, where: str, prefix: str = ""):
-    """Build dataclass `cls` from `raw`, checking every key and value type."""
-    if not isinstance(raw, dict):
-        raise NanoseekError(f"{where}: section '{prefix.rstrip('.')}' must be a mapping, got {raw!r:.60}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        full = prefix + str(key)
-        if key not in names:
-            raise NanoseekError(f"{where}: unknown config key '{full}' (known: {', '.join(sorted(names))})")
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = from_dict(kind, value if value is not None else {}, where, full + ".")
-        elif key == "model" and cls is TrainConfig:
-            kwargs[key] = check_model_section(value, where)
-        else:
-            kwargs[key] = check_type(value, kind, full, where)
-    try:
-        return cls(**kwargs)
-    except NanoseekError as e:  # a dataclass that checks itself on construction
-        raise NanoseekError(f"{where}: {e}") from None
+def parse(cls, raw: dict, where: str, sources: dict[str, str] | None = None):
+    """`cls` from `raw`; an error names the key and where its value came from (`sources`)."""
+    return cls.model_validate(raw, context={"where": where, "sources": sources or {}})
 
 
-def check_model_section(value, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise NanoseekError(f"{where}: config key 'model' must be a mapping (preset: tiny, hidden_size: ...)")
-    hints = typing.get_type_hints(ModelConfig)
-    out = {}
-    for key, v in value.items():
-        if key == "preset":
-            out[key] = check_type(v, str, "model.preset", where)
-        elif key in hints:
-            out[key] = check_type(v, hints[key], f"model.{key}", where)
-        else:
-            raise NanoseekError(f"{where}: unknown config key 'model.{key}' (a ModelConfig field or 'preset')")
-    return out
-
-
-def check_type(value, kind, key: str, where: str):
-    """`value` as type `kind`, or a NanoseekError naming `key`."""
-    def fail():
-        raise NanoseekError(f"{where}: config key '{key}' expects {type_name(kind)}, got {value!r:.60}")
-
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None:
-            if type(None) in options:
-                return None
-            fail()
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return check_type(value, option, key, where)
-            except NanoseekError:
-                continue
-        fail()
-    if kind is Any:
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            fail()
-        (item,) = typing.get_args(kind) or (Any,)
-        return [check_type(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict or kind is dict:
-        if not isinstance(value, dict):
-            fail()
-        return dict(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if kind is float:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                fail()
-        fail()
-    if kind is str:
-        if not isinstance(value, str):
-            fail()
-        return value
-    fail()
-
-
-def type_name(kind) -> str:
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        return " or ".join(type_name(k) for k in typing.get_args(kind))
-    if kind is type(None):
-        return "null"
-    if typing.get_origin(kind) is list:
-        return f"a list of {type_name(typing.get_args(kind)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}.get(
-        kind, getattr(kind, "__name__", str(kind)))
-
-
-def apply_override(cfg, item: str):
-    """`key=value` with a dotted key; the value is read as YAML (numbers, lists, null)."""
-    where = f"--set {item}"
+def apply_override(raw: dict, item: str, cls) -> str:
+    """Put `key=value` (a dotted key; the value read as YAML: numbers, lists, null) into `raw`;
+    returns the key."""
     if "=" not in item:
-        raise NanoseekError(f"{where}: expected key=value")
+        raise NanoseekError(f"--set {item}: expected key=value")
     key, text = item.split("=", 1)
     key = key.strip()
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    raw = dataclasses.asdict(cfg)
     parts = key.split(".")
+    for i in range(1, len(parts)):
+        if _annotation(cls, parts[:i]) is not None and not _is_mapping(_annotation(cls, parts[:i])):
+            raise NanoseekError(f"--set {item}: config key '{'.'.join(parts[:i])}' is not a section")
+    kind = _annotation(cls, parts)
+    if value is not None and not isinstance(value, str) and (
+            kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType) and str in typing.get_args(kind))):
+        value = text  # --set data.tokenizer=123 means the path "123" (a string, or a string or null)
     section = raw
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if not isinstance(section.get(part), dict):
-            raise NanoseekError(f"{where}: unknown config key '{'.'.join(parts[:i + 1])}' (not a section)")
+            section[part] = {}
         section = section[part]
-    leaf = parts[-1]
-    if _is_string_key(type(cfg), parts) and value is not None and not isinstance(value, str):
-        value = text  # --set data.tokenizer=123 means the path "123"
-    if not (parts[0] == "model" and type(cfg) is TrainConfig) and leaf not in section:
-        raise NanoseekError(f"{where}: unknown config key '{key}'")
-    section[leaf] = value
-    return from_dict(type(cfg), raw, where)
+    section[parts[-1]] = value
+    return key
 
 
-def _is_string_key(cls, parts: list[str]) -> bool:
-    hints: Any = cls
+def _is_section(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def _is_mapping(kind) -> bool:
+    """A section, the model section, or a dict (GRPO's task_options): what a dotted key may enter."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_is_mapping(k) for k in typing.get_args(kind))
+    return _is_section(kind) or kind is ModelSection or kind is dict or typing.get_origin(kind) is dict
+
+
+def _annotation(cls, parts: list[str]):
+    """The type of the dotted key `parts` in `cls` (None for a key it does not have)."""
+    kind: Any = cls
     for part in parts:
-        if part == "model" and hints is TrainConfig:
-            return parts[-1] in ("preset", "topk_method", "scoring_func", "hidden_act", "model_type")
-        if not dataclasses.is_dataclass(hints):
-            return False
-        h = typing.get_type_hints(hints)
-        if part not in h:
-            return False
-        hints = h[part]
-    return hints in (str, str | None)
+        if _is_section(kind):
+            field = kind.model_fields.get(part)
+            kind = field.annotation if field else None
+        elif kind is ModelSection:
+            kind = typing.get_type_hints(ModelSection).get(part)
+        else:
+            return None
+    return kind
 
 
-def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
+def save_config(cfg: Section, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
