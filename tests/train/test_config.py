@@ -116,6 +116,14 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_sft_needs_init_from(tmp_path, capsys):
+    path = write(tmp_path, "steps: 5\n")
+    code = main(["sft", "--config", str(path), "--out", str(tmp_path / "o")])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"error: {path}: config key 'init_from': SFT starts from a pretrained model directory (the hf/ folder that "
+        "`nanoseek pretrain` writes)")
+
+
 def test_wsd_schedule_shape():
     total, lr, low = 100, 1e-3, 1e-4
     lrs = [lr_at(s, total, lr, low, warmup=10, schedule="wsd", decay_fraction=0.3, tail_fraction=0.1)
@@ -142,10 +150,11 @@ def test_shipped_configs_load_and_match_the_demo(name, tmp_path):
 
     from nanoseek.demo import FULL
     from nanoseek.train.grpo import GRPORunConfig
+    from nanoseek.train.sft import SFTConfig
 
     path = Path(__file__).parents[2] / "configs" / f"{name}.yaml"
     overrides = [f"init_from={tmp_path}"] if name != "pretrain-tiny" else []  # they start from a pretrained model
-    cfg = load_config(path, overrides, cls=GRPORunConfig if name.startswith("grpo") else None)
+    cfg = load_config(path, overrides, cls={"grpo-tiny": GRPORunConfig, "sft-tiny": SFTConfig}.get(name))
     if name == "pretrain-tiny":
         assert (cfg.steps, cfg.batch_size, cfg.seq_len, cfg.document_mask) == \
             (FULL.pretrain_steps, FULL.batch_size, FULL.seq_len, True)

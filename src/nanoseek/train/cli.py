@@ -26,11 +26,9 @@ def run_stage(args) -> int:
     from nanoseek.train.config import load_config
     from nanoseek.train.pretrain import train
 
-    cfg = load_config(args.config, args.overrides)
-    if args.stage == "sft":
-        from nanoseek.train.sft import check_sft_config
+    from nanoseek.train.sft import SFTConfig
 
-        check_sft_config(cfg)
+    cfg = load_config(args.config, args.overrides, cls=SFTConfig if args.stage == "sft" else None)
     train(cfg, args.out, stage=args.stage, resume=args.resume)
     return 0
 

@@ -8,7 +8,7 @@ import random
 
 from nanoseek.errors import NanoseekError
 from nanoseek.train import distributed
-from nanoseek.train.config import TrainConfig
+from nanoseek.train.config import ConfigKeyError, TrainConfig
 
 
 class ChatBatches:
@@ -56,7 +56,11 @@ class ChatBatches:
         return self.dataset.collate([self.dataset[i] for i in mine])
 
 
-def check_sft_config(cfg: TrainConfig) -> None:
-    if not cfg.init_from:
-        raise NanoseekError("config key 'init_from': SFT starts from a pretrained model directory "
-                            "(the hf/ folder that `nanoseek pretrain` writes)")
+class SFTConfig(TrainConfig):
+    """Pretraining's config, with `init_from` required: SFT starts from a pretrained model."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.init_from:
+            raise ConfigKeyError("init_from", "SFT starts from a pretrained model directory "
+                                              "(the hf/ folder that `nanoseek pretrain` writes)")
