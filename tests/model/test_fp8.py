@@ -394,7 +394,7 @@ def test_scaled_mm_operands_pass_torchs_layout_checks():
         assert _scaled_mm_nt(*meta(gt_q, gt_s, xt_q, xt_s), False, out_dtype).shape == (330, 300)  # wgrad
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the FP8 scaled_mm fast path needs a CUDA GPU")
+@pytest.mark.cuda  # the FP8 scaled_mm fast path needs a CUDA GPU
 def test_gpu_scaled_mm_matches_the_emulation():
     device = torch.device("cuda")
     if scaled_mm_support(device) is None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 
+from nanoseek.device import add_device_arguments, device_arguments
 from nanoseek.errors import NanoseekError
 
 
@@ -20,6 +21,7 @@ def register(subparsers) -> None:
     gen.add_argument("--format", choices=("raw", "chat", "r1-zero"), default="raw",
                      help="wrap each --prompt as a chat user turn or in the R1-Zero template (default raw)")
     _sampling_args(gen, temperature=0.0, max_tokens=256)
+    add_device_arguments(gen)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
 
@@ -27,6 +29,7 @@ def register(subparsers) -> None:
     chat.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF format + tokenizer.json)")
     chat.add_argument("--system", help="a system prompt")
     _sampling_args(chat, temperature=0.6, max_tokens=1024, top_p=0.95)
+    add_device_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
     # `nanoseek bench decode` is registered by nanoseek.bench, from nanoseek.infer.bench.
@@ -58,8 +61,9 @@ def _params(args):
 def _engine(args, max_batch_size: int):
     from nanoseek.infer.engine import Engine
 
-    return Engine.from_pretrained(args.model, max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
-                                  speculative=args.speculative)
+    device, dtype = device_arguments(args)
+    return Engine.from_pretrained(args.model, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                                  max_seq_len=args.max_seq_len, speculative=args.speculative)
 
 
 def _parse_ids(text: str) -> list[int]:

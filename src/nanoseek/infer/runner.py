@@ -30,6 +30,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from nanoseek.device import model_dtype
 from nanoseek.fp8 import FP8WeightLinear
 from nanoseek.model import MLP, LatentCache, MoE, Transformer
 
@@ -72,8 +73,9 @@ class FoldedAttention:
     def __init__(self, attn, dtype):
         h, nope, rope, v, r = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
         self.attn, self.h, self.r, self.rope, self.nope = attn, h, r, rope, nope
+        device = attn.kv_a_proj_with_mqa.weight.device
         perm = (torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)]) if attn.interleave
-                else torch.arange(rope))
+                else torch.arange(rope)).to(device)
         kv_b = attn.kv_b_proj.weight.detach().double().view(h, nope + v, r)
         w_uk, w_uv = kv_b[:, :nope], kv_b[:, nope:]
         q_in = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
@@ -121,13 +123,13 @@ class FoldedAttention:
         """The same step through attn's own (FP8) projections: W_UK and W_UV stay apart, and the
         RoPE permutation and softmax scale go on their outputs."""
         h, nope, rope, r = self.h, self.nope, self.rope, self.r
-        device = attn.kv_a_proj_with_mqa.weight.device
+        device = perm.device
         self.q_absorbed = self.o_absorbed = False
         self.w_uk, self.w_uv = w_uk.to(dtype), w_uv.to(dtype)
-        head = torch.cat([torch.arange(nope), nope + perm])
-        q_index = (torch.arange(h)[:, None] * (nope + rope) + head).flatten()
+        head = torch.cat([torch.arange(nope, device=device), nope + perm])
+        q_index = (torch.arange(h, device=device)[:, None] * (nope + rope) + head).flatten()
         q_scale = torch.full((h * (nope + rope),), attn.scale, dtype=dtype, device=device)
-        kv_index = torch.cat([torch.arange(r), r + perm])
+        kv_index = torch.cat([torch.arange(r, device=device), r + perm])
         if attn.q_lora_rank is None:  # V2-Lite: the query and the latent from x, one projection
             self.split = [h * (nope + rope), r, rope]
             index = torch.cat([q_index, q_index.numel() + kv_index])
@@ -136,7 +138,7 @@ class FoldedAttention:
             self.project_q = None
         else:
             self.split = [attn.q_lora_rank, r, rope]
-            index = torch.cat([torch.arange(attn.q_lora_rank), attn.q_lora_rank + kv_index])
+            index = torch.cat([torch.arange(attn.q_lora_rank, device=device), attn.q_lora_rank + kv_index])
             self.project_in = ModuleProjection([attn.q_a_proj, attn.kv_a_proj_with_mqa], index.to(device), None)
             self.project_q = ModuleProjection([attn.q_b_proj], q_index.to(device), q_scale)
         self.project_o = attn.o_proj
@@ -205,9 +207,14 @@ class FoldedMoE:
         self.w_up = torch.stack([torch.cat([g, u]).T for g, u, _ in parts]).detach().to(dtype).contiguous()
         self.w_down = torch.stack([d for _, _, d in parts]).detach().to(dtype).contiguous()  # [E', I, D]
         n_shared = len(parts) - len(experts)
-        self.shared_ids = torch.arange(len(experts), len(parts))[None]
-        self.shared_gates = torch.ones(1, n_shared, dtype=dtype)
+        device = self.w_up.device
+        self.shared_ids = torch.arange(len(experts), len(parts), device=device)[None]
+        self.shared_gates = torch.ones(1, n_shared, dtype=dtype, device=device)
+        # torch._grouped_mm runs any dtype on the CPU; CUDA's kernel (and torch.compile's checks)
+        # take bfloat16 only, so float32 and float16 on a GPU loop over the experts instead.
         self.grouped_mm = getattr(torch, "_grouped_mm", None)
+        if device.type != "cpu" and dtype != torch.bfloat16:
+            self.grouped_mm = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         moe = self.moe
@@ -275,7 +282,7 @@ class DecodeRunner:
         if signature == self._signature:
             return
         model = self.model
-        dtype = next(model.parameters()).dtype
+        dtype = model_dtype(model)
         self.blocks = [FoldedBlock(layer, dtype) for layer in model.layers]
         self.mtp_blocks = [FoldedBlock(m, dtype) for m in model.mtp]
         positions = torch.arange(self.max_len, device=model.embed_tokens.weight.device)

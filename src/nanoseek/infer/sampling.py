@@ -1,7 +1,11 @@
 """SamplingParams (the fields of vLLM's, plus a thinking budget) and the token choice.
 
 Each completion draws from its own seeded `torch.Generator`, so a seeded request gives the
-same tokens whatever else shares its batch.
+same tokens whatever else shares its batch. The generators live on the CPU whatever the
+model's device: a draw is one uniform per token, moved to the logits' device and turned
+into a token by inverse CDF there, so a seed gives the same uniforms on the CPU and on a
+GPU (the tokens then differ only where the devices' logits do), and a CUDA generator per
+completion (state on the GPU, one per stream) is not needed for one number per step.
 """
 
 from __future__ import annotations
@@ -103,18 +107,19 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     if not rows:
         return tokens
     sub = [params[i] for i in rows]
+    dev = logits.device
     filtered = filter_logits(
-        logits if len(rows) == len(params) else logits[rows],
-        torch.tensor([p.temperature for p in sub]),
-        torch.tensor([p.top_k for p in sub]),
-        torch.tensor([p.top_p for p in sub]),
+        logits if len(rows) == len(params) else logits[torch.tensor(rows, device=dev)],
+        torch.tensor([p.temperature for p in sub], dtype=torch.float32, device=dev),
+        torch.tensor([p.top_k for p in sub], device=dev),
+        torch.tensor([p.top_p for p in sub], dtype=torch.float32, device=dev),
     )
     # One uniform per row from its own generator, then every row at once by inverse CDF:
     # a row's token depends only on its logits and its generator, not on the batch.
-    u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])
+    u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float32) for i in rows]).to(dev)
     cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
-    chosen = torch.searchsorted(cdf, u[:, None].to(cdf.device) * total, right=True)
+    chosen = torch.searchsorted(cdf, u[:, None] * total, right=True)
     # u * total may round up to total: then the last token with any probability (cdf reaches total there)
     chosen = torch.minimum(chosen, torch.searchsorted(cdf, total))[:, 0]
     for i, token in zip(rows, chosen.tolist()):

@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+from nanoseek.device import add_device_arguments, device_arguments
 from nanoseek.errors import NanoseekError
 
 
@@ -25,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="completions that may wait for a batch row; more get 429 (default 256)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    add_device_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
 
@@ -62,10 +64,11 @@ def cmd_serve(args) -> int:
         raise NanoseekError("--max-queue must be >= 0 and --max-batch-size >= 1")
     if args.api_key is not None and not args.api_key.strip():
         raise NanoseekError("--api-key is empty")
+    device, dtype = device_arguments(args)
     sock = _listen(args.host, args.port)
     try:
-        engine = Engine.from_pretrained(args.model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                                        speculative=args.speculative)
+        engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
+                                        max_seq_len=args.max_seq_len, speculative=args.speculative)
         name = args.served_model_name or Path(args.model).resolve().name
         app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
     except BaseException:
@@ -74,7 +77,8 @@ def cmd_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"nanoseek serve: model '{name}' at http://{shown}:{port}  (web chat /, API /v1, metrics /metrics; "
-          f"batch {engine.max_batch_size}, context {engine.max_seq_len})", flush=True)
+          f"batch {engine.max_batch_size}, context {engine.max_seq_len}, {engine.device.type} "
+          f"{str(engine.dtype).removeprefix('torch.')})", flush=True)
     if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
         print("warning: listening beyond this machine with no --api-key", flush=True)
     try:
