@@ -66,7 +66,7 @@ def test_chat_returns_reasoning_apart_from_the_answer(client, engine, model_dir)
     prompt_tokens = len(engine.tokenizer.encode(format_chat(MESSAGES)))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
         prompt_tokens, 12, prompt_tokens + 12)
-    assert r.usage.completion_tokens_details.reasoning_tokens == 6 == out.reasoning_tokens  # 5 + "</think>"
+    assert r.usage.completion_tokens_details.reasoning_tokens == 5 == out.reasoning_tokens  # before </think>
     # Without a budget this model never closes its reasoning: all of it is reasoning.
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=6)
     assert r.choices[0].message.content == "" and reasoning_of(r.choices[0].message)
@@ -154,11 +154,11 @@ def test_models_health_metrics_and_page(client, server):
     assert health(server.url)["status"] == "ok"
     metrics = httpx.get(server.url + "/metrics").text
     lines = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
-    assert int(lines['nanoseek_requests_total{path="/v1/chat/completions",status="200"}']) >= 1
-    assert int(lines['nanoseek_tokens_total{kind="completion"}']) > 0
-    assert int(lines['nanoseek_tokens_total{kind="reasoning"}']) > 0
-    assert lines["nanoseek_queue_length"] == "0" and lines["nanoseek_pending"] == "0"
-    assert int(lines["nanoseek_time_to_first_token_seconds_count"]) > 0
+    assert float(lines['nanoseek_requests_total{path="/v1/chat/completions",status="200"}']) >= 1
+    assert float(lines['nanoseek_tokens_total{kind="completion"}']) > 0
+    assert float(lines['nanoseek_tokens_total{kind="reasoning"}']) > 0
+    assert float(lines["nanoseek_queue_length"]) == 0 and float(lines["nanoseek_pending"]) == 0
+    assert float(lines["nanoseek_time_to_first_token_seconds_count"]) > 0
     assert "# TYPE nanoseek_request_duration_seconds histogram" in metrics
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "Thought for" in page.text
@@ -198,13 +198,53 @@ LONG = [{"role": "user", "content": "The quick brown fox jumps. " * 150}]  # > 5
     ({**GOOD, "messages": [{"role": "user", "content": "3+4 " * 30_000}]}, 400, "messages",
      "context_length_exceeded"),  # tokenized off the event loop
     ({**GOOD, "max_tokens": 510}, 400, "max_tokens", "context_length_exceeded"),
+    ({**GOOD, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
+    ({**GOOD, "temperature": None, "n": 1.0}, 400, "n", "invalid_type"),
+    ({**GOOD, "messages": [{"role": "user", "content": "hi", "name": "ann"}]}, 400, "messages[0].name",
+     "unknown_parameter"),
+    ({**GOOD, "messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
+    ({**GOOD, "stream_options": {"include_usage": True, "other": 1}, "stream": True}, 400, "stream_options.other",
+     "unknown_parameter"),
+    ({**GOOD, "temperatur": 0.5}, 400, "temperatur", "unknown_parameter"),  # OpenAI refuses unknown keys too
+    ({**GOOD, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+    ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
+    ({**GOOD, "tool_choice": "auto"}, 400, "tool_choice", "unsupported_parameter"),
+    ({**GOOD, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
+    ({**GOOD, "functions": [{"name": "f"}]}, 400, "functions", "unsupported_parameter"),
+    ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+    ({**GOOD, "frequency_penalty": False}, 400, "frequency_penalty", "unsupported_parameter"),
+    ({**GOOD, "top_logprobs": 2}, 400, "top_logprobs", "unsupported_parameter"),
+    ({**GOOD, "user": "ann"}, 400, "user", "unsupported_parameter"),
+    ({"model": MODEL, "prompt": "1+1", "echo": True}, 400, "echo", "unsupported_parameter"),
+    ({"model": MODEL, "prompt": "1+1", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
+    ({"model": MODEL, "prompt": "1+1", "best_of": 2}, 400, "best_of", "unsupported_parameter"),
+    ({"model": MODEL, "prompt": "1+1", "messages": MESSAGES}, 400, "messages", "unknown_parameter"),
 ])
 def test_bad_parameters_are_4xx_with_an_openai_error_body(server, body, status, param, code):
-    r = post(server, body)
+    r = post(server, body, path="/v1/completions" if "prompt" in body else "/v1/chat/completions")
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert (error["param"], error["code"]) == (param, code) and error["message"] and error["type"]
     assert "Traceback" not in r.text
+
+
+def test_unsupported_parameters_are_named_and_neutral_values_pass(server):
+    r = post(server, {**GOOD, "response_format": {"type": "json_object"}})
+    assert r.json()["error"] == {"message": "'response_format' is not supported by this server",
+                                 "type": "invalid_request_error", "param": "response_format",
+                                 "code": "unsupported_parameter"}
+    r = post(server, {**GOOD, "temperatur": 0.5})
+    assert r.json()["error"]["message"] == "Unrecognized request argument supplied: 'temperatur'"
+    r = post(server, {**GOOD, "temperature": 2.5})
+    assert r.json()["error"]["message"] == "'temperature' = 2.5 is out of range: expected <= 2.0"
+    # What asks for nothing is not refused: the neutral value of a parameter, and null for any.
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "tools": [],
+               "tool_choice": "none", "logprobs": False, "logit_bias": {}, "seed": None, "stop": None, "n": None}
+    r = post(server, {**GOOD, **neutral})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    r = post(server, {"model": MODEL, "prompt": "1+1", "max_tokens": 2, "temperature": 0, "echo": False,
+                      "best_of": 1, "suffix": ""}, path="/v1/completions")
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_bad_key_bad_json_bad_routes(server, client):
@@ -380,6 +420,30 @@ def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(small_serve
         assert r.status_code == 200 and "device lost" in lines[-2] and lines[-1] == "data: [DONE]"
         r = c.post("/v1/chat/completions", json=GOOD)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_metrics_of_two_apps_in_one_process_are_their_own(engine):
+    """prometheus_client with a registry per app: the names, types and labels of the exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nanoseek.serve.app import create_app
+
+    first, second = create_app(engine), create_app(engine)
+    first.state.metrics.request("/health", 200, 0.02)
+    families = {f.name: f for f in text_string_to_metric_families(first.state.metrics.render().decode())}
+    assert {name: f.type for name, f in families.items()} == {
+        "nanoseek_requests": "counter", "nanoseek_tokens": "counter", "nanoseek_queue_length": "gauge",
+        "nanoseek_running": "gauge", "nanoseek_pending": "gauge", "nanoseek_capacity": "gauge",
+        "nanoseek_engine_steps": "counter", "nanoseek_engine_step_seconds": "counter",
+        "nanoseek_request_duration_seconds": "histogram", "nanoseek_time_to_first_token_seconds": "histogram"}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("nanoseek_requests_total", (("path", "/health"), ("status", "200")))] == 1
+    assert samples[("nanoseek_request_duration_seconds_bucket", (("le", "0.025"),))] == 1
+    assert samples[("nanoseek_request_duration_seconds_bucket", (("le", "0.01"),))] == 0
+    assert samples[("nanoseek_capacity", ())] == engine.max_batch_size + 256
+    assert {labels for name, labels in samples if name == "nanoseek_tokens_total"} == {
+        (("kind", k),) for k in ("prompt", "completion", "reasoning")}
+    assert 'nanoseek_requests_total{path="/health"' not in second.state.metrics.render().decode()
 
 
 # ---- the command ---------------------------------------------------------------------------------

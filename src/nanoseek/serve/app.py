@@ -16,7 +16,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -27,43 +26,22 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.data.chat import BOS, END_THINK, format_chat
+from nanoseek.data.chat import BOS, format_chat
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.engine import CompletionOutput, Engine, StreamEvent
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest, parse
 
 log = logging.getLogger("nanoseek.serve")
 
 MAX_BODY_BYTES = 4 << 20
-MAX_N = 16
-MAX_STOP = 4
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# OpenAI parameters the engine does not have: refused unless left at their neutral value.
-UNSUPPORTED = {"tools": None, "functions": None, "tool_choice": None, "logprobs": False, "top_logprobs": None,
-               "logit_bias": None, "echo": False, "suffix": None, "best_of": 1, "presence_penalty": 0,
-               "frequency_penalty": 0}
-
-
-class ApiError(Exception):
-    """An error response: the status, an OpenAI-style body, and headers (Retry-After)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def body(self) -> dict:
-        kind = ("rate_limit_error" if self.status == 429 else "server_error" if self.status >= 500
-                else "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
 # ---------------------------------------------------------------------------------------
 # The engine thread.
 # ---------------------------------------------------------------------------------------
@@ -242,54 +220,18 @@ class EngineLoop:
 # ---------------------------------------------------------------------------------------
 # Request parsing.
 # ---------------------------------------------------------------------------------------
-def _number(body: dict, name: str, default, lo: float, hi: float | None, integer: bool = False,
-            lo_open: bool = False):
-    value = body.get(name)
-    if value is None:
-        return default
-    shown = json.dumps(value)[:40]
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {shown}", name,
-                       "invalid_type")
-    if value < lo or (lo_open and value == lo) or (hi is not None and value > hi):
-        low = f"{'>' if lo_open else '>='} {lo}"
-        raise ApiError(400, f"'{name}' = {shown} is out of range: expected {low}" +
-                       (f" and <= {hi}" if hi is not None else ""), name, "invalid_value")
-    return value
-
-
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ApiError(400, f"'{name}' must be true or false, got {json.dumps(value)[:40]}", name, "invalid_type")
-    return value
-
-
-def parse_sampling(body: dict, prompt_tokens: int, max_seq_len: int, prompt_param: str = "messages"
+def parse_sampling(req: SamplingRequest, prompt_tokens: int, max_seq_len: int, prompt_param: str = "messages"
                    ) -> tuple[SamplingParams, bool, bool]:
-    """(SamplingParams, stream, include_usage) of a request body; ApiError 400 when out of range."""
-    for name, neutral in UNSUPPORTED.items():
-        if body.get(name) not in (None, neutral, [], {}):
-            raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported_parameter")
-    stream = _flag(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
-    include_usage = _flag(options or {}, "include_usage")
+    """(SamplingParams, stream, include_usage) of a validated request; ApiError 400 for what
+    depends on more than one parameter (the context length, stream_options without stream)."""
+    stream = bool(req.stream)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if include_usage and not stream:
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options",
                        "invalid_value")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-                             or len(stop) > MAX_STOP):
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop",
-                       "invalid_value")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, name, None, 1, None, integer=True)
+    name, max_tokens = "max_tokens", req.max_tokens
+    if getattr(req, "max_completion_tokens", None) is not None:
+        name, max_tokens = "max_completion_tokens", req.max_completion_tokens
     if prompt_tokens >= max_seq_len:
         raise ApiError(400, f"This model's maximum context length is {max_seq_len} tokens, and the prompt has "
                             f"{prompt_tokens}: shorten it", prompt_param, "context_length_exceeded")
@@ -297,89 +239,19 @@ def parse_sampling(body: dict, prompt_tokens: int, max_seq_len: int, prompt_para
         raise ApiError(400, f"This model's maximum context length is {max_seq_len} tokens, but you requested "
                             f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} for the "
                             f"completion): lower '{name}' or shorten the prompt", name, "context_length_exceeded")
+
+    def given(value, default):
+        return default if value is None else value
+
     try:
         params = SamplingParams(
-            n=_number(body, "n", 1, 1, MAX_N, integer=True),
-            temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-            top_p=float(_number(body, "top_p", 1.0, 0, 1, lo_open=True)),
-            top_k=_number(body, "top_k", 0, -1, None, integer=True),
-            max_tokens=max_tokens,  # None: up to the context
-            stop=stop,
-            seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
-            max_thinking_tokens=_number(body, "max_reasoning_tokens", None, 0, None, integer=True),
+            n=given(req.n, 1), temperature=float(given(req.temperature, 1.0)), top_p=float(given(req.top_p, 1.0)),
+            top_k=given(req.top_k, 0), max_tokens=max_tokens, stop=req.stop, seed=req.seed,
+            max_thinking_tokens=req.max_reasoning_tokens,
         )
     except NanoseekError as e:  # what the checks above missed
         raise ApiError(400, str(e), None, "invalid_value") from None
     return params, stream, include_usage
-
-
-def _message_text(i: int, content) -> str | None:
-    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content",
-                   "invalid_value")
-
-
-def parse_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
-                       "invalid_value")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            got = m.get("role") if isinstance(m, dict) else m
-            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, got {json.dumps(got)[:40]}",
-                           f"messages[{i}].role", "invalid_value")
-        message = {"role": ROLES[m["role"]], "content": _message_text(i, m.get("content"))}
-        if m.get("reasoning_content") is not None:
-            message["reasoning_content"] = m["reasoning_content"]
-        out.append(message)
-    return out
-
-
-class MessageParts:
-    """One completion's streamed text as reasoning and answer deltas. The chat prompt ends inside
-    "<think>", so the text is reasoning up to "</think>" and the answer after it; a tail that
-    could be the start of "</think>" waits for the next piece. Each part is trimmed as the whole
-    message is (no whitespace at its start or end: trailing whitespace waits for more text), so
-    the deltas add up to exactly the non-streamed message."""
-
-    def __init__(self):
-        self.thinking = True
-        self.text = {"reasoning": "", "content": ""}
-        self._pending = ""
-        self._held = {"reasoning": "", "content": ""}
-
-    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
-        """The (reasoning, content) deltas of the next piece of text; `final` on the last one."""
-        self._pending += text
-        reasoning = answer = ""
-        if self.thinking:
-            close = self._pending.find(END_THINK)
-            if close >= 0:
-                reasoning, answer = self._pending[:close], self._pending[close + len(END_THINK):]
-                self.thinking, self._pending = False, ""
-            else:
-                keep = 0 if final else next((k for k in range(len(END_THINK) - 1, 0, -1)
-                                             if self._pending.endswith(END_THINK[:k])), 0)
-                cut = len(self._pending) - keep
-                reasoning, self._pending = self._pending[:cut], self._pending[cut:]
-        else:
-            answer, self._pending = self._pending, ""
-        return self._add("reasoning", reasoning), self._add("content", answer)
-
-    def _add(self, part: str, piece: str) -> str:
-        piece = self._held[part] + piece
-        if not self.text[part]:
-            piece = piece.lstrip()
-        kept = piece.rstrip()
-        self._held[part] = piece[len(kept):]
-        self.text[part] += kept
-        return kept
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -413,68 +285,65 @@ async def _disconnected(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Metrics (Prometheus text format).
+# Metrics (prometheus_client, in a registry of the app's own: apps in one process do not mix).
 # ---------------------------------------------------------------------------------------
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
+# No `*_created` series beside each counter and histogram: the exposition has the series that
+# dashboards read, nothing more. (prometheus_client has this switch for the whole process only.)
+disable_created_metrics()
 
 
-class Histogram:
-    def __init__(self):
-        self.counts, self.sum, self.count = [0] * len(BUCKETS), 0.0, 0
+class _EngineCounters(Collector):
+    """The engine thread's step counters, read at each scrape."""
 
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, b in enumerate(BUCKETS):
-            if value <= b:
-                self.counts[i] += 1
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
 
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
-                      f"{name}_count {self.count}"]
+    def collect(self):
+        yield CounterMetricFamily("nanoseek_engine_steps", "Engine steps (one decoded token per running completion).",
+                                  value=self.loop.steps)
+        yield CounterMetricFamily("nanoseek_engine_step_seconds", "Time spent in engine steps.",
+                                  value=self.loop.step_seconds)
 
 
 class Metrics:
-    def __init__(self):
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)
-        self.tokens = {"prompt": 0, "completion": 0, "reasoning": 0}
-        self.latency, self.ttft = Histogram(), Histogram()
+    def __init__(self, loop: EngineLoop):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("nanoseek_requests", "HTTP requests by path and status code.", ["path", "status"],
+                                registry=registry)
+        self.tokens = Counter("nanoseek_tokens", "Tokens of finished requests: prompt, completion, and the reasoning "
+                              "part of completion.", ["kind"], registry=registry)
+        for kind in ("prompt", "completion", "reasoning"):
+            self.tokens.labels(kind)  # shown from the start, at 0
+        for name, help_, read in (
+                ("nanoseek_queue_length", "Completions waiting for a row of the batch.", lambda: loop.waiting),
+                ("nanoseek_running", "Completions in the batch.", lambda: loop.running),
+                ("nanoseek_pending", "Completions accepted and not yet answered.", lambda: loop.pending),
+                ("nanoseek_capacity", "Completions accepted before answering 429.", lambda: loop.capacity),
+        ):
+            Gauge(name, help_, registry=registry).set_function(read)
+        registry.register(_EngineCounters(loop))
+        self.latency = Histogram("nanoseek_request_duration_seconds", "HTTP request latency.", buckets=BUCKETS,
+                                 registry=registry)
+        self.ttft = Histogram("nanoseek_time_to_first_token_seconds",
+                              "From a completion request's arrival to its first token.", buckets=BUCKETS,
+                              registry=registry)
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        self.requests.labels(path, str(status)).inc()
+        self.latency.observe(seconds)
 
     def finished(self, job: Job) -> None:
         usage = job.usage()
-        self.tokens["prompt"] += usage["prompt_tokens"]
-        self.tokens["completion"] += usage["completion_tokens"]
-        self.tokens["reasoning"] += usage["completion_tokens_details"]["reasoning_tokens"]
+        self.tokens.labels("prompt").inc(usage["prompt_tokens"])
+        self.tokens.labels("completion").inc(usage["completion_tokens"])
+        self.tokens.labels("reasoning").inc(usage["completion_tokens_details"]["reasoning_tokens"])
         if job.first_token is not None:
             self.ttft.observe(job.first_token - job.started)
 
-    def render(self, loop: EngineLoop) -> str:
-        lines = ["# HELP nanoseek_requests_total HTTP requests by path and status code.",
-                 "# TYPE nanoseek_requests_total counter"]
-        lines += [f'nanoseek_requests_total{{path="{p}",status="{s}"}} {n}'
-                  for (p, s), n in sorted(self.requests.items())]
-        lines += ["# HELP nanoseek_tokens_total Tokens of finished requests: prompt, completion, and the reasoning "
-                  "part of completion.", "# TYPE nanoseek_tokens_total counter"]
-        lines += [f'nanoseek_tokens_total{{kind="{k}"}} {v}' for k, v in self.tokens.items()]
-        for name, value, help_ in (
-                ("nanoseek_queue_length", loop.waiting, "Completions waiting for a row of the batch."),
-                ("nanoseek_running", loop.running, "Completions in the batch."),
-                ("nanoseek_pending", loop.pending, "Completions accepted and not yet answered."),
-                ("nanoseek_capacity", loop.capacity, "Completions accepted before answering 429."),
-        ):
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]
-        lines += ["# HELP nanoseek_engine_steps_total Engine steps (one decoded token per running completion).",
-                  "# TYPE nanoseek_engine_steps_total counter", f"nanoseek_engine_steps_total {loop.steps}",
-                  "# HELP nanoseek_engine_step_seconds_total Time spent in engine steps.",
-                  "# TYPE nanoseek_engine_step_seconds_total counter",
-                  f"nanoseek_engine_step_seconds_total {loop.step_seconds:.6f}"]
-        for name, hist, help_ in (("nanoseek_request_duration_seconds", self.latency, "HTTP request latency."),
-                                  ("nanoseek_time_to_first_token_seconds", self.ttft,
-                                   "From a completion request's arrival to its first token.")):
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"] + hist.lines(name)
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 class _MetricsMiddleware:
@@ -497,8 +366,7 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             path = scope["path"] if scope["path"] in ROUTES else "other"
-            self.metrics.requests[path, status[0]] += 1
-            self.metrics.latency.observe(time.perf_counter() - start)
+            self.metrics.request(path, status[0], time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------
@@ -512,7 +380,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
         raise NanoseekError("the server needs a tokenizer: the model directory has no tokenizer.json")
     tokenizer = engine.tokenizer
     loop = EngineLoop(engine, max_queue)
-    metrics = Metrics()
+    metrics = Metrics(loop)
     page = (resources.files("nanoseek.serve") / "static" / "index.html").read_text(encoding="utf-8")
     created = int(time.time())
 
@@ -556,7 +424,8 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
             raise ApiError(401, "Incorrect API key provided", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: Request, schema):
+        """The JSON body, for this server's model, as `schema` (protocol.py): ApiError when it is not."""
         try:
             declared = int(request.headers.get("content-length") or 0)
         except ValueError:
@@ -581,7 +450,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
         if model != model_name:
             raise ApiError(404, f"The model {json.dumps(model)[:80]} does not exist; this server serves "
                                 f"'{model_name}'", "model", "model_not_found")
-        return body
+        return parse(schema, body)
 
     async def encode(text: str) -> list[int]:
         """Token ids as the engine would encode the text; a long text in a worker thread, so that
@@ -591,7 +460,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
             return tokenizer.encode(text, bos=bos)
         return await asyncio.to_thread(tokenizer.encode, text, bos)
 
-    async def start(body: dict, prompt_ids: list[int], prefix: str, prompt_param: str):
+    async def start(body: SamplingRequest, prompt_ids: list[int], prefix: str, prompt_param: str):
         params, stream, include_usage = parse_sampling(body, len(prompt_ids), engine.max_seq_len, prompt_param)
         if params.n > loop.capacity:
             raise ApiError(400, f"'n' = {params.n} is more than this server ever holds ({loop.capacity})", "n",
@@ -664,7 +533,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(loop), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "nanoseek",
@@ -685,13 +554,12 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = await read_body(request)
+        body = await read_body(request, ChatCompletionRequest)
         try:
-            text = format_chat(parse_messages(body.get("messages")))
+            text = format_chat(body.chat())
         except NanoseekError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         job, params, stream, include_usage = await start(body, await encode(text), "chatcmpl", "messages")
-        parts = [MessageParts() for _ in range(params.n)]
         head = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created, "model": model_name}
 
         def chunk(choices: list, usage=None) -> dict:
@@ -699,7 +567,8 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
 
         if stream:
             def render(event: StreamEvent):
-                reasoning, content = parts[event.index].feed(event.text, event.finish_reason is not None)
+                # the engine's reasoning splitter: the deltas add up to the non-streamed message
+                reasoning, content = event.reasoning, event.answer
                 delta = {"content": content or None, "reasoning_content": reasoning or None} if (
                     reasoning or content) else {}
                 finish = _finish_reason(event.finish_reason)
@@ -710,9 +579,9 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
                              "finish_reason": None}]) for i in range(params.n)]
             return _EventStream(stream_events(job, include_usage, render, chunk, roles), lambda: finish(job))
 
-        await collect(job, request, lambda e: parts[e.index].feed(e.text, e.finish_reason is not None))
-        choices = [{"index": i, "message": {"role": "assistant", "content": parts[i].text["content"],
-                                            "reasoning_content": parts[i].text["reasoning"]},
+        await collect(job, request, lambda e: None)
+        choices = [{"index": i, "message": {"role": "assistant", "content": job.outputs[i].answer,
+                                            "reasoning_content": job.outputs[i].reasoning},
                     "logprobs": None, "finish_reason": _finish_reason(job.outputs[i].finish_reason)}
                    for i in range(params.n)]
         return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": model_name,
@@ -721,8 +590,8 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        body = await read_body(request)
-        prompt = body.get("prompt")
+        body = await read_body(request, CompletionRequest)
+        prompt = body.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str) and prompt:
