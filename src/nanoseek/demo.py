@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from nanoseek.data.chat import R1_ZERO_TEMPLATE
+from nanoseek.device import add_device_arguments, device_arguments
+from nanoseek.errors import NanoseekError
 
 TASK = "chain"  # nanoseek/tasks/chain.py says why not plain arith
 
@@ -63,6 +65,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a two-minute version of the same pipeline (for tests)")
+    # float16 is left out: training in it needs loss scaling, which nanoseek does not do.
+    add_device_arguments(p, dtypes=("float32", "bfloat16"),
+                         dtype_help="bfloat16: pretraining under bf16 autocast, GRPO and evaluation on bf16 weights")
     p.set_defaults(func=run_demo)
 
 
@@ -81,6 +86,9 @@ def run_demo(args) -> int:
     from nanoseek.train.pretrain import train
 
     plan = QUICK if args.quick else FULL
+    device, dtype = device_arguments(args)
+    if device.index is not None:
+        raise NanoseekError(f"--device {args.device}: the demo runs on 'cuda' (choose the GPU with CUDA_VISIBLE_DEVICES)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     task_options = dict(plan.task_options)
@@ -105,8 +113,8 @@ def run_demo(args) -> int:
                       seq_len=plan.seq_len, document_mask=True, batch_size=plan.batch_size,
                       steps=plan.pretrain_steps, seed=args.seed,
                       warmup_steps=min(20, plan.pretrain_steps // 5), checkpoint_every=plan.pretrain_steps,
-                      log_every=max(1, plan.pretrain_steps // 30), tensorboard=not args.quick)
-    cfg.validate()
+                      log_every=max(1, plan.pretrain_steps // 30), tensorboard=not args.quick,
+                      device=device.type, precision="bf16" if dtype == torch.bfloat16 else "fp32")
     pretrain = train(cfg, out / "pretrain")
     base = _replace_dir(out / "pretrain" / "hf", out / "base")
     seconds["pretrain"] = time.perf_counter() - t0
@@ -114,7 +122,7 @@ def run_demo(args) -> int:
     stage("3/5 evaluating the base model")
     t0 = time.perf_counter()
     problems = task.sample(plan.eval_problems, "test", seed=args.seed)
-    before, _ = evaluate_dir(base, task, problems, plan, args.seed)
+    before, _ = evaluate_dir(base, task, problems, plan, args.seed, device, dtype)
     print(summary_line("base", before), file=sys.stderr)
     seconds["eval_base"] = time.perf_counter() - t0
 
@@ -125,14 +133,15 @@ def run_demo(args) -> int:
         template=R1_ZERO_TEMPLATE, rewards={"accuracy": 1.0, "format": 0.1}, steps=plan.grpo_steps,
         prompts_per_step=plan.prompts_per_step, group_size=plan.group_size, max_new_tokens=plan.max_new_tokens,
         temperature=1.0, lr=plan.grpo_lr, beta=0.0, loss_type=plan.loss_type, seed=args.seed,
-        checkpoint_every=max(1, plan.grpo_steps // 3), tensorboard=not args.quick)
+        checkpoint_every=max(1, plan.grpo_steps // 3), tensorboard=not args.quick, device=device.type,
+        dtype=args.dtype)
     grpo_run(rl_cfg, out / "grpo")
     r1_zero = _replace_dir(out / "grpo" / "hf", out / "r1-zero")
     seconds["grpo"] = time.perf_counter() - t0
 
     stage("5/5 evaluating the R1-Zero model")
     t0 = time.perf_counter()
-    after, samples = evaluate_dir(r1_zero, task, problems, plan, args.seed)
+    after, samples = evaluate_dir(r1_zero, task, problems, plan, args.seed, device, dtype)
     print(summary_line("r1-zero", after), file=sys.stderr)
     seconds["eval_r1_zero"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
@@ -140,18 +149,19 @@ def run_demo(args) -> int:
     from nanoseek.report import write_report
 
     md = write_report(out, plan=asdict(plan), task=TASK, task_options=task_options, template=R1_ZERO_TEMPLATE,
-                      before=before, after=after, samples=samples, pretrain=pretrain, rl_config=asdict(rl_cfg),
+                      before=before, after=after, samples=samples, pretrain=pretrain, rl_config=rl_cfg.to_dict(),
                       seconds=seconds, quick=args.quick, seed=args.seed)
     print(f"\nreport: {md}\nchat with it: nanoseek chat --model {r1_zero}", flush=True)
     return 0
 
 
-def evaluate_dir(model_dir: Path, task, problems, plan: Plan, seed: int):
+def evaluate_dir(model_dir: Path, task, problems, plan: Plan, seed: int, device=None, dtype=None):
     from nanoseek.eval import evaluate
     from nanoseek.infer import Engine
 
     prompt_len = max(len(R1_ZERO_TEMPLATE.format(prompt=p.prompt)) for p in problems)  # chars >= tokens
-    engine = Engine.from_pretrained(model_dir, max_batch_size=min(len(problems) * plan.eval_samples, 256),
+    engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype,
+                                    max_batch_size=min(len(problems) * plan.eval_samples, 256),
                                     max_seq_len=prompt_len + plan.max_new_tokens + 2)
     samples: list[dict] = []
     with torch.inference_mode():

@@ -84,13 +84,13 @@ def place_model(model: nn.Module, device: torch.device | None = None, dtype: tor
     return model
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, dtype_default: str = "float32") -> None:
-    """`--device` and `--dtype` for a command that loads a model."""
+def add_device_arguments(parser: argparse.ArgumentParser, dtypes: tuple[str, ...] = tuple(DTYPES),
+                         dtype_help: str = "dtype of the weights and the cache; float16 on a GPU only") -> None:
+    """`--device` and `--dtype` (default float32) for a command that loads a model."""
     g = parser.add_argument_group("device")
     g.add_argument("--device", default="auto", metavar="DEVICE",
                    help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--dtype", default=dtype_default, choices=list(DTYPES),
-                   help=f"dtype of the weights and the cache; float16 on a GPU only (default {dtype_default})")
+    g.add_argument("--dtype", default="float32", choices=dtypes, help=f"{dtype_help} (default float32)")
 
 
 def device_arguments(args: argparse.Namespace) -> tuple[torch.device, torch.dtype | None]:
