@@ -31,3 +31,27 @@ def random_model(config, seed: int = 0, norms: bool = True) -> Transformer:
     gives the same weights."""
     torch.manual_seed(seed)
     return randomize(Transformer(config), norms=norms)
+
+
+@torch.no_grad()
+def balance_by_hand(moe, x: torch.Tensor) -> float:
+    """V3's sequence-wise balance loss (eq. 17-20) of MoE layer `moe` for its input x [B, T, D],
+    written out: sum_i f_i P_i per sequence, averaged over the sequences."""
+    b, t, _ = x.shape
+    e, k = moe.n_experts, moe.top_k
+    _, indices, scores = moe.gate(x.reshape(b * t, -1))
+    total = 0.0
+    for row in range(b):
+        s, idx = scores[row * t:(row + 1) * t], indices[row * t:(row + 1) * t]
+        f = torch.bincount(idx.flatten(), minlength=e).float() * e / (k * t)
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        total += float((f * p).sum())
+    return total / b
+
+
+def record_moe_inputs(model: Transformer) -> dict[str, torch.Tensor]:
+    """{MoE layer name: its input in the latest forward pass}, kept up to date by hooks."""
+    inputs: dict[str, torch.Tensor] = {}
+    for name, moe in model.named_moe_layers():
+        moe.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
+    return inputs

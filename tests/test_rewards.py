@@ -103,6 +103,8 @@ def test_countdown_fractions_are_exact():
     ("<think>a<think>b</think></think> <answer>7</answer>", False, True, 0),
     ("<think>never closed <answer>7</answer>", False, True, 0),
     ("r</think> <answer>7</answer>", True, True, 1),
+    ("<think>r</think> <answer>7</answer>", True, True, 0),  # a second <think> after the prompt's
+    ("<think>r</think> <answer>7</answer></think>", False, True, 0),
     ("reasoning\n</think>\n\nThe answer is 7.", True, False, 1),
     ("reasoning\n</think>\n\n", True, False, 0),
     ("", False, True, 0),

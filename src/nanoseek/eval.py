@@ -1,16 +1,24 @@
 """Evaluation as R1 reports it (DeepSeek-R1 section 3): pass@1 averaged over k samples at
 temperature 0.6 / top-p 0.95, pass@k, majority vote (cons@k) and response length.
 
-Following SYSTEM.md section 6, samples that reason (non-empty <think>) and samples that
-answer directly are also scored apart: the gap between them is what R1-Zero turns into pass@1.
+Samples that reason (non-empty reasoning) and samples that answer directly are also scored
+apart: RL can only turn into pass@1 a gap that is already there, reasoning that is right more
+often than a direct guess.
+
+What RL trains on is what evaluation scores: a sample is right when the task's own reward
+(`task.reward`, the accuracy term of GRPO's reward) says so, and its thinking length is the
+engine's `reasoning_tokens` (the tokens between <think> and </think>, the rule of
+nanoseek.data.reasoning), which GRPO's metrics read too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from nanoseek.data.chat import parse_reasoning
+from nanoseek.data.reasoning import prompt_opens_reasoning
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -18,6 +26,34 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_vote(answers: Iterable[str | None], key=None) -> str | None:
+    """The most common answer (cons@k), ties to the one seen first; empty and None answers do
+    not vote. `key` maps an answer to what counts as equal (default: stripped text)."""
+    key = key or (lambda a: a.strip())
+    counts: dict = {}
+    first: dict = {}
+    for a in answers:
+        if a is None or not a.strip():
+            continue
+        k = key(a)
+        if k is None:
+            continue
+        counts[k] = counts.get(k, 0) + 1
+        first.setdefault(k, a)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(first[k] for k in first if counts[k] == best)
+
+
+def consensus(engine, prompts: list, k: int, sampling_params=None, key=None) -> list[str | None]:
+    """cons@k: sample k completions per prompt and take the majority answer of each."""
+    from nanoseek.infer import SamplingParams
+
+    params = dataclasses.replace(sampling_params or SamplingParams(temperature=0.6, top_p=0.95, max_tokens=256), n=k)
+    return [majority_vote([o.answer for o in r.outputs], key) for r in engine.generate(prompts, params)]
 
 
 @dataclass
@@ -28,7 +64,7 @@ class EvalResult:
     pass_at_k: float
     cons_at_k: float
     response_len: float  # tokens
-    thinking_len: float  # tokens inside <think>
+    thinking_len: float  # tokens between <think> and </think> (CompletionOutput.reasoning_tokens)
     thinking_share: float  # samples with non-empty reasoning
     thinking_accuracy: float | None
     direct_accuracy: float | None
@@ -40,25 +76,25 @@ class EvalResult:
 
 def evaluate(engine, task, problems, template: str, k: int = 4, max_tokens: int = 96, temperature: float = 0.6,
              top_p: float = 0.95, seed: int = 0, samples_out: list | None = None) -> EvalResult:
-    """Sample k completions per problem and score them with the task's accuracy reward."""
-    from nanoseek.infer import SamplingParams, majority_vote
+    """Sample k completions per problem from `template` (with a {prompt} field) and score them
+    with the task's reward."""
+    from nanoseek.infer import SamplingParams
     from nanoseek.rewards import format_reward
 
     params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    think_opened = prompt_opens_reasoning(template)
     results = engine.generate([template.format(prompt=p.prompt) for p in problems], params)
     correct = total_len = think_len = thinking = think_right = direct_right = formatted = 0
     pass_k = cons = 0.0
     for problem, res in zip(problems, results):
-        c, answers = 0, []
+        c = 0
         for o in res.outputs:
             right = task.reward(o.text, problem) > 0.5
-            reasoning, answer = parse_reasoning(o.text)
-            answers.append(answer)
             c += right
             total_len += len(o.token_ids)
-            think_len += len(engine.tokenizer.encode(reasoning)) if reasoning else 0
-            formatted += format_reward(o.text) > 0.5
-            if reasoning:
+            think_len += o.reasoning_tokens
+            formatted += format_reward(o.text, think_opened) > 0.5
+            if o.reasoning:
                 thinking += 1
                 think_right += right
             else:
@@ -68,7 +104,7 @@ def evaluate(engine, task, problems, template: str, k: int = 4, max_tokens: int 
                                     "correct": bool(right)})
         correct += c
         pass_k += pass_at_k(k, c, k)
-        vote = majority_vote(answers)
+        vote = majority_vote([o.answer for o in res.outputs])
         cons += vote is not None and task.reward(f"<answer>{vote}</answer>", problem) > 0.5
     n = len(problems) * k
     direct = n - thinking
@@ -77,4 +113,3 @@ def evaluate(engine, task, problems, template: str, k: int = 4, max_tokens: int 
         cons_at_k=cons / len(problems), response_len=total_len / n, thinking_len=think_len / n,
         thinking_share=thinking / n, thinking_accuracy=think_right / thinking if thinking else None,
         direct_accuracy=direct_right / direct if direct else None, format_rate=formatted / n)
-

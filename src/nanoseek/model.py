@@ -162,6 +162,10 @@ class MLA(nn.Module):
         With a cache (kv, pe) of this layer: the new latents are written at `positions`
         [B, T] of cache rows `rows` [B], and each query attends to the cached keys at
         positions <= its own."""
+        if cache is not None and mask is not None:
+            # The cache's own mask (cached positions <= each query's) would replace it unseen.
+            raise ValueError("MLA: a mask cannot be combined with a cache (with a cache, each query attends "
+                             "to the cached positions <= its own; pass positions instead)")
         b, t, _ = x.shape
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
@@ -191,6 +195,8 @@ class MLA(nn.Module):
         if pad > 0 and q.device.type == "cpu":
             # PyTorch's fast CPU kernel wants one head dim for q, k and v: zero columns of V give
             # zero output columns, dropped below (2x faster forward and backward for `small`).
+            # On CUDA, V keeps its head dim: the memory-efficient kernel takes a V head dim that
+            # differs from q's (flash wants them equal), so no copy of V is made there.
             v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=mask is None, scale=self.scale)
         return out[..., : self.v_dim].transpose(1, 2)
@@ -275,7 +281,8 @@ class MoE(nn.Module):
 
     After a forward pass, `expert_counts` holds the tokens routed to each expert (for the
     aux-loss-free bias update) and, in training, `balance_loss` the complementary
-    sequence-wise balance loss (V3 eq. 17-20) before its weight alpha.
+    sequence-wise balance loss (V3 eq. 17-20) before its weight alpha. Both are None until
+    the layer runs in the model's current forward pass (Transformer.hidden_states clears them).
     """
 
     def __init__(self, config: ModelConfig):
@@ -400,6 +407,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         std = self.config.initializer_range
+        if self.embed_tokens.weight.is_meta:  # a model built on meta gets its weights loaded: nothing to draw
+            return
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std)
@@ -419,6 +428,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         impl = impl or ("absorb" if cache is not None else "naive")
+        for moe in self.moe_layers():  # a new forward pass: no counts or loss of an earlier one remain
+            moe.expert_counts = moe.balance_loss = None
         cos, sin = self.rope(positions)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -446,43 +457,70 @@ class Transformer(nn.Module):
             out.append(self.lm_head(module.shared_head.norm(h)))
         return out
 
+    def named_moe_layers(self) -> list[tuple[str, MoE]]:
+        """Every MoE layer with its name in plots ("layer 3", "MTP 1"): the main model's, then
+        the MTP modules'. Theirs route like any other, so their bias, balance loss and load
+        are kept the same way."""
+        main = [(f"layer {i}", block.mlp) for i, block in enumerate(self.layers)]
+        mtp = [(f"MTP {k}", module.mlp) for k, module in enumerate(self.mtp, start=1)]
+        return [(name, mlp) for name, mlp in main + mtp if isinstance(mlp, MoE)]
+
     def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        return [moe for _, moe in self.named_moe_layers()]
 
     def expert_counts(self) -> list[torch.Tensor]:
-        """Tokens routed to each expert in the last forward pass, one tensor per MoE layer."""
-        return [m.expert_counts for m in self.moe_layers()]
+        """Tokens routed to each expert in the last forward pass, one tensor per MoE layer;
+        zeros for a layer that did not run in it (the MTP modules run in training only, in
+        mtp_logits)."""
+        return [torch.zeros(m.n_experts, dtype=torch.long, device=m.gate.weight.device)
+                if m.expert_counts is None else m.expert_counts for m in self.moe_layers()]
 
     def balance_loss(self) -> torch.Tensor:
+        """The sequence-wise balance losses of the last forward pass, summed over the MoE layers
+        that ran in it in training mode."""
         losses = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
     @torch.no_grad()
     def update_routing_bias(self, counts: list[torch.Tensor], gamma: float) -> None:
         """Auxiliary-loss-free balancing (V3 section 2.1.2): after each step, lower the bias of
-        overloaded experts by gamma and raise that of underloaded ones."""
-        for moe, c in zip(self.moe_layers(), counts):
-            if hasattr(moe.gate, "e_score_correction_bias"):
-                c = c.float()
-                moe.gate.e_score_correction_bias += gamma * torch.sign(c.mean() - c)
+        overloaded experts by gamma and raise that of underloaded ones. `counts`: the step's
+        tokens per expert, one tensor per MoE layer as `expert_counts` gives them."""
+        layers = self.moe_layers()
+        if len(counts) != len(layers):
+            raise ValueError(f"update_routing_bias: {len(counts)} count tensors for {len(layers)} MoE layers")
+        for moe, c in zip(layers, counts):
+            if not hasattr(moe.gate, "e_score_correction_bias"):
+                continue
+            if not c.any():  # the layer did not run this step (MTP without its loss): no load to balance
+                continue
+            c, bias = c.float(), moe.gate.e_score_correction_bias
+            bias += gamma * torch.sign(c.mean() - c).to(bias)
 
 
 # ---------------------------------------------------------------------------------------
 # Sizes: parameters and cache bytes, for the presets table and cost math.
 # ---------------------------------------------------------------------------------------
 def count_parameters(config: ModelConfig) -> dict[str, int]:
-    """Total parameters (without and with MTP) and those active per token, counted on a
-    model built on the meta device (no memory). Active counts the weights that multiply
+    """Total parameters (without and with MTP) and those active per token, counted on
+    blocks built on the meta device (no memory). Active counts the weights that multiply
     each token: the shared experts and k routed experts, not the embedding table (a lookup),
     as in the papers' 37B (V3) and 2.4B (V2-Lite)."""
+    def size(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    n, c = config.num_hidden_layers, config
+    moe = [c.is_moe_layer(i) for i in range(n)]
     with torch.device("meta"):
-        model = Transformer(config)
-    mtp = sum(p.numel() for p in model.mtp.parameters())
-    total = sum(p.numel() for p in model.parameters()) - mtp
-    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
-    n_moe = len(model.moe_layers())
-    inactive = n_moe * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
-    embedding = config.vocab_size * config.hidden_size
+        # The blocks of one kind (dense, MoE) are alike: one of each is built, not all 61 of V3
+        # (the 46K expert linears of a whole model take a minute to initialise, even on meta).
+        block = {kind: size(Block(c, moe.index(kind))) for kind in set(moe)}
+        mtp = sum(size(MTPModule(c, n + k)) for k in range(c.num_nextn_predict_layers))
+    embedding = c.vocab_size * c.hidden_size
+    head = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+    total = embedding + sum(block[kind] for kind in moe) + c.hidden_size + head  # + the final norm
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    inactive = sum(moe) * (c.n_routed_experts - c.num_experts_per_tok) * per_expert
     return {"total": total, "total_with_mtp": total + mtp, "active": total - inactive - embedding}
 
 

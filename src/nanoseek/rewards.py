@@ -13,10 +13,11 @@ import functools
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
-from nanoseek.data.chat import END_THINK, answer_in_tags, parse_reasoning, strip_end_tokens
+from nanoseek.data.chat import ANSWER, END_ANSWER, END_THINK, THINK, strip_end_tokens
+from nanoseek.data.reasoning import parse_reasoning, split_reasoning
 from nanoseek.errors import NanoseekError
 
 MAX_ANSWER_CHARS = 300  # longer extracted answers are not answers; they score 0
@@ -68,16 +69,31 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def _last_answer_tag(text: str) -> str | None:
+    """Inside of the last <answer>: up to its </answer>, or to the end when the tag was left open
+    (a generation stopped at the stop string "</answer>" never shows it)."""
+    start = text.rfind(ANSWER)
+    if start < 0:
+        return None
+    body = text[start + len(ANSWER):]
+    end = body.find(END_ANSWER)
+    return (body if end < 0 else body[:end]).strip()
+
+
 def extract_answer(completion: str) -> str | None:
     """The final answer: inside the last <answer> tag, else the last \\boxed{}, searched after
-    the reasoning's "</think>" when there is one. None when there is no answer."""
+    the reasoning's "</think>" when there is one. None when there is no answer.
+
+    Grading is lenient where the format reward is strict: an answer is found wherever the
+    model put it (a prompt that opened <think> leaves no tag to split on), and whether the
+    output has R1's shape is the format reward's business (`format_reward`)."""
     if not isinstance(completion, str):
         return None
     text = strip_end_tokens(completion)
     close = text.rfind(END_THINK)
     if close >= 0:
         text = text[close + len(END_THINK):]
-    answer = answer_in_tags(text)
+    answer = _last_answer_tag(text)
     if answer is None:
         answer = last_boxed(text)
     elif "\\boxed" in answer or "\\fbox" in answer:
@@ -321,21 +337,16 @@ def format_reward(completion: str, think_opened: bool = False, answer_tags: bool
     `answer_tags=False`: the chat format, where any non-empty text after </think> is the answer.
     A missing final </answer> is accepted: engines that stop at that string drop it.
     """
-    text = strip_end_tokens(completion).strip()
-    if not think_opened:
-        if not text.startswith("<think>"):
-            return 0.0
-        text = text[len("<think>"):]
-    if "<think>" in text or text.count(END_THINK) != 1:
+    split = split_reasoning(strip_end_tokens(completion), think_opened)
+    if split.think_tag == think_opened or not split.think_closed:  # one <think>: the prompt's or the output's
         return 0.0
-    rest = text.split(END_THINK)[1].strip()
+    if THINK in split.reasoning or END_THINK in split.answer + split.extra:  # and one </think>
+        return 0.0
+    if ANSWER in split.answer:
+        return 0.0
     if not answer_tags:
-        return float(bool(rest) and "<answer>" not in rest)
-    if not rest.startswith("<answer>") or rest.count("<answer>") != 1 or rest.count("</answer>") > 1:
-        return 0.0
-    if "</answer>" in rest and not rest.endswith("</answer>"):
-        return 0.0
-    return float(bool(rest[len("<answer>"):].removesuffix("</answer>").strip()))
+        return float(bool(split.answer) and not split.answer_tagged)
+    return float(split.answer_tagged and bool(split.answer) and not split.extra.strip())
 
 
 # ---- language consistency (R1 section 2.3.2) ---------------------------------------------
@@ -397,14 +408,17 @@ REWARD_NAMES = ("accuracy", "format", "language", "overlong")
 
 def combined_reward(completion: str, problem, weights: Mapping[str, float], *, num_tokens: int | None = None,
                     max_tokens: int | None = None, overlong_buffer: int = 0, language: str = "en",
-                    think_opened: bool = False, answer_tags: bool = True) -> dict[str, float]:
+                    think_opened: bool = False, answer_tags: bool = True,
+                    accuracy: Callable[[str, object], float] = accuracy_reward) -> dict[str, float]:
     """Each reward and their weighted sum under "total". Weights come from the config, by
-    name (accuracy, format, language, overlong); the overlong term is a penalty in [-1, 0]."""
+    name (accuracy, format, language, overlong); the overlong term is a penalty in [-1, 0].
+    `accuracy(completion, problem)`: the task's reward (`task.reward`, what the evaluation
+    scores with); by default `accuracy_reward`."""
     unknown = set(weights) - set(REWARD_NAMES)
     if unknown:
         raise NanoseekError(f"reward weights: unknown {', '.join(sorted(unknown))} (expected {', '.join(REWARD_NAMES)})")
     scores = {
-        "accuracy": accuracy_reward(completion, problem),
+        "accuracy": accuracy(completion, problem),
         "format": format_reward(completion, think_opened, answer_tags),
         "language": language_reward(completion, language, think_opened) if weights.get("language") else 0.0,
         "overlong": 0.0,

@@ -79,6 +79,8 @@ def test_span_tokens_counts_the_tokens_between_the_tags():
     assert span_tokens([7, 15], split_reasoning("<think></think>").span) == 0
     assert span_tokens([3, 5, 13], split_reasoning("3+4=7</think>", think_opened=True).span) == 2
     assert span_tokens([3, 13], split_reasoning("3+4=7</think>", think_opened=True).span) == 2  # "=7</think>" is one
+    # byte-level tokens that end inside a character show no text yet: they count with it
+    assert span_tokens([0, 1, 1, 3, 11], split_reasoning("abé</think>", think_opened=True).span) == 4
     assert span_tokens(ends, None) == 0 and span_tokens([], (0, 5)) == 0
 
 

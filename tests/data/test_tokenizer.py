@@ -1,4 +1,4 @@
-"""Tokenizer and chat format: ids equal to transformers', DeepSeek tokenizer files, the reasoning parser."""
+"""Tokenizer and chat format: ids equal to transformers', DeepSeek tokenizer files, the R1-Zero template."""
 
 import json
 
@@ -8,7 +8,7 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from nanoseek import tasks
 from nanoseek.data import (
-    CHAT_TEMPLATE, R1_ZERO_TEMPLATE, SPECIAL_TOKENS, Tokenizer, format_chat, parse_reasoning, r1_zero_prompt,
+    CHAT_TEMPLATE, R1_ZERO_TEMPLATE, SPECIAL_TOKENS, Tokenizer, format_chat, r1_zero_prompt,
     train_tokenizer,
 )
 from nanoseek.data.chat import BOS, EOS, PAD
@@ -201,33 +201,9 @@ def test_deepseek_style_tokenizer_loads(tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "tokenizer.json").config["tokenizer_class"] == "LlamaTokenizerFast"
 
 
-# ---- R1-Zero template and the reasoning parser ------------------------------------------------
+# ---- R1-Zero template ------------------------------------------------------------------------
 def test_r1_zero_template():
     prompt = r1_zero_prompt("3+4-2")
     assert prompt == R1_ZERO_TEMPLATE.replace("{prompt}", "3+4-2")
     assert prompt.endswith("\nUser: 3+4-2\nAssistant:") and "<think> </think>" in prompt
     assert r1_zero_prompt("\\frac{1}{2} {x}").count("{x}") == 1  # braces in the question are kept
-
-
-@pytest.mark.parametrize("text, opened, expected", [
-    (" <think>3+4=7, 7-2=5</think> <answer>5</answer>", False, ("3+4=7, 7-2=5", "5")),
-    ("<think></think> <answer>5</answer><｜end▁of▁sentence｜>", False, ("", "5")),
-    ("<think>r</think>5<｜end▁of▁sentence｜><｜▁pad▁｜><｜end▁of▁sentence｜> ", False, ("r", "5")),
-    ("reasoning here\n</think>\n\nThe answer is 4.", True, ("reasoning here", "The answer is 4.")),
-    ("still thinking", True, ("still thinking", "")),
-    ("just an answer", False, ("", "just an answer")),
-    ("<think>unclosed reasoning", False, ("unclosed reasoning", "")),
-    ("<think>a<think>b</think>c</think>d", False, ("a<think>b</think>c", "d")),
-    ("<think>x</think><answer>unclosed answer", False, ("x", "unclosed answer")),
-    ("<answer>1</answer><answer>2</answer>", False, ("", "2")),
-    ("", False, ("", "")),
-    ("</think>", False, ("", "")),
-])
-def test_parse_reasoning(text, opened, expected):
-    assert parse_reasoning(text, think_opened=opened) == expected
-
-
-def test_parse_reasoning_never_raises():
-    for text in [None, 3, "<think>" * 1000, "</think>" * 1000, "<answer>" * 10, "\x00\ud800", "a" * 2_000_000]:
-        reasoning, answer = parse_reasoning(text)
-        assert isinstance(reasoning, str) and isinstance(answer, str)

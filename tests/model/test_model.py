@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nanoseek import ModelConfig, Transformer
 from nanoseek.errors import NanoseekError
 from nanoseek.model import LatentCache, count_parameters, document_mask, kv_cache_bytes_per_token, rope_frequencies
-from model_support import random_model
+from model_support import balance_by_hand, random_model, record_moe_inputs
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -119,12 +119,59 @@ def test_aux_loss_free_bias_update_direction():
 def test_sequence_balance_loss_is_one_when_uniform():
     model = Transformer(tiny()).train()
     moe = model.moe_layers()[0]
-    e, k, t = 8, 2, 8
+    e, t = 8, 8
     scores = torch.full((1, t, e), 0.5)
     indices = torch.stack([torch.tensor([2 * (i % 4), 2 * (i % 4) + 1]) for i in range(t)])[None]
     assert math.isclose(moe.sequence_balance_loss(scores, indices).item(), 1.0, rel_tol=1e-6)
     model(torch.randint(0, 512, (2, 8)))
     assert model.balance_loss().item() > 0
+
+
+def test_moe_layers_include_the_mtp_modules():
+    model = Transformer(tiny(num_nextn_predict_layers=2))  # layer 0 is dense (first_k_dense_replace=1)
+    assert [name for name, _ in model.named_moe_layers()] == ["layer 1", "layer 2", "layer 3", "MTP 1", "MTP 2"]
+    assert model.moe_layers()[3] is model.mtp[0].mlp and model.moe_layers()[4] is model.mtp[1].mlp
+
+
+def test_counts_and_balance_loss_are_those_of_the_last_forward_the_mtp_module_included():
+    model = random_model(tiny(), seed=0).train()
+    x = torch.randint(0, 512, (2, 9))
+    inputs = record_moe_inputs(model)
+    hidden = model.hidden_states(x)
+    model.mtp_logits(hidden, x)
+    counts = model.expert_counts()
+    k = model.config.num_experts_per_tok
+    assert [int(c.sum()) for c in counts] == [2 * 9 * k] * 3 + [2 * 8 * k]  # MTP 1 sees positions 0..7
+    expected = {name: balance_by_hand(moe, inputs[name]) for name, moe in model.named_moe_layers()}
+    assert model.balance_loss().item() == pytest.approx(sum(expected.values()), rel=1e-5)
+    assert expected["MTP 1"] > 0.5  # a real share of the total: ~1 per layer
+
+    # A forward without MTP: its module's counts and loss from the forward above are gone.
+    model.hidden_states(x)
+    assert model.expert_counts()[3].sum() == 0
+    main = sum(v for name, v in expected.items() if name != "MTP 1")
+    assert model.balance_loss().item() == pytest.approx(main, rel=1e-5)
+    # ... and the bias update leaves the layer that did not run as it was.
+    before = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
+    model.update_routing_bias(model.expert_counts(), gamma=0.01)
+    after = [m.gate.e_score_correction_bias for m in model.moe_layers()]
+    assert [not torch.equal(a, b) for a, b in zip(after, before)] == [True, True, True, False]
+    with pytest.raises(ValueError, match="update_routing_bias: 3 count tensors for 4 MoE layers"):
+        model.update_routing_bias(model.expert_counts()[:3], gamma=0.01)
+    # In eval mode no balance loss is computed, and none of training remains.
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert model.balance_loss().item() == 0
+
+
+def test_mla_refuses_a_mask_with_a_cache():
+    config = tiny()
+    model = random_model(config)
+    cache = LatentCache.empty(config, batch=1, max_len=8)
+    x = torch.randint(0, 512, (1, 4))
+    with pytest.raises(ValueError, match=r"^MLA: a mask cannot be combined with a cache"):
+        model.hidden_states(x, positions=torch.arange(4)[None], cache=cache, mask=document_mask(x, 0))
 
 
 def test_mtp_logits_and_parameter_names():

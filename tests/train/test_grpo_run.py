@@ -92,7 +92,7 @@ def test_task_rewards_score_real_completions():
     right = f" <think>{problem.solution}</think> <answer>{problem.answer}</answer>"
     wrong = f" <think></think> <answer>{int(problem.answer) + 1}</answer>"
     unformatted = f" <answer>{problem.answer}</answer>"  # right, but no reasoning block
-    reward_fn, metrics_fn = task_rewards({"accuracy": 1.0, "format": 0.1}, tokenizer=None, max_tokens=64)
+    reward_fn, metrics_fn = task_rewards(task, {"accuracy": 1.0, "format": 0.1}, tokenizer=None, max_tokens=64)
     rows = task_prompts(task, [problem] * 3, "Q: {prompt}\nA:")
     assert rows[0]["prompt"] == f"Q: {problem.prompt}\nA:"
     completions = [right, wrong, unformatted]

@@ -11,6 +11,7 @@ from nanoseek.io.hf import load_pretrained
 from nanoseek.train import pretrain
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import SpikeGuard
+from model_support import balance_by_hand, record_moe_inputs
 from train_support import FAST, SMALL_MODEL, data_args, make_data, train_here
 
 
@@ -87,10 +88,39 @@ def test_outputs_and_hf_export(tmp_path, data):
     from nanoseek.train.checkpoint import list_checkpoints, read_checkpoint
 
     final = read_checkpoint(list_checkpoints(out)[-1]).model
+    # Every gate's bias moved from zero, the MTP module's too (its MoE routes and balances like the rest).
     biases = [k for k in final if k.endswith("e_score_correction_bias")]
-    assert biases and any(final[k].abs().sum() > 0 for k in biases)
+    assert sorted(biases) == ["layers.1.mlp.gate.e_score_correction_bias", "mtp.0.mlp.gate.e_score_correction_bias"]
+    assert all(final[k].abs().sum() > 0 for k in biases), {k: final[k] for k in biases}
     for k, v in model.state_dict().items():
         assert torch.equal(v, final[k]), k
+
+
+def test_step_balance_loss_and_loads_count_the_mtp_module(tmp_path, data):
+    """One training step: its balance loss is the sum of V3's sequence-wise loss of both MoE
+    layers, the main model's and the MTP module's, and its loads hold a row for each; with
+    the MTP loss off, the MTP module does not run and its row is zeros."""
+    from nanoseek.train.config import load_config
+    from nanoseek.train.distributed import Context
+
+    for mtp_lambda in (0.3, 0.0):
+        cfg = load_config(None, [*data_args(data), *SMALL_MODEL, *FAST, f"mtp_lambda={mtp_lambda}"])
+        run = pretrain.Run(cfg, tmp_path / f"run{mtp_lambda}", "pretrain", Context())
+        assert [name for name, _ in run.model.named_moe_layers()] == ["layer 1", "MTP 1"]
+        inputs = record_moe_inputs(run.model)
+        x, y = run.next_batch()
+        result = run.train_step(x, y)
+        tokens = x.shape[0] * run.model_config.num_experts_per_tok
+        if mtp_lambda:
+            expected = {name: balance_by_hand(moe, inputs[name]) for name, moe in run.model.named_moe_layers()}
+            assert result["balance"] == pytest.approx(expected["layer 1"] + expected["MTP 1"], rel=1e-5)
+            assert expected["MTP 1"] > 0.5
+            assert result["loads"].sum(1).tolist() == [tokens * cfg.seq_len, tokens * (cfg.seq_len - 1)]
+        else:
+            assert "MTP 1" not in inputs
+            layer = run.model.moe_layers()[0]
+            assert result["balance"] == pytest.approx(balance_by_hand(layer, inputs["layer 1"]), rel=1e-5)
+            assert result["loads"].sum(1).tolist() == [tokens * cfg.seq_len, 0]
 
 
 def test_sft_trains_on_assistant_tokens_only(tmp_path, data):

@@ -1,4 +1,4 @@
-"""The two prompt formats (R1-Zero plain template, DeepSeek chat turns) and the reasoning parser.
+"""The two prompt formats (R1-Zero plain template, DeepSeek chat turns) and their special strings.
 
 R1-Zero (DeepSeek-R1 section 2.2.1) trains a base model with a plain-text template: the
 assistant thinks inside <think> </think>, then answers inside <answer> </answer>. The chat
@@ -131,45 +131,3 @@ def strip_end_tokens(text: str) -> str:
     while text.endswith((EOS, PAD)):
         text = text[: -len(EOS if text.endswith(EOS) else PAD)].rstrip()
     return text
-
-
-def answer_in_tags(text: str) -> str | None:
-    """Inside of the last <answer>: up to its </answer>, or to the end when the tag was left open
-    (a generation stopped at the stop string "</answer>" never shows it)."""
-    start = text.rfind(ANSWER)
-    if start < 0:
-        return None
-    body = text[start + len(ANSWER):]
-    end = body.find(END_ANSWER)
-    return (body if end < 0 else body[:end]).strip()
-
-
-def parse_reasoning(text: str, think_opened: bool = False) -> tuple[str, str]:
-    """Split a model output into (reasoning, answer). Never raises.
-
-    The reasoning ends at the last "</think>"; an opening "<think>" is dropped from it. With
-    no "</think>": an opened "<think>" (or `think_opened`, when the prompt ended with it, as
-    the chat generation prompt does) means the reasoning never finished and the answer is
-    empty; otherwise there is no reasoning. When the answer part holds <answer> tags the
-    answer is their content.
-    """
-    if not isinstance(text, str):
-        return "", ""
-    text = strip_end_tokens(text)
-    close = text.rfind(END_THINK)
-    if close >= 0:
-        reasoning, answer = text[:close], text[close + len(END_THINK):]
-    else:
-        open_ = text.find(THINK)
-        if open_ >= 0:
-            reasoning, answer = text[open_:], text[:open_]
-        elif think_opened:
-            reasoning, answer = text, ""
-        else:
-            reasoning, answer = "", text
-    reasoning = reasoning.strip()
-    open_ = reasoning.find(THINK)
-    if open_ >= 0 and not reasoning[:open_].strip():
-        reasoning = reasoning[open_ + len(THINK):].strip()
-    tagged = answer_in_tags(answer)
-    return reasoning, (tagged if tagged is not None else answer.strip())

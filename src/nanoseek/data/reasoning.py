@@ -24,7 +24,6 @@ up to exactly the final split (`split_reasoning`), whatever the pieces.
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 
 from nanoseek.data.chat import ANSWER, END_ANSWER, END_THINK, THINK, strip_end_tokens
@@ -200,12 +199,22 @@ def parse_reasoning(text: str, think_opened: bool = False) -> tuple[str, str]:
 def span_tokens(token_ends: Sequence[int], span: tuple[int, int | None] | None) -> int:
     """How many tokens overlap a character span of the text, given where each token's text
     ends (`token_ends[i]`: the text's length after token i). This is the thinking length:
-    the tokens of the reasoning, its tags not counted."""
-    if span is None or not token_ends:
+    the tokens of the reasoning, its tags not counted. A token that ends inside a character
+    (byte-level BPE) shows no text yet; it counts with the character it begins."""
+    if span is None:
         return 0
     start, end = span
-    end = token_ends[-1] if end is None else end
-    if end <= start:
-        return 0
-    token_starts = [0, *token_ends[:-1]]
-    return max(0, bisect_left(token_starts, end) - bisect_right(token_ends, start))
+    end = (token_ends[-1] if token_ends else 0) if end is None else end
+    count, prev = 0, 0
+    for e in token_ends:
+        if prev < end and max(e, prev + 1) > start:
+            count += 1
+        prev = e
+    return count
+
+
+def prompt_opens_reasoning(prompt: str) -> bool:
+    """Whether a prompt's text ends inside <think> (its last tag is an open <think>), as the
+    chat generation prompt does: the completion then starts in its reasoning. The engine reads
+    the same from the prompt's token ids."""
+    return prompt.rfind(THINK) > prompt.rfind(END_THINK)

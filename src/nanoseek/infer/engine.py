@@ -19,13 +19,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanoseek.data.chat import BOS, END_THINK, THINK, format_chat, parse_reasoning
+from nanoseek.data.chat import BOS, format_chat
+from nanoseek.data.reasoning import ReasoningSplitter, span_tokens, split_reasoning
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
 from nanoseek.infer.runner import DecodeRunner, latent_cache_views
@@ -43,9 +44,11 @@ class CompletionOutput:
     token_ids: list[int]  # generated tokens only
     finish_reason: str | None  # "stop", "length", "abort", or None while running
     stop_reason: int | str | None = None  # the stop string or stop token id; None for end-of-sequence
-    reasoning: str = ""  # the text inside <think> ... </think>
-    answer: str = ""  # the text after </think> (inside <answer> tags when there are some)
-    reasoning_tokens: int = 0  # tokens generated while thinking, "</think>" included
+    # The split of nanoseek.data.reasoning: the reasoning, the answer (without its <answer>
+    # tags), and the thinking length: the tokens between <think> and </think>, tags not counted.
+    reasoning: str = ""
+    answer: str = ""
+    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -60,7 +63,8 @@ class RequestOutput:
 @dataclass
 class StreamEvent:
     """One generated token of one completion. `text` is the new text (held back while it
-    could still be the start of a stop string), split into `reasoning` and `answer` parts."""
+    could still be the start of a stop string); `reasoning` and `answer` are what it adds to
+    each part of the split (nanoseek.data.reasoning: a half-written tag waits for the next token)."""
 
     request_id: str
     index: int
@@ -96,14 +100,16 @@ class Sequence:
         self.token_ids: list[int] = []
         self.slot: int | None = None
         self.draft: int | None = None  # the MTP module's guess at the token after token_ids[-1]
+        # The thinking budget watches the <think> / </think> token ids: it forces the </think> token.
         self.thinking = request.think_opened
         self.thinking_tokens = 0
-        self.reasoning_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         # incremental detokenization: text of token_ids[:read]; decode from `prefix` for context
         self.text, self.prefix, self.read = "", 0, 0
-        self.sent = self.reasoning_sent = self.answer_sent = 0
+        self.token_ends: list[int] = []  # len(text) after each token: which tokens the reasoning spans
+        self.sent = 0  # characters of text given out in events, split as they go by `splitter`
+        self.splitter = ReasoningSplitter(request.think_opened)
 
     @property
     def length(self) -> int:
@@ -112,32 +118,6 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
-
-
-def split_reasoning(text: str, think_opened: bool) -> tuple[str, str]:
-    """(reasoning, answer) of a partial output, each only ever growing as the text grows: a tag
-    cut in the middle ("</thi") is held back until it is complete or proves not to be a tag.
-    The final split is `parse_reasoning`'s; this one is for streaming."""
-    start = 0
-    if not think_opened:
-        i = text.find(THINK)
-        if i < 0 and THINK.startswith(text.lstrip()):  # nothing yet, or "<thi" still growing
-            return "", ""
-        if i < 0 or text[:i].strip():  # a <think> counts only at the start of the output
-            return "", text
-        start = i + len(THINK)
-    close = text.find(END_THINK, start)
-    if close < 0:
-        return text[start:len(text) - _partial_tag(text, END_THINK)], ""
-    return text[start:close], text[close + len(END_THINK):]
-
-
-def _partial_tag(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,10 +344,14 @@ class Engine:
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         reasoning = answer = ""
+        reasoning_tokens = 0
         if self.tokenizer is not None:
-            reasoning, answer = parse_reasoning(seq.text, think_opened=seq.request.think_opened)
+            split = split_reasoning(seq.text, think_opened=seq.request.think_opened)
+            reasoning, answer = split.reasoning, split.answer
+            # a stop string cuts the text after the last token's end was noted
+            reasoning_tokens = span_tokens([min(e, len(seq.text)) for e in seq.token_ends], split.span)
         return CompletionOutput(seq.index, seq.text, list(seq.token_ids), seq.finish_reason, seq.stop_reason,
-                                reasoning, answer, seq.reasoning_tokens)
+                                reasoning, answer, reasoning_tokens)
 
     # ---- the forward passes --------------------------------------------------------
     def _prefill(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
@@ -488,8 +472,6 @@ class Engine:
         """Append a token, update the thinking state, detokenize, check every stop condition."""
         p = seq.params
         seq.token_ids.append(token)
-        if seq.thinking:
-            seq.reasoning_tokens += 1
         if token == self.think_id and self.think_id is not None:
             seq.thinking = True
         elif token == self.end_think_id and self.end_think_id is not None:
@@ -509,6 +491,8 @@ class Engine:
             seq.finish_reason = "length"
             if self.tokenizer is not None and seq.read < n:
                 self._detokenize(seq, flush=True)  # show a trailing partial character as it is
+        if self.tokenizer is not None:
+            seq.token_ends.append(len(seq.text))
         events.append(self._event(seq, token))
 
     def _detokenize(self, seq: Sequence, flush: bool = False) -> None:
@@ -539,38 +523,8 @@ class Engine:
                 shown = shown[: max(seq.sent, len(shown) - max(map(len, seq.params.stop)) + 1)]
             text = shown[seq.sent:]
             seq.sent = len(shown)
-            r, a = split_reasoning(shown, seq.request.think_opened)
-            reasoning, answer = r[seq.reasoning_sent:], a[seq.answer_sent:]
-            seq.reasoning_sent, seq.answer_sent = len(r), len(a)
+            reasoning, answer = seq.splitter.feed(text, final=seq.finished)
         output = self._completion(seq) if seq.finished else None
         return StreamEvent(seq.request.request_id, seq.index, token, text, reasoning, answer, seq.finish_reason,
                            output)
 
-
-def majority_vote(answers: Iterable[str | None], key=None) -> str | None:
-    """The most common answer (cons@k), ties to the one seen first; empty and None answers do
-    not vote. `key` maps an answer to what counts as equal (default: stripped text)."""
-    key = key or (lambda a: a.strip())
-    counts: dict = {}
-    first: dict = {}
-    for a in answers:
-        if a is None or not a.strip():
-            continue
-        k = key(a)
-        if k is None:
-            continue
-        counts[k] = counts.get(k, 0) + 1
-        first.setdefault(k, a)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(first[k] for k in first if counts[k] == best)
-
-
-def consensus(engine: Engine, prompts: list[Prompt], k: int, sampling_params: SamplingParams | None = None,
-              key=None) -> list[str | None]:
-    """cons@k: sample k completions per prompt and take the majority answer of each."""
-    import dataclasses
-
-    params = dataclasses.replace(sampling_params or SamplingParams(temperature=0.6, top_p=0.95, max_tokens=256), n=k)
-    return [majority_vote([o.answer for o in r.outputs], key) for r in engine.generate(prompts, params)]

@@ -37,8 +37,9 @@ def presets_table():
 
 
 def human(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
+    """1.42M, 0.69M, 671.03B: millions from 0.1M, so the small presets' columns share a unit."""
+    for unit, size, start in (("B", 1e9, 1e9), ("M", 1e6, 1e5), ("K", 1e3, 1e3)):
+        if n >= start:
             return f"{n / size:.2f}{unit}"
     return str(n)
 

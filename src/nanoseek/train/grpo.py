@@ -127,8 +127,6 @@ class GRPOTrainer:
         self.position = 0  # next prompt in this epoch's order
         self.epoch = 0
         self.history: list[dict] = []
-        self.end_think = self.tokenizer.special_ids.get("end_think")
-        self.think = self.tokenizer.special_ids.get("think")
 
     # ---- data --------------------------------------------------------------------------
     def next_prompts(self) -> list[dict]:
@@ -168,12 +166,6 @@ class GRPOTrainer:
             raise NanoseekError(f"reward_fn returned {len(rewards)} rewards for {len(texts)} completions")
         extra = self.metrics_fn(flat_prompts, texts, **columns) if self.metrics_fn else {}
         return torch.tensor(rewards, dtype=torch.float32).view(len(rows), self.config.group_size), extra
-
-    def thinking_length(self, ids: list[int]) -> int:
-        """Tokens between <think> (or the start) and </think>; all tokens if never closed."""
-        start = ids.index(self.think) + 1 if self.think is not None and self.think in ids else 0
-        end = ids.index(self.end_think) if self.end_think is not None and self.end_think in ids else len(ids)
-        return max(end - start, 0)
 
     def batch_tensors(self, prompt_ids, completions, keep_groups):
         """The kept groups: prompts [P, Lp] and completions [N, C] (both padded at the end), each
@@ -273,7 +265,8 @@ class GRPOTrainer:
         equal = (rewards.max(1).values == rewards.min(1).values)
         keep = [g for g in range(len(rows)) if not (c.dynamic_sampling and equal[g])]
         lengths = [len(o.token_ids) for group in completions for o in group]
-        thinking = [self.thinking_length(list(o.token_ids)) for group in completions for o in group]
+        # the engine's thinking length: the evaluation and the report read the same number
+        thinking = [o.reasoning_tokens for group in completions for o in group]
         metrics = {
             "step": self.step_count + 1,
             "reward_mean": rewards.mean().item(),
@@ -407,13 +400,17 @@ def task_prompts(task, problems, template: str) -> list[dict]:
     return [{"prompt": template.format(prompt=p.prompt), "problem": p} for p in problems]
 
 
-def task_rewards(weights: dict, tokenizer, max_tokens: int, overlong_buffer: int = 0):
-    """(reward_fn, metrics_fn) from the config's reward weights, over the `problem` column."""
+def task_rewards(task, weights: dict, tokenizer, max_tokens: int, overlong_buffer: int = 0,
+                 think_opened: bool = False):
+    """(reward_fn, metrics_fn) from the config's reward weights, over the `problem` column. The
+    accuracy term is the task's own reward, the one the evaluation scores with; `think_opened`:
+    the template ends inside <think> (the format reward then expects no <think> of the output's)."""
     from nanoseek.rewards import combined_reward
 
     def scores(completions, problem):
         return [combined_reward(c, p, weights, num_tokens=len(tokenizer.encode(c)) if weights.get("overlong") else None,
-                                max_tokens=max_tokens, overlong_buffer=overlong_buffer)
+                                max_tokens=max_tokens, overlong_buffer=overlong_buffer, think_opened=think_opened,
+                                accuracy=task.reward)
                 for c, p in zip(completions, problem)]
 
     def reward_fn(prompts, completions, problem, **_):
@@ -430,6 +427,7 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     """GRPO from cfg.init_from into OUT: checkpoints, metrics.jsonl, TensorBoard, plots and hf/.
     A run resumes from OUT's newest checkpoint (or `resume`) exactly where it stopped."""
     from nanoseek import tasks
+    from nanoseek.data.reasoning import prompt_opens_reasoning
     from nanoseek.io.hf import save_pretrained
     from nanoseek.train.metrics import Metrics, plot_grpo
     from nanoseek.train.pretrain import find_resume
@@ -438,7 +436,8 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     out = Path(out)
     task = tasks.get(cfg.task, **cfg.task_options)
     model, tokenizer = _load(cfg.init_from, cfg.tokenizer)
-    reward_fn, metrics_fn = task_rewards(cfg.rewards, tokenizer, cfg.max_new_tokens, cfg.overlong_buffer)
+    reward_fn, metrics_fn = task_rewards(task, cfg.rewards, tokenizer, cfg.max_new_tokens, cfg.overlong_buffer,
+                                         think_opened=prompt_opens_reasoning(cfg.template))
     rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed), cfg.template)
     trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn)
     start = find_resume(out, resume)

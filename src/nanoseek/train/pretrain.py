@@ -7,8 +7,8 @@ One optimizer step:
 2. the loss-spike guard: a non-finite loss, or one far above its running mean, skips the
    step; repeated spikes roll back to the last checkpoint;
 3. gradient clipping, AdamW (beta 0.9 / 0.95, weight decay 0.1) at the schedule's lr;
-4. auxiliary-loss-free balancing: every routing bias moves by gamma against its expert's
-   load in this step (V3 section 2.1.2);
+4. auxiliary-loss-free balancing: every routing bias, the MTP modules' too, moves by gamma
+   against its expert's load in this step (V3 section 2.1.2);
 5. every `log_every` steps a metrics record, every `checkpoint_every` a checkpoint.
 """
 
@@ -112,9 +112,11 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
-    if cfg.init_from:
-        return ModelConfig.from_hf(Path(cfg.init_from) / "config.json")
-    mc = cfg.model_config()
+    if cfg.init_from:  # what load_pretrained builds: without MTP if the checkpoint has none
+        from nanoseek.io.hf import checkpoint_config
+
+        return checkpoint_config(cfg.init_from)
+    mc = cfg.to_model_config()
     changes = {}
     if "vocab_size" not in cfg.model:
         changes["vocab_size"] = len(tokenizer)
@@ -361,7 +363,9 @@ class Run:
                               "elapsed_s": self.elapsed}
                     if result["loads"] is not None and result["loads"].numel():
                         loads = result["loads"]
-                        record["expert_load"] = (loads.max(1).values / loads.mean(1).clamp(min=1e-9)).tolist()
+                        # max / mean tokens per expert; None for a layer that did not run (MTP without its loss)
+                        record["expert_load"] = [m / n if n > 0 else None for m, n in
+                                                 zip(loads.max(1).values.tolist(), loads.mean(1).tolist())]
                     if metrics:
                         metrics.log(record)
                     bar.log(record)
@@ -415,7 +419,8 @@ class Run:
                 model.rope.reset_parameters()
             hf = save_pretrained(model, self.out / "hf")
             self.tokenizer.save_pretrained(hf)
-            plots = plot_metrics(self.out / "metrics.jsonl", self.out)
+            plots = plot_metrics(self.out / "metrics.jsonl", self.out,
+                                 moe_names=[name for name, _ in self.model.named_moe_layers()])
             records = [r for r in read_metrics(self.out / "metrics.jsonl") if "event" not in r]
             summary = {"stage": self.stage, "steps": self.step, "tokens": self.tokens,
                        "seconds": round(self.elapsed, 2),

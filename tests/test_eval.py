@@ -1,0 +1,103 @@
+"""Evaluation: pass@k, majority vote, and one scoring for RL and evaluation (GRPO's reward and
+metrics give the numbers the evaluation gives on the same completions)."""
+
+import pytest
+import torch
+
+from nanoseek import tasks
+from nanoseek.data.chat import R1_ZERO_TEMPLATE
+from nanoseek.data.corpus import corpus
+from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.eval import consensus, evaluate, majority_vote, pass_at_k
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, task_prompts, task_rewards
+from infer_support import make_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer((text for _, text in corpus(tasks.get("arith"), 300, seed=0)), vocab_size=320)
+
+
+def test_pass_at_k():
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 0, 2) == 0.0
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - (3 * 2) / (5 * 4))
+
+
+def test_majority_vote():
+    assert majority_vote(["12", " 7", "7", None, "", "12", "7 "]) == " 7"
+    assert majority_vote([None, ""]) is None
+    assert majority_vote(["1/2", "0.5", "2"], key=lambda a: {"1/2": "0.5"}.get(a, a)) == "1/2"
+
+
+def test_consensus_votes_over_k_samples(tokenizer):
+    engine = Engine(make_model(seed=2, vocab_size=tokenizer.vocab_size), tokenizer, max_batch_size=4)
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3)
+    answers = [o.answer for o in engine.generate("3+4", SamplingParams(**{**vars(params), "n": 4}))[0].outputs]
+    assert consensus(engine, ["3+4"], k=4, sampling_params=params) == [majority_vote(answers)]
+
+
+# ---- the same completions through GRPO and through the evaluation ----------------------------
+def scripted_engine(tokenizer, monkeypatch, scripts: dict) -> Engine:
+    """A real engine whose sampler writes the given completions: `scripts[(prompt ids, sample
+    index)]` is a completion's text, followed by end of sequence."""
+    torch.manual_seed(0)
+    engine = Engine(make_model(vocab_size=tokenizer.vocab_size), tokenizer, max_batch_size=16, max_seq_len=256)
+    ids = {key: tokenizer.encode(text) + [tokenizer.special_ids["eos"]] for key, text in scripts.items()}
+
+    def choose(seqs, logits):
+        return [ids[(tuple(s.request.prompt_ids), s.index)][len(s.token_ids)] for s in seqs]
+
+    monkeypatch.setattr(engine, "_choose", choose)
+    return engine
+
+
+def test_grpo_metrics_and_the_evaluation_agree(tokenizer, monkeypatch):
+    task = tasks.get("arith")
+    problems = task.sample(3, "test", seed=4)
+
+    def samples(p):  # reasoning right, reasoning wrong, direct right, right but unformatted
+        wrong = int(p.answer) + 1
+        return [f" <think>{p.solution}</think> <answer>{p.answer}</answer>",
+                f" <think>{p.solution}, so</think> <answer>{wrong}</answer>",
+                f" <think></think> <answer>{p.answer}</answer>",
+                f" <answer>{p.answer}</answer>"]
+
+    prompts = {p.prompt: tokenizer.encode(R1_ZERO_TEMPLATE.format(prompt=p.prompt), bos=True) for p in problems}
+    scripts = {(tuple(prompts[p.prompt]), i): text for p in problems for i, text in enumerate(samples(p))}
+    engine = scripted_engine(tokenizer, monkeypatch, scripts)
+
+    result = evaluate(engine, task, problems, R1_ZERO_TEMPLATE, k=4, max_tokens=64)
+    reward_fn, metrics_fn = task_rewards(task, {"accuracy": 1.0, "format": 0.1}, tokenizer, max_tokens=64)
+    trainer = GRPOTrainer(engine.model, tokenizer, reward_fn, task_prompts(task, problems, R1_ZERO_TEMPLATE),
+                          GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=64), metrics_fn=metrics_fn,
+                          engine=engine)
+    metrics = trainer.step()
+
+    # The thinking length, counted independently: the token ids between <think> and </think>.
+    think, end_think = tokenizer.special_ids["think"], tokenizer.special_ids["end_think"]
+    lengths = []
+    for text in scripts.values():
+        ids = tokenizer.encode(text)
+        lengths.append(ids.index(end_think) - ids.index(think) - 1 if think in ids else 0)
+    assert sum(lengths) > 3 * 4  # the worked solutions are several tokens long
+    assert result.thinking_len == pytest.approx(sum(lengths) / len(lengths))
+    assert metrics["thinking_len_mean"] == pytest.approx(result.thinking_len)
+    assert metrics["thinking_len_max"] == max(lengths)
+    assert result.pass_at_1 == metrics["accuracy"] == 0.75
+    assert result.format_rate == metrics["format"] == 0.75
+    assert result.thinking_share == 0.5 and result.thinking_accuracy == 0.5 and result.direct_accuracy == 1.0
+    assert metrics["reward_mean"] == pytest.approx(0.75 + 0.1 * 0.75)
+
+
+def test_grpo_accuracy_is_the_task_reward():
+    """Countdown has its own reward: GRPO's accuracy term is it, not a generic answer match."""
+    task = tasks.get("countdown")
+    p = task.sample(1, "test", seed=0)[0]
+    completions = [f" <think></think> <answer>{p.answer}</answer>",  # the task's own solution expression
+                   f" <think></think> <answer>{p.target}</answer>",  # the target itself: not an expression of the numbers
+                   " <think></think> <answer>1+</answer>"]
+    _, metrics_fn = task_rewards(task, {"accuracy": 1.0}, tokenizer=None, max_tokens=64)
+    accuracy = metrics_fn(None, completions, problem=[p] * 3)["accuracy"]
+    assert accuracy == [task.reward(c, p) for c in completions] == [1.0, 0.0, 0.0]
