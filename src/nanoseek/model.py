@@ -423,7 +423,8 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, rows=None,
                       impl: str | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, D] that the output head reads; `mask` [B, T, T]
-        replaces the causal mask when there is no cache (`document_mask` for packed rows)."""
+        replaces the causal mask when there is no cache (`document_mask` for packed rows; with a
+        cache, MLA raises ValueError)."""
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
