@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from nanoseek import bench, demo
+from nanoseek.data import cli as data_cli
 from nanoseek.errors import NanoseekError
+from nanoseek.infer import cli as infer_cli
+from nanoseek.io import cli as io_cli
+from nanoseek.io import convert
+from nanoseek.serve import cli as serve_cli
+from nanoseek.train import cli as train_cli
 
-# Modules that expose `register(subparsers)`; each subcommand sets `func(args) -> int | None`.
-COMMAND_MODULES = [
-    "nanoseek.demo",
-    "nanoseek.io.cli",
-    "nanoseek.io.convert",
-    "nanoseek.data.cli",
-    "nanoseek.train.cli",
-    "nanoseek.infer.cli",
-    "nanoseek.serve.cli",
-    "nanoseek.bench",
-]
+# Each module's `register(subparsers)` adds its subcommands; each sets `func(args) -> int | None`.
+COMMAND_MODULES = [demo, io_cli, convert, data_cli, train_cli, infer_cli, serve_cli, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in one readable codebase")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):  # the area is not built yet
-                continue
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 

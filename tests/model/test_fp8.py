@@ -22,13 +22,8 @@ NORMAL_REL, SUBNORMAL_ABS = 2**-4, 2**-10
 
 
 def cli(argv: list[str]) -> int:
-    """`nanoseek ARGV` with only the convert command registered (other areas may be mid-edit)."""
-    saved = nanoseek.cli.COMMAND_MODULES
-    nanoseek.cli.COMMAND_MODULES = ["nanoseek.io.convert"]
-    try:
-        return nanoseek.cli.main(argv)
-    finally:
-        nanoseek.cli.COMMAND_MODULES = saved
+    """`nanoseek ARGV`."""
+    return nanoseek.cli.main(argv)
 
 
 def rel(a, b) -> float:
@@ -304,7 +299,7 @@ def test_engine_greedy_with_fp8_weights_equals_full_recomputation(kw):
 def test_bench_decode_fp8_section_halves_the_linear_weights():
     from rich.console import Console
 
-    from nanoseek.infer.bench import DecodeBench, fp8_against_bf16, print_fp8
+    from nanoseek.bench.decode import DecodeBench, fp8_against_bf16, print_fp8
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny")).eval()

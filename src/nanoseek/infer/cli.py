@@ -1,4 +1,4 @@
-"""`nanoseek generate` and `nanoseek chat` (`nanoseek bench decode` lives in nanoseek.infer.bench)."""
+"""`nanoseek generate` and `nanoseek chat` (`nanoseek bench decode` lives in nanoseek.bench.decode)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     add_device_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
-    # `nanoseek bench decode` is registered by nanoseek.bench, from nanoseek.infer.bench.
+    # `nanoseek bench decode` is registered by nanoseek.bench, from nanoseek.bench.decode.
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int, top_p: float = 1.0) -> None:

@@ -56,6 +56,16 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and NAME.match(p.name)), key=lambda p: p.name)
 
 
+def find_resume(out: str | Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: `resume` (a directory, or 'latest'), else OUT's newest."""
+    if resume is None or resume == "latest":
+        found = list_checkpoints(out)
+        if resume == "latest" and not found:
+            raise NanoseekError(f"--resume: no checkpoint in {checkpoints_dir(out)}")
+        return found[-1] if found else None
+    return Path(resume)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

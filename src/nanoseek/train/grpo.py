@@ -430,7 +430,6 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     from nanoseek.data.reasoning import prompt_opens_reasoning
     from nanoseek.io.hf import save_pretrained
     from nanoseek.train.metrics import Metrics, plot_grpo
-    from nanoseek.train.pretrain import find_resume
 
     cfg.validate()
     out = Path(out)
@@ -440,7 +439,7 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
                                          think_opened=prompt_opens_reasoning(cfg.template))
     rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed), cfg.template)
     trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn)
-    start = find_resume(out, resume)
+    start = ckpt.find_resume(out, resume)
     if start is not None:  # check everything before writing anything
         trainer.restore(start)
     out.mkdir(parents=True, exist_ok=True)

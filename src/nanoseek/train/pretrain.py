@@ -155,16 +155,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, ctx: distributed.Context
                              foreach=False if ctx.expert_parallel else None)
 
 
-def find_resume(out: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: `resume` (a directory, or 'latest'), else OUT's newest."""
-    if resume is None or resume == "latest":
-        found = ckpt.list_checkpoints(out)
-        if resume == "latest" and not found:
-            raise NanoseekError(f"--resume: no checkpoint in {ckpt.checkpoints_dir(out)}")
-        return found[-1] if found else None
-    return Path(resume)
-
-
 def autocast(cfg: TrainConfig, device: torch.device):
     if cfg.precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -314,7 +304,7 @@ class Run:
 
     def go(self, resume: str | None) -> dict:
         cfg, ctx, out = self.cfg, self.ctx, self.out
-        start = find_resume(out, resume)
+        start = ckpt.find_resume(out, resume)
         if start is not None:  # check everything before writing anything
             self.restore(self.verify(start))
         if ctx.is_main:

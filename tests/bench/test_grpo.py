@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from nanoseek.errors import NanoseekError
-from nanoseek.train.grpo_bench import bench_grpo
+from nanoseek.bench.grpo import bench_grpo
 
 
 def test_nanoseek_side_forces_the_completion_length():
