@@ -41,7 +41,8 @@ class Metrics:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+                purge = start_step + 1 if start_step else None
+                self.writer = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=purge)
             except ImportError:
                 warnings.warn("tensorboard is not installed: metrics go to metrics.jsonl only")
 
