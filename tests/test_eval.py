@@ -4,6 +4,7 @@ metrics give the numbers the evaluation gives on the same completions)."""
 import pytest
 import torch
 
+from infer_support import make_model
 from nanoseek import tasks
 from nanoseek.data.chat import R1_ZERO_TEMPLATE
 from nanoseek.data.corpus import corpus
@@ -11,7 +12,6 @@ from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.eval import consensus, evaluate, majority_vote, pass_at_k
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, task_prompts, task_rewards
-from infer_support import make_model
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_grpo_accuracy_is_the_task_reward():
     task = tasks.get("countdown")
     p = task.sample(1, "test", seed=0)[0]
     completions = [f" <think></think> <answer>{p.answer}</answer>",  # the task's own solution expression
-                   f" <think></think> <answer>{p.target}</answer>",  # the target itself: not an expression of the numbers
+                   f" <think></think> <answer>{p.target}</answer>",  # the target: not made of the numbers
                    " <think></think> <answer>1+</answer>"]
     _, metrics_fn = task_rewards(task, {"accuracy": 1.0}, tokenizer=None, max_tokens=64)
     accuracy = metrics_fn(None, completions, problem=[p] * 3)["accuracy"]

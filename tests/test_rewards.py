@@ -152,8 +152,8 @@ def test_combined_reward():
 
 
 def test_rewards_on_the_corpus_shapes():
-    """The shapes the base model learns from the corpus score as intended (SYSTEM.md section 6:
-    most failed R1 reproductions had rewards stricter than what their model wrote)."""
+    """The shapes the base model learns from the corpus score as intended (most
+    failed R1 reproductions had rewards stricter than what their model wrote)."""
     for name in ("arith", "countdown"):
         task = tasks.get(name)
         by_prompt = {p.prompt: p for p in task.sample(60, seed=1)}  # the corpus's problems

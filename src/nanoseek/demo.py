@@ -30,9 +30,9 @@ TASK = "chain"  # nanoseek/tasks/chain.py says why not plain arith
 
 @dataclass(frozen=True)
 class Plan:
-    """How big each stage is. SYSTEM.md section 6: small values and 5-7 of them, half of the
+    """How big each stage is: small values and 5-7 of them, half of the
     corpus worked step by step, and a generation budget above the longest worked solution.
-    What made the lookups learnable in the time (issue 6's notes): signed values (a step is
+    What made the lookups learnable in the time (measured while it was built): signed values (a step is
     then a recall and one addition), a tokenizer with one token per punctuation mark,
     attention within each packed document, and the preamble on a quarter of the documents."""
 

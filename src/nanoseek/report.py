@@ -1,4 +1,8 @@
-"""The report card of a run (`nanoseek demo`): OUT/report.md for people, OUT/report.json for programs."""
+"""The report card of a run (`nanoseek demo`): OUT/report.md for people, OUT/report.json for programs.
+
+Its thinking lengths, of the evaluation and of the RL curve alike, are the engine's
+`reasoning_tokens`: the tokens between <think> and </think>.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ ROWS = [  # (key, label, kind)
     ("thinking_accuracy", "accuracy of samples that reason", "pct"),
     ("direct_accuracy", "accuracy of samples that answer directly", "pct"),
     ("response_len", "response length (tokens)", "num"),
-    ("thinking_len", "thinking length (tokens)", "num"),
+    ("thinking_len", "thinking length (tokens between <think> and </think>)", "num"),
 ]
 SAMPLES_SHOWN = 4
 WINDOW = 5  # steps averaged at each end of the RL curves
@@ -123,12 +127,12 @@ def write_report(out: Path, *, plan: dict, task: str, task_options: dict, templa
 
 
 def _diagnosis(base) -> list[str]:
-    """SYSTEM.md section 6: RL can only amplify a gap between thinking and guessing."""
+    """RL can only amplify a gap between thinking and guessing: say so when there was none."""
     think, direct = base.thinking_accuracy, base.direct_accuracy
     if think is None or direct is None or think > direct + 0.05:
         return []
     return [f"- The base model's reasoning was no more accurate than its direct answers ({_fmt(think, 'pct')} vs "
-            f"{_fmt(direct, 'pct')}): thinking did not pay, so RL had no gap to amplify (SYSTEM.md section 6). "
+            f"{_fmt(direct, 'pct')}): thinking did not pay, so RL had no gap to amplify. "
             "Its worked steps must be right far more often than its guesses before R1-Zero can work."]
 
 

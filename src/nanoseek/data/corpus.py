@@ -2,7 +2,7 @@
 
 Every problem document is the R1-Zero prompt followed by a completion in the shape RL will
 reward, " <think>reasoning</think> <answer>N</answer>", so the base model already writes
-that shape. What varies is the reasoning (SYSTEM.md section 6: RL can only amplify a gap
+that shape. What varies is the reasoning (RL can only amplify a gap
 that the base model already has between thinking and guessing):
 
 - worked: every step, "3+4=7, 7-2=5". Single steps are easy, so these are mostly right.

@@ -1,6 +1,6 @@
 """arith: chains of small integer operations, e.g. "3+4-2+5-1".
 
-Built for the tiny R1-Zero run (SYSTEM.md section 6): one step is easy for a small model,
+Built for the tiny R1-Zero run: one step is easy for a small model,
 the whole chain at a glance is not, so writing the steps out pays and RL can find that.
 Difficulty is the number of operations; the operand range and the operators are options.
 """

@@ -4,7 +4,7 @@ The task of the default R1-Zero run. It is arith with the operands behind names,
 tiny model learns to look a value up by its name (an induction head: find "c=", copy what
 follows) in an 11-minute pretraining run, while finding "the k-th number" of an arith prompt by
 its position, or the operator before a name, takes it far longer than a laptop run allows
-(measured in issue 6's notes). It learns the lookup only when the documents packed into a row
+(measured while the demo was built). It learns the lookup only when the documents packed into a row
 cannot see each other (`document_mask`: every document binds "a", "b", ... again) and when
 "c=-4" and "c=4" share their first tokens (`split_punctuation`). Written out, each step
 recalls a value and adds it:
