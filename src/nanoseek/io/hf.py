@@ -150,6 +150,8 @@ def _read_tensors(files: list[Path], keep_fp8=None):
 def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                     config: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
     """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer.
+    One that holds no MTP weights (transformers saves none) loads without MTP, with a note on
+    stderr (`without_absent_mtp`); `model.config` says so.
 
     keep_fp8: the checkpoint's FP8 linears (E4M3 + `weight_scale_inv`, as released) stay FP8
     in memory as FP8WeightLinear modules, dequantised per layer inside the matmul; the rest
