@@ -68,7 +68,10 @@ def test_grpo_metrics_and_the_evaluation_agree(tokenizer, monkeypatch):
     scripts = {(tuple(prompts[p.prompt]), i): text for p in problems for i, text in enumerate(samples(p))}
     engine = scripted_engine(tokenizer, monkeypatch, scripts)
 
-    result = evaluate(engine, task, problems, R1_ZERO_TEMPLATE, k=4, max_tokens=64)
+    samples = []
+    result = evaluate(engine, task, problems, R1_ZERO_TEMPLATE, k=4, max_tokens=64, samples_out=samples)
+    assert [s["completion"] for s in samples] == list(scripts.values())
+    assert [s["correct"] for s in samples] == [True, False, True, True] * 3
     reward_fn, metrics_fn = task_rewards(task, {"accuracy": 1.0, "format": 0.1}, tokenizer, max_tokens=64)
     trainer = GRPOTrainer(engine.model, tokenizer, reward_fn, task_prompts(task, problems, R1_ZERO_TEMPLATE),
                           GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=64), metrics_fn=metrics_fn,
