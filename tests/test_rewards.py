@@ -17,7 +17,7 @@ from nanoseek.rewards import (
 )
 from nanoseek.tasks import Problem
 
-TIME_LIMIT = 5.0  # seconds for any one reward call
+TIME_LIMIT = 5.0  # wall-clock seconds for any one reward call (math-verify may spend MATH_VERIFY_SECONDS of CPU)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -162,6 +162,68 @@ def test_rewards_on_the_corpus_shapes():
             problem = by_prompt[prompt]
             assert task.reward(completion, problem) == 1.0, (kind, completion)
             assert format_reward(completion) == 1.0, completion
+
+
+# Right answers of each kind that reaches math-verify (plain numbers never do), graded in a fresh
+# process: its first check also sets math-verify up, the slowest call of all.
+RIGHT_ANSWERS = [("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"), ("x^2+1", "1+x^2"), ("\\frac{\\pi}{3}", "\\pi/3"),
+                 ("(1,2]", "(1,2]"), ("2\\sqrt{3}", "\\sqrt{12}")]
+GRADE = """
+import json, sys
+import math_verify
+from nanoseek.rewards import answer_reward
+print("ready", flush=True)
+answers = json.loads(sys.stdin.readline())
+print(json.dumps([answer_reward(f"<answer>{a}</answer>", t) for a, t in answers]), flush=True)
+"""
+
+
+def test_right_answers_stay_right_on_a_busy_machine():
+    """Every core busy with a spinning process, and the grader let run a tenth of the time at
+    most (stopped 0.27 s, running 0.03 s), so that a check takes ten times its CPU time and
+    more in wall-clock time: the scores are the same, because the time limit counts work, not
+    waiting. (With math-verify's wall-clock alarm of 1 s, most of them scored 0.)"""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    grader = subprocess.Popen([sys.executable, "-c", GRADE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    busy = []
+    try:
+        assert grader.stdout.readline() == "ready\n"  # math-verify imported on a quiet machine
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count())]
+        grader.stdin.write(json.dumps(RIGHT_ANSWERS) + "\n")
+        grader.stdin.flush()
+        deadline = time.monotonic() + 300
+        while grader.poll() is None and time.monotonic() < deadline:
+            grader.send_signal(signal.SIGSTOP)
+            time.sleep(0.27)
+            grader.send_signal(signal.SIGCONT)
+            time.sleep(0.03)
+        out = grader.stdout.read()
+    finally:
+        grader.kill()
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert json.loads(out) == [1.0] * len(RIGHT_ANSWERS)
+
+
+def test_time_limit_counts_work_not_waiting():
+    from math_verify.errors import TimeoutException
+
+    from nanoseek.rewards import _work_limit
+
+    with _work_limit(0.2):
+        time.sleep(0.5)  # waiting: no CPU time spent
+    start = time.process_time()
+    with pytest.raises(TimeoutException), _work_limit(0.2):
+        while time.process_time() - start < 10:
+            pass
+    assert 0.2 <= time.process_time() - start < 1.0
 
 
 def test_rewards_work_off_the_main_thread():

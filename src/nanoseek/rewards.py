@@ -3,15 +3,17 @@
 No neural reward model. Every reward takes any string and returns a float: adversarial
 outputs (huge powers, division by zero, deep nesting, code, megabytes of text) score 0, and
 nothing is ever `eval`-ed. Guards keep sympy from work a signal cannot interrupt (huge
-integer powers and factorials run in C), and math-verify's own alarm bounds the rest when
-called from the main thread.
+integer powers and factorials run in C), and a CPU-time limit bounds the rest when called
+from the main thread (`_work_limit`: a bound on the work, so a busy machine grades the same).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
+import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
@@ -23,7 +25,10 @@ from nanoseek.errors import NanoseekError
 MAX_ANSWER_CHARS = 300  # longer extracted answers are not answers; they score 0
 MAX_GOLD_CHARS = 2000
 MAX_SCAN_CHARS = 200_000  # language share is measured on this much reasoning
-MATH_VERIFY_SECONDS = 1
+# CPU seconds that one math-verify check (parse both sides, compare) may spend. A right answer
+# takes under 0.2 s once math-verify is warmed up; the guards keep out what would take longer,
+# so the limit is a last resort against a runaway, with a tenfold margin.
+MATH_VERIFY_SECONDS = 2.0
 
 
 def _never_raises(fn):
@@ -192,18 +197,51 @@ def safe_for_sympy(s: str) -> bool:
 def _math_verify():
     import math_verify
 
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # timeouts are expected here
+    # math-verify's own timeouts are off (its wall-clock alarm is what `_work_limit` replaces),
+    # and it warns about that.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # The first check in a process builds the LaTeX parser and sympy's caches (about 0.5 s of
+    # CPU): done here, before any limit runs, so that it never counts against an answer.
+    math_verify.verify(math_verify.parse("$\\sqrt{2}/2$", parsing_timeout=None),
+                       math_verify.parse("$x^2+1$", parsing_timeout=None), timeout_seconds=None)
     return math_verify
 
 
-def _timeout() -> int | None:
-    # math-verify's alarm is a signal, which only the main thread may set.
-    return MATH_VERIFY_SECONDS if threading.current_thread() is threading.main_thread() else None
+@contextlib.contextmanager
+def _work_limit(seconds: float):
+    """Raise math-verify's TimeoutException once the process has spent `seconds` of CPU time
+    in the block. math-verify's own limit is a wall-clock alarm, which a busy machine lets run
+    out before a right answer is parsed; CPU time is the same however loaded the machine is.
+    A signal, so only in the main thread; elsewhere the guards are the only bound."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from math_verify.errors import TimeoutException
+
+    def stop(signum, frame):
+        raise TimeoutException(f"math-verify: over {seconds} s of CPU time")
+
+    previous = signal.signal(signal.SIGPROF, stop)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+class _NoGold(Exception):
+    """A ground truth that math-verify could not parse (or not in time)."""
 
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(truth: str):
-    return _math_verify().parse(f"${truth}$", parsing_timeout=_timeout())
+    """The parsed ground truth. A failure raises, which lru_cache does not keep, so that a
+    parse cut short is tried again next time instead of failing every later answer."""
+    gold = _math_verify().parse(f"${truth}$", parsing_timeout=None)
+    if not gold:
+        raise _NoGold(truth)
+    return gold
 
 
 def math_equal(pred: str, truth: str) -> bool:
@@ -217,11 +255,15 @@ def math_equal(pred: str, truth: str) -> bool:
     if len(truth) > MAX_GOLD_CHARS or not safe_for_sympy(pred) or not re.search(r"[0-9A-Za-z\\π∞√]", pred):
         return False
     mv = _math_verify()
-    gold = _parse_gold(truth)
-    guess = mv.parse(f"${pred}$", parsing_timeout=_timeout())
-    if not gold or not guess:
+    from math_verify.errors import TimeoutException
+
+    try:
+        with _work_limit(MATH_VERIFY_SECONDS):
+            gold = _parse_gold(truth)
+            guess = mv.parse(f"${pred}$", parsing_timeout=None)
+            return bool(guess) and bool(mv.verify(gold, guess, timeout_seconds=None))
+    except (_NoGold, TimeoutException):
         return False
-    return bool(mv.verify(gold, guess, timeout_seconds=_timeout()))
 
 
 @_never_raises
@@ -331,7 +373,8 @@ def accuracy_reward(completion: str, problem) -> float:
 # ---- format ----------------------------------------------------------------------------
 @_never_raises
 def format_reward(completion: str, think_opened: bool = False, answer_tags: bool = True) -> float:
-    """1.0 for "<think> reasoning </think> <answer> answer </answer>" and nothing else.
+    """1.0 for "<think> reasoning </think> <answer> answer </answer>" and nothing else, read by
+    the reasoning splitter (nanoseek.data.reasoning) as the engine and the evaluation read it.
 
     `think_opened`: the prompt already ended with <think> (the chat generation prompt).
     `answer_tags=False`: the chat format, where any non-empty text after </think> is the answer.
