@@ -1,10 +1,15 @@
 """Checkpoints that survive crashes.
 
-A checkpoint is a directory `OUT/checkpoints/step-00000100/` holding
+A checkpoint is a directory `OUT/checkpoints/step-00000100/`. Written by one process, it holds
 - `model.safetensors`: the weights and buffers, routing biases among them;
 - `optimizer.safetensors`: AdamW's moments and step count per parameter (`NAME.exp_avg`, ...);
-- `trainer.json`: the step, the config it was trained with, the data position, the RNG states,
-  the loss-spike guard and the SHA-256 of both tensor files. No pickle anywhere.
+Written by many ranks (torchrun), it holds instead the files of `torch.distributed.checkpoint`
+(DCP): each rank writes its own shards (`__RANK_0.distcp`, read back with weights_only) of the
+same tensors, under `model.NAME` and `optimizer.NAME.exp_avg`, and `.metadata` says where each piece
+lies; nothing is gathered on one rank, and DCP reassembles them on any number of ranks.
+Both kinds hold `trainer.json`: the step, the config it was trained with, the data position,
+the RNG states, the loss-spike guard and the SHA-256 of every other file (checked before DCP
+unpickles its `.metadata`).
 It is written under a temporary name, every file fsynced, and renamed into place only when
 complete: a crash mid-write leaves the previous checkpoints as they were. The last K are kept.
 Reading one checks everything before anything is changed: a corrupt or mismatched checkpoint
@@ -20,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +45,15 @@ TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 class Checkpoint:
     path: Path
     step: int
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor]  # full tensors; empty in a sharded checkpoint (read them with DCP)
     optimizer: dict[str, torch.Tensor]
     state: dict  # trainer.json
+    sharded: bool = False  # written by many ranks through torch.distributed.checkpoint
+    shapes: dict[str, tuple[int, ...]] | None = None  # of the model's tensors
+
+    def __post_init__(self):
+        if self.shapes is None:
+            self.shapes = {name: tuple(t.shape) for name, t in self.model.items()}
 
 
 def checkpoints_dir(out: str | Path) -> Path:
@@ -82,21 +94,67 @@ def _write(path: Path, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_checkpoint(out: str | Path, step: int, model_sd: dict[str, torch.Tensor],
-                    optim_sd: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and drop all but the newest `keep`."""
-    root = checkpoints_dir(out)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fresh(tmp: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(out: str | Path, step: int, model_sd: dict[str, torch.Tensor],
+                    optim_sd: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and drop all but the newest `keep` (one process)."""
+    root = checkpoints_dir(out)
+    tmp = _fresh(root / f".tmp-step-{step:08d}-{os.getpid()}")
     files = {
         "model.safetensors": _write(tmp / "model.safetensors", save_safetensors(model_sd)),
         "optimizer.safetensors": _write(tmp / "optimizer.safetensors", save_safetensors(optim_sd)),
     }
-    record = {"format": FORMAT, "step": step, **state, "files": files}
+    return _publish(out, tmp, step, {**state, "files": files}, keep)
+
+
+def save_sharded_checkpoint(out: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict, ctx,
+                            keep: int = 2) -> Path:
+    """Write checkpoint `step` from every rank at once (collective): each rank writes the shards
+    it holds of `tensors` (DTensors, or plain tensors that only it has or that all ranks hold
+    alike) through torch.distributed.checkpoint; rank 0 then records the files' hashes and
+    `state`, and renames the directory into place."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    tmp = checkpoints_dir(out) / f".tmp-step-{step:08d}"  # one name for all ranks
+    if ctx.is_main:
+        _fresh(tmp)
+    ctx.barrier()
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))
+    ctx.barrier()  # every rank's files are written and fsynced, and rank 0's .metadata
+    mine = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name.startswith(f"__{ctx.rank}_")}
+    hashes = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(mine, hashes, dst=0)
+    final = None
+    if ctx.is_main:
+        files = {name: h for part in hashes for name, h in part.items()}
+        files[".metadata"] = _sha256(tmp / ".metadata")
+        final = _publish(out, tmp, step, {**state, "files": files, "sharded": True}, keep)
+    ctx.barrier()
+    return final or checkpoints_dir(out) / f"step-{step:08d}"
+
+
+def _publish(out: str | Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
+    """Write trainer.json into the complete temporary directory `tmp` and rename it into place."""
+    root = checkpoints_dir(out)
+    final = root / f"step-{step:08d}"
+    for name in state["files"]:
+        _fsync(tmp / name)
+    record = {"format": FORMAT, "step": step, **state}
     _write(tmp / "trainer.json", (json.dumps(record, indent=1) + "\n").encode())
     _fsync(tmp)
     if final.exists():  # the same step written again (after a rollback): swap it out
@@ -136,6 +194,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise NanoseekError(f"{meta_file}: corrupt checkpoint metadata ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("files"), dict):
         raise NanoseekError(f"{meta_file}: not a nanoseek checkpoint of format {FORMAT}")
+    if state.get("sharded"):
+        return _read_sharded(path, state)
     tensors = {}
     for name in TENSOR_FILES:
         f = path / name
@@ -150,6 +210,43 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise NanoseekError(f"{f}: unreadable safetensors ({e})") from None
     return Checkpoint(path, int(state["step"]), tensors["model.safetensors"], tensors["optimizer.safetensors"],
                       state)
+
+
+def _read_sharded(path: Path, state: dict) -> Checkpoint:
+    """Verify a DCP checkpoint's files against trainer.json; the tensors are read by `load_sharded`."""
+    from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+
+    if ".metadata" not in state["files"]:
+        raise NanoseekError(f"{path}/trainer.json: a sharded checkpoint without .metadata")
+    for name, digest in state["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise NanoseekError(f"{f}: missing from the checkpoint")
+        if _sha256(f) != digest:
+            raise NanoseekError(f"{f}: corrupt checkpoint (SHA-256 differs from the one recorded in trainer.json)")
+    metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+    shapes = {name[len("model."):]: tuple(m.size) for name, m in metadata.items()
+              if name.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    return Checkpoint(path, int(state["step"]), {}, {}, state, sharded=True, shapes=shapes)
+
+
+def load_sharded(c: Checkpoint, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill `tensors` (this rank's DTensor shards and plain tensors, under the names they were
+    saved with) in place from the sharded checkpoint `c`; each rank reads only what it holds.
+    Works in a single process too (full tensors)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # DCP warns that one process reads alone: that is what is meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(c.path), no_dist=not dist.is_initialized())
+
+
+def saved_names(c: Checkpoint) -> set[str]:
+    """The names of the tensors a sharded checkpoint holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(c.path).read_metadata().state_dict_metadata)
 
 
 def jsonable(d: dict) -> dict:
@@ -179,15 +276,14 @@ def check_compatible(ckpt: Checkpoint, config: dict, model_config: dict, resumab
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise NanoseekError(f"{ckpt.path}: checkpoint was written with a different config: "
                             f"{'; '.join(diff[:3])}{more}")
-    missing = sorted(set(shapes) - set(ckpt.model))
-    extra = sorted(set(ckpt.model) - set(shapes))
+    where = f"{ckpt.path}/{'.metadata' if ckpt.sharded else 'model.safetensors'}"
+    missing = sorted(set(shapes) - set(ckpt.shapes))
+    extra = sorted(set(ckpt.shapes) - set(shapes))
     if missing or extra:
-        raise NanoseekError(f"{ckpt.path}/model.safetensors: tensors do not match the model "
-                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        raise NanoseekError(f"{where}: tensors do not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
     for name, shape in shapes.items():
-        if tuple(ckpt.model[name].shape) != tuple(shape):
-            raise NanoseekError(f"{ckpt.path}/model.safetensors: {name} has shape {list(ckpt.model[name].shape)}, "
-                                f"the model expects {list(shape)}")
+        if tuple(ckpt.shapes[name]) != tuple(shape):
+            raise NanoseekError(f"{where}: {name} has shape {list(ckpt.shapes[name])}, the model expects {list(shape)}")
 
 
 # ---------------------------------------------------------------------------------------

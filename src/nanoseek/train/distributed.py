@@ -9,8 +9,8 @@ Launched by `torchrun`, every rank builds the same model from the same seed, the
   (token, expert) pair to the rank holding that expert with `all_to_all`, the owner runs its
   experts, and a second `all_to_all` brings the outputs back (V3 section 3.2, at the scale of
   torch.distributed collectives instead of DeepEP kernels).
-gloo on the CPU, NCCL on GPUs. Checkpoints hold full tensors under single-process names, so
-a run can resume on any number of ranks.
+gloo on the CPU, NCCL on GPUs. Checkpoints go through torch.distributed.checkpoint: each rank
+writes its own shards, under single-process names, and they reload on any number of ranks.
 """
 
 from __future__ import annotations
@@ -206,6 +206,47 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, ctx: Context) ->
     return norm
 
 
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of this rank, without gathering anything: the model's tensors as
+    `model.NAME` (FSDP's DTensor shards, the experts this rank owns, buffers all ranks hold
+    alike) and AdamW's state as `optimizer.NAME.exp_avg`, ... (shaped like its parameter)."""
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{name}.{key}"] = value
+    return tensors
+
+
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, c) -> None:
+    """The model's (and optimizer's) state from checkpoint `c`, on one rank or many: a sharded
+    checkpoint is read by torch.distributed.checkpoint, each rank reading its own pieces; a
+    single-process one holds full tensors, of which each rank keeps its shard."""
+    from nanoseek.train import checkpoint as ckpt
+
+    if not c.sharded:
+        return load_full_state(model, optimizer, c.model, c.optimizer)
+    saved = ckpt.saved_names(c)
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    moments: dict[nn.Parameter, dict[str, torch.Tensor]] = {}
+    if optimizer is not None:
+        for name, p in model.named_parameters():
+            if f"optimizer.{name}.step" in saved:
+                # AdamW's own layout: a float32 step count, moments shaped (and sharded) like p
+                state = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
+                         "exp_avg_sq": torch.zeros_like(p)}
+                moments[p] = state
+                tensors.update({f"optimizer.{name}.{k}": v for k, v in state.items()})
+    with torch.no_grad():
+        ckpt.load_sharded(c, tensors)  # in place: into the parameters' (local) storage and `moments`
+    if optimizer is not None:
+        optimizer.state.clear()
+        optimizer.state.update(moments)
+
+
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Model and optimizer state as full CPU tensors under single-process names, e.g.
@@ -262,7 +303,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, m
         return
     optimizer.state.clear()
     for name, p in model.named_parameters():
-        keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"{name}.{k}" in optim_sd]
+        keys = [k for k in ADAM_STATE if f"{name}.{k}" in optim_sd]
         if not keys:
             continue
         state = {}

@@ -240,11 +240,13 @@ class Run:
         }
 
     def save(self) -> None:
+        if self.ctx.distributed:  # each rank writes its own shards: nothing is gathered
+            ckpt.save_sharded_checkpoint(self.out, self.step, distributed.sharded_state(self.model, self.optimizer),
+                                         self.trainer_state(), self.ctx, keep=self.cfg.keep_checkpoints)
+            return
         model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, self.ctx)
-        if self.ctx.is_main:
-            ckpt.save_checkpoint(self.out, self.step, model_sd, optim_sd, self.trainer_state(),
-                                 keep=self.cfg.keep_checkpoints)
-        self.ctx.barrier()
+        ckpt.save_checkpoint(self.out, self.step, model_sd, optim_sd, self.trainer_state(),
+                             keep=self.cfg.keep_checkpoints)
 
     def verify(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.read_checkpoint(path)
@@ -255,7 +257,7 @@ class Run:
         return c
 
     def restore(self, c: ckpt.Checkpoint, data: bool = True) -> None:
-        distributed.load_full_state(self.model, self.optimizer, c.model, c.optimizer)
+        distributed.load_checkpoint(self.model, self.optimizer, c)
         self.guard.load_state_dict(c.state["guard"])
         ckpt.set_rng_state(c.state["rng"])
         if data:
