@@ -71,7 +71,7 @@ def test_reward_fn_columns_and_bad_config(tokenizer):
     trainer.reward_fn = reward
     trainer.step()
     assert len(seen["answer"]) == 8 and all(isinstance(a, str) for a in seen["answer"])
-    with pytest.raises(NanoseekError, match="loss_type 'ppo'"):
+    with pytest.raises(NanoseekError, match="config key 'loss_type': must be one of 'grpo'.* got 'ppo'"):
         GRPOConfig(loss_type="ppo")
     with pytest.raises(NanoseekError, match="group_size"):
         GRPOConfig(group_size=1)

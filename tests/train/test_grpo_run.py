@@ -104,7 +104,7 @@ def test_task_rewards_score_real_completions():
 def test_config_errors_name_the_key(base, tmp_path):
     f = tmp_path / "g.yaml"
     f.write_text(f"init_from: {base}\ngroup_size: 1\n")
-    with pytest.raises(NanoseekError, match="g.yaml: group_size must be at least 2"):
+    with pytest.raises(NanoseekError, match="g.yaml: config key 'group_size': must be at least 2, got 1"):
         load_config(f, cls=GRPORunConfig)
     with pytest.raises(NanoseekError, match="unknown config key 'gruop_size'"):
         load_config(None, [f"init_from={base}", "gruop_size=4"], cls=GRPORunConfig)
@@ -125,5 +125,5 @@ def test_cli_runs_and_fails_with_one_line(base, tmp_path):
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 1
     bad = run_cli("grpo", "--out", str(tmp_path / "bad"), "--set", *sets, "loss_type=ppo")
     assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "loss_type 'ppo'" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "--set loss_type=ppo: config key 'loss_type'" in bad.stderr
     assert "Traceback" not in bad.stderr

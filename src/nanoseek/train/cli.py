@@ -25,7 +25,6 @@ def register(sub) -> None:
 def run_stage(args) -> int:
     from nanoseek.train.config import load_config
     from nanoseek.train.pretrain import train
-
     from nanoseek.train.sft import SFTConfig
 
     cfg = load_config(args.config, args.overrides, cls=SFTConfig if args.stage == "sft" else None)

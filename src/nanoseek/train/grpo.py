@@ -19,51 +19,47 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from nanoseek.data.chat import R1_ZERO_TEMPLATE
+from nanoseek.device import DTYPES, model_device, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
 from nanoseek.model import LatentCache
 from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import distributed
-from nanoseek.train.config import save_config
+from nanoseek.train.config import ConfigKeyError, Section, save_config
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, token_entropy, token_logprobs
 
 
-@dataclass
-class GRPOConfig:
-    group_size: int = 8  # G completions per prompt
-    prompts_per_step: int = 16  # P prompts per step
-    max_new_tokens: int = 96
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    beta: float = 0.0  # KL weight; 0 drops the reference model entirely
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # clip-higher (DAPO); None = epsilon
-    mu: int = 1  # optimisation passes over each batch of rollouts
-    loss_type: str = "grpo"  # grpo | dr_grpo | dapo
-    dynamic_sampling: bool | None = None  # drop all-equal groups; default on for dapo
-    ref_refresh_every: int = 0  # copy the policy into the reference model every N steps (0: never)
-    micro_batch_size: int = 64  # completions per forward/backward
-    stop: list[str] = field(default_factory=list)
+class GRPOConfig(Section):
+    """GRPOTrainer's settings (a pydantic model: a bad value is a NanoseekError naming the key)."""
+
+    group_size: int = Field(8, ge=2)  # G completions per prompt; at least 2: the group is the baseline
+    prompts_per_step: int = Field(16, ge=1)  # P prompts per step
+    max_new_tokens: int = Field(96, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    beta: float = Field(0.0, ge=0)  # KL weight; 0 drops the reference model entirely
+    epsilon: float = Field(0.2, ge=0)
+    epsilon_high: float | None = Field(None, ge=0)  # clip-higher (DAPO); None = epsilon
+    mu: int = Field(1, ge=1)  # optimisation passes over each batch of rollouts
+    loss_type: Literal[LOSS_TYPES] = "grpo"
+    dynamic_sampling: bool | None = None  # drop all-equal groups; default (None) on for dapo
+    ref_refresh_every: int = Field(0, ge=0)  # copy the policy into the reference model every N steps (0: never)
+    micro_batch_size: int = Field(64, ge=1)  # completions per forward/backward
+    stop: list[str] = []
     seed: int = 0
 
-    def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise NanoseekError(f"loss_type '{self.loss_type}' (expected one of {', '.join(LOSS_TYPES)})")
-        for name in ("group_size", "prompts_per_step", "max_new_tokens", "mu", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise NanoseekError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.group_size < 2:
-            raise NanoseekError("group_size must be at least 2: the group is the baseline")
+    def check(self) -> None:
         if self.dynamic_sampling is None:
             self.dynamic_sampling = self.loss_type == "dapo"
 
@@ -71,12 +67,14 @@ class GRPOConfig:
 RewardFn = Callable[..., list[float]]
 
 
-def _load(model, tokenizer):
+def _load(model, tokenizer, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from objects or directories; a model directory loads onto `device`
+    in `dtype` (None: the CPU, float32)."""
     if isinstance(model, (str, Path)):
         from nanoseek.io.hf import load_pretrained
 
         directory = model
-        model = load_pretrained(directory)
+        model = load_pretrained(directory, dtype=dtype or torch.float32, device=device or torch.device("cpu"))
         if tokenizer is None:
             tokenizer = directory
     if isinstance(tokenizer, (str, Path)):
@@ -169,19 +167,23 @@ class GRPOTrainer:
 
     def batch_tensors(self, prompt_ids, completions, keep_groups):
         """The kept groups: prompts [P, Lp] and completions [N, C] (both padded at the end), each
-        prompt's length [P], each completion's prompt row [N], and the mask of completion tokens [N, C]."""
+        prompt's length [P], each completion's prompt row [N], and the mask of completion tokens [N, C];
+        all on the model's device."""
         pad = self.tokenizer.special_ids.get("pad") or 0
+        dev = model_device(self.model)
 
         def padded(seqs):
             width = max(max(map(len, seqs)), 1)
-            return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long)
+            return torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=dev)
 
         prompts = [prompt_ids[g] for g in keep_groups]
         outs = [list(o.token_ids) for g in keep_groups for o in completions[g]]
         comp = padded(outs)
-        mask = (torch.arange(comp.shape[1]) < torch.tensor([len(o) for o in outs])[:, None]).float()
-        group = torch.arange(len(prompts)).repeat_interleave(torch.tensor([len(completions[g]) for g in keep_groups]))
-        return padded(prompts), torch.tensor([len(p) for p in prompts]), comp, group, mask
+        lengths = torch.tensor([len(o) for o in outs], device=dev)
+        mask = (torch.arange(comp.shape[1], device=dev) < lengths[:, None]).float()
+        sizes = torch.tensor([len(completions[g]) for g in keep_groups], device=dev)
+        group = torch.arange(len(prompts), device=dev).repeat_interleave(sizes)
+        return padded(prompts), torch.tensor([len(p) for p in prompts], device=dev), comp, group, mask
 
     def logprobs(self, model, input_ids, with_entropy=False):
         """log pi(token t+1 | tokens <= t) of whole sequences [N, T]: [N, T - 1]."""
@@ -218,7 +220,7 @@ class GRPOTrainer:
         loss_sum, kl_sum, clip_sum, ent_sum, n_mb = 0.0, 0.0, 0.0, 0.0, 0
         if keep:
             prompts, prompt_lens, comp, group, mask = self.batch_tensors(prompt_ids, completions, keep)
-            adv = advantages[keep].flatten()
+            adv = advantages[keep].flatten().to(comp.device)  # rewards are scored on the CPU
             self.model.train()
             n_total = len(comp)
             mbs = [slice(i, i + c.micro_batch_size) for i in range(0, n_total, c.micro_batch_size)]
@@ -325,7 +327,7 @@ class GRPOTrainer:
 
     def _configs(self) -> tuple[dict, dict]:
         """The run's config and the model's, as a checkpoint records and compares them."""
-        return ckpt.jsonable(asdict(self.config)), ckpt.jsonable(self.model.config.__dict__)
+        return self.config.to_dict(), ckpt.jsonable(self.model.config.__dict__)
 
     def save(self, out: str | Path, keep: int = 2) -> Path:
         """Policy, reference model, AdamW moments, prompt position and RNG states, atomically."""
@@ -356,43 +358,53 @@ class GRPOTrainer:
 # `nanoseek grpo --config FILE.yaml`: a model directory, a task, a template and rewards.
 # ---------------------------------------------------------------------------------------
 # Keys that may change when a run is resumed: how long it runs and how often it logs and saves.
-RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress")
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress", "device")
 
 
-@dataclass
 class GRPORunConfig(GRPOConfig):
     init_from: str = ""  # the starting model: a Hugging Face format directory (with its tokenizer)
     tokenizer: str | None = None  # default: init_from's
     task: str = "arith"  # nanoseek.tasks: arith, countdown, gsm8k, math
-    task_options: dict = field(default_factory=dict)  # the task's constructor options
-    prompts: int = 2000  # problems drawn from the task's train split
+    task_options: dict = {}  # the task's constructor options
+    prompts: int = Field(2000, ge=1)  # problems drawn from the task's train split
     template: str = R1_ZERO_TEMPLATE  # with a {prompt} field for the problem
-    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
-    overlong_buffer: int = 0  # DAPO's soft overlong penalty starts this many tokens before the limit
-    steps: int = 60
-    checkpoint_every: int = 20
-    keep_checkpoints: int = 2
+    rewards: dict[str, float] = {"accuracy": 1.0, "format": 0.1}  # weights, by name (nanoseek.rewards)
+    overlong_buffer: int = Field(0, ge=0)  # DAPO's soft overlong penalty starts this many tokens before the limit
+    steps: int = Field(60, ge=1)
+    checkpoint_every: int = Field(20, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
     tensorboard: bool = True
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when torch sees a GPU), cpu, cuda: rollouts and updates both run there
+    dtype: Literal[tuple(DTYPES)] = "float32"  # the policy's weights; float16 on a GPU only
 
-    def validate(self) -> None:
+    @field_validator("template")
+    @classmethod
+    def _has_prompt_field(cls, template: str) -> str:
+        if "{prompt}" not in template:
+            raise ValueError("needs a {prompt} field for the problem")
+        return template
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, rewards: dict) -> dict:
         from nanoseek.rewards import REWARD_NAMES
 
-        if not self.init_from:
-            raise NanoseekError("config key 'init_from': the model directory to start from is required")
-        if not Path(self.init_from).is_dir():
-            raise NanoseekError(f"config key 'init_from': {self.init_from} is not a directory")
-        if "{prompt}" not in self.template:
-            raise NanoseekError("config key 'template': needs a {prompt} field for the problem")
-        unknown = set(self.rewards) - set(REWARD_NAMES)
+        unknown = set(rewards) - set(REWARD_NAMES)
         if unknown:
-            raise NanoseekError(f"config key 'rewards': unknown {', '.join(sorted(unknown))} "
-                                f"(expected {', '.join(REWARD_NAMES)})")
+            raise ValueError(f"unknown {', '.join(sorted(unknown))} (expected {', '.join(REWARD_NAMES)})")
+        return rewards
+
+    def check(self) -> None:
+        super().check()
+        resolve_dtype(self.dtype, resolve_device(self.device, "config key 'device'"), "config key 'dtype'")
+
+        if not self.init_from:
+            raise ConfigKeyError("init_from", "the model directory to start from is required")
+        if not Path(self.init_from).is_dir():
+            raise ConfigKeyError("init_from", f"{self.init_from} is not a directory")
         if self.rewards.get("overlong") and self.overlong_buffer < 1:
-            raise NanoseekError("config key 'overlong_buffer': the overlong reward needs a buffer of at least 1")
-        for key in ("steps", "checkpoint_every", "keep_checkpoints", "prompts"):
-            if getattr(self, key) < 1:
-                raise NanoseekError(f"config key '{key}': must be at least 1, got {getattr(self, key)}")
+            raise ConfigKeyError("overlong_buffer", "the overlong reward needs a buffer of at least 1")
 
 
 def task_prompts(task, problems, template: str) -> list[dict]:
@@ -431,10 +443,11 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     from nanoseek.io.hf import save_pretrained
     from nanoseek.train.metrics import Metrics, plot_grpo
 
-    cfg.validate()
-    out = Path(out)
+    out = Path(out)  # cfg was checked when it was built
     task = tasks.get(cfg.task, **cfg.task_options)
-    model, tokenizer = _load(cfg.init_from, cfg.tokenizer)
+    device = resolve_device(cfg.device, "config key 'device'")
+    dtype = resolve_dtype(cfg.dtype, device, "config key 'dtype'")
+    model, tokenizer = _load(cfg.init_from, cfg.tokenizer, device, dtype)
     reward_fn, metrics_fn = task_rewards(task, cfg.rewards, tokenizer, cfg.max_new_tokens, cfg.overlong_buffer,
                                          think_opened=prompt_opens_reasoning(cfg.template))
     rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed), cfg.template)
@@ -447,7 +460,7 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     save_config(cfg, out / "config.yaml")
     verb = f"resuming {start} at step {trainer.step_count}" if start else "starting"
     print(f"grpo: {verb}; {cfg.prompts_per_step} prompts x {cfg.group_size} completions a step, "
-          f"{cfg.loss_type} loss, beta {cfg.beta}, task {cfg.task}", file=sys.stderr)
+          f"{cfg.loss_type} loss, beta {cfg.beta}, task {cfg.task}, {device.type} {cfg.dtype}", file=sys.stderr)
     metrics = Metrics(out, trainer.step_count, cfg.tensorboard)
 
     def after_step(m: dict) -> None:
