@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from nanoseek import ModelConfig, Transformer
+
 from model_support import random_model
 
 CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,

@@ -88,7 +88,8 @@ def run_demo(args) -> int:
     plan = QUICK if args.quick else FULL
     device, dtype = device_arguments(args)
     if device.index is not None:
-        raise NanoseekError(f"--device {args.device}: the demo runs on 'cuda' (choose the GPU with CUDA_VISIBLE_DEVICES)")
+        raise NanoseekError(f"--device {args.device}: the demo runs on 'cuda' "
+                            "(choose the GPU with CUDA_VISIBLE_DEVICES)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     task_options = dict(plan.task_options)

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from infer_support import CONFIG, greedy_reference, make_model, prompts
 from nanoseek import ModelConfig, NanoseekError, Transformer, save_pretrained
 from nanoseek.device import place_model, resolve_device, resolve_dtype
 from nanoseek.infer import Engine, SamplingParams
+
 from model_support import random_model
-from infer_support import CONFIG, greedy_reference, make_model, prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when torch sees no GPU")
@@ -157,8 +158,10 @@ def test_cli_generate_in_bf16_and_its_errors(checkpoint, capsys):
 def test_cli_cuda_without_a_gpu_is_one_line(checkpoint, capsys):
     from nanoseek.cli import main
 
-    for command in (["generate", "--prompt-ids", "5,6"], ["chat"], ["serve", "--port", "0"]):
-        assert main([*command, "--model", str(checkpoint), "--device", "cuda"]) == 2
+    model = ["--model", str(checkpoint)]
+    for command in (["generate", "--prompt-ids", "5,6", *model], ["chat", *model], ["serve", "--port", "0", *model],
+                    ["bench", "decode"], ["bench", "train"]):
+        assert main([*command, "--device", "cuda"]) == 2
         assert capsys.readouterr().err == "error: --device: cuda was asked for, but torch sees no GPU\n", command
 
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from infer_support import CONFIG, greedy_reference, make_model, prompts
 from nanoseek import NanoseekError, save_pretrained
 from nanoseek.data import format_chat, train_tokenizer
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.sampling import filter_logits
-from infer_support import CONFIG, greedy_reference, make_model, prompts
 
 
 @pytest.fixture(scope="module")

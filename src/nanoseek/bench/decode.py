@@ -54,6 +54,7 @@ class DecodeBench:
     prompt_len: int
     new_tokens: int
     repeats: int
+    device: str = "cpu"
     attn_implementation: str = ""
     experts_implementation: str = ""
     results: list[DecodeResult] = field(default_factory=list)
@@ -72,48 +73,55 @@ def hf_cache_bytes_per_token(cache, batch: int) -> float:
     return total / (batch * cache.get_seq_length())
 
 
-def _best_of(repeats: int, *fns):
-    """Run each fn `repeats` times, in turns; per fn its last output and its fastest time."""
+def _best_of(repeats: int, *fns, device: torch.device | None = None):
+    """Run each fn `repeats` times, in turns; per fn its last output and its fastest time (on a
+    GPU, until its queued kernels have finished)."""
     outs, best = [None] * len(fns), [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             outs[i] = fn()
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
             best[i] = min(best[i], time.perf_counter() - t0)
     return outs, best
 
 
 def bench_decode(preset: str = "small", model_dir: str | None = None, batch_sizes=(1, 16), prompt_len: int = 32,
                  new_tokens: int = 256, threads: int | None = None, speculative: bool = True, seed: int = 0,
-                 repeats: int = 3, fp8: bool = True, log=print) -> DecodeBench:
+                 repeats: int = 3, fp8: bool = True, log=print, device: str | torch.device = "cpu") -> DecodeBench:
     """Each timing is the best of `repeats` runs, the two tools taking turns, so that a busy
-    machine slows neither more than the other. `fp8`: then FP8 against bf16 weights."""
+    machine slows neither more than the other. `fp8`: then FP8 against bf16 weights. Both
+    tools run on `device`, in float32."""
     try:
         import transformers
     except ImportError:
         raise NanoseekError("bench decode compares with transformers: pip install 'nanoseek[hf]'") from None
     from nanoseek.config import ModelConfig
+    from nanoseek.device import place_model, resolve_device
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
     from nanoseek.io.hf import load_pretrained, save_pretrained
     from nanoseek.model import Transformer
 
+    device = resolve_device(device)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     if model_dir:
-        model = load_pretrained(model_dir)
+        model = load_pretrained(model_dir, device=device)
     else:
-        model = Transformer(ModelConfig.preset(preset)).eval()
+        model = place_model(Transformer(ModelConfig.preset(preset)).eval(), device)
     config = model.config
     if prompt_len + new_tokens > config.max_position_embeddings:
-        raise NanoseekError(f"--prompt-len + --new-tokens exceeds max_position_embeddings {config.max_position_embeddings}")
+        raise NanoseekError("--prompt-len + --new-tokens exceeds max_position_embeddings "
+                            f"{config.max_position_embeddings}")
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    bench = DecodeBench(model_dir or preset, torch.get_num_threads(), prompt_len, new_tokens, repeats,
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
+    bench = DecodeBench(model_dir or preset, torch.get_num_threads(), prompt_len, new_tokens, repeats, str(device),
                         hf.config._attn_implementation, str(getattr(hf.config, "_experts_implementation", "")))
     c = config
     bench.mha_cache_bytes = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 4
@@ -130,6 +138,7 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
     for batch in batch_sizes:
         ids = torch.randint(low, c.vocab_size, (batch, prompt_len), generator=gen)
         prompts = prompts_by_batch[batch] = ids.tolist()
+        ids = ids.to(device)
         engine = Engine(model, max_batch_size=batch, max_seq_len=prompt_len + new_tokens + 1)
         fns = [lambda: hf_generate(ids, new_tokens), lambda: engine.generate(prompts, params)]
         spec = None
@@ -138,10 +147,10 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
             fns.append(lambda: spec.generate(prompts, params))
         _best_of(1, lambda: hf_generate(ids, 4), *[  # warm up
             (lambda e=e: e.generate(prompts, SamplingParams(temperature=0, max_tokens=4, min_tokens=4)))
-            for e in (engine, spec) if e is not None])
+            for e in (engine, spec) if e is not None], device=device)
         if spec is not None:
             spec.drafter.stats.drafted = spec.drafter.stats.accepted = 0
-        outs, secs = _best_of(repeats, *fns)
+        outs, secs = _best_of(repeats, *fns, device=device)
         hf_out, ours = outs[0], outs[1]
         same = [o.outputs[0].token_ids for o in ours] == hf_out.sequences[:, prompt_len:].tolist()
         result = DecodeResult(batch, batch * new_tokens / secs[0], batch * new_tokens / secs[1], same_tokens=same)
@@ -165,11 +174,13 @@ def fp8_against_bf16(model, prompts_by_batch: dict[int, list[list[int]]], params
                      ) -> tuple[WeightMemory, list[FP8Result]]:
     """The engine on `model` in bf16, and on the same bf16 model with its attention and expert
     linears in FP8 (`to_fp8_weights`), taking turns on the same prompts."""
+    from nanoseek.device import model_device, place_model
     from nanoseek.fp8 import to_fp8_weights
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
 
-    bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
+    device = model_device(model)
+    bf16 = place_model(copy.deepcopy(model), dtype=torch.bfloat16).eval()  # the routing bias stays float32
     fp8 = copy.deepcopy(bf16)
     to_fp8_weights(fp8)
     memory = WeightMemory.compare(bf16, fp8)
@@ -180,8 +191,8 @@ def fp8_against_bf16(model, prompts_by_batch: dict[int, list[list[int]]], params
     for batch, prompts in prompts_by_batch.items():
         max_seq_len = len(prompts[0]) + params.max_tokens + 1
         engines = [Engine(m, max_batch_size=batch, max_seq_len=max_seq_len) for m in (bf16, fp8)]
-        _best_of(1, *[(lambda e=e: e.generate(prompts, warm_up)) for e in engines])
-        _, secs = _best_of(repeats, *[(lambda e=e: e.generate(prompts, params)) for e in engines])
+        _best_of(1, *[(lambda e=e: e.generate(prompts, warm_up)) for e in engines], device=device)
+        _, secs = _best_of(repeats, *[(lambda e=e: e.generate(prompts, params)) for e in engines], device=device)
         tokens = batch * params.max_tokens
         results.append(FP8Result(batch, tokens / secs[0], tokens / secs[1]))
         log(f"batch {batch}: bf16 weights {results[-1].bf16_tokens_per_s:.1f} tok/s, FP8 weights "
@@ -195,7 +206,8 @@ def print_bench(bench: DecodeBench, console=None) -> None:
 
     console = console or Console()
     table = Table(title=f"decode: {bench.preset}, prompt {bench.prompt_len} + {bench.new_tokens} new tokens, "
-                        f"greedy, {bench.threads} thread(s), best of {bench.repeats}")
+                        f"greedy, {bench.device}" + (f", {bench.threads} thread(s)" if bench.device == "cpu" else "")
+                        + f", best of {bench.repeats}")
     for col in ("batch", "transformers tok/s", "nanoseek tok/s", "speed-up", "nanoseek+MTP tok/s",
                 "MTP acceptance", "same tokens"):
         table.add_column(col, justify="right")
@@ -270,6 +282,8 @@ def add_arguments(p) -> None:
                    help="skip the FP8-vs-bf16 weights runs (the engine with E4M3 weights and 128x128 block scales, "
                         "kept FP8 in memory, against the same weights in bf16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="where both tools run: cpu, cuda or auto (default cpu, where the README's numbers come from)")
 
 
 def main(args) -> int:
@@ -280,6 +294,6 @@ def main(args) -> int:
     if not sizes or min(sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise NanoseekError("--batch-sizes, --prompt-len, --new-tokens and --repeats must be positive")
     bench = bench_decode(args.preset, args.model, sizes, args.prompt_len, args.new_tokens, args.threads or None,
-                         not args.no_speculative, args.seed, args.repeats, not args.no_fp8)
+                         not args.no_speculative, args.seed, args.repeats, not args.no_fp8, device=args.device)
     print_bench(bench)
     return 0

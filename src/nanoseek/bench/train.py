@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per tool first (default 2)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument("--device", default="cpu",
+                   help="where both tools train: cpu, cuda or auto (default cpu, where the README's numbers come from)")
 
 
 def training_flops_per_token(config, seq: int) -> float:
@@ -39,32 +41,45 @@ def training_flops_per_token(config, seq: int) -> float:
     return 6 * active + 3 * attention
 
 
-def measured_peak_flops(seconds: float = 1.0, n: int = 1024) -> float:
-    """fp32 matmul FLOP/s of this machine, best of a few timed runs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    """Wait for the GPU's queued kernels, so that the clock measures them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CPU = torch.device("cpu")
+
+
+def measured_peak_flops(seconds: float = 1.0, n: int = 1024, device: torch.device = CPU) -> float:
+    """fp32 matmul FLOP/s of this machine (of its GPU with `device`), best of a few timed runs."""
+    if device.type == "cuda":
+        n = max(n, 8192)  # a GPU needs large matmuls to reach its peak
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
+    _sync(device)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         for _ in range(4):
             torch.mm(a, b)
+        _sync(device)
         best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t))
     return best
 
 
-def nanoseek_step(config, state_dict):
+def nanoseek_step(config, state_dict, device: torch.device = CPU):
     from nanoseek.model import Transformer
     from nanoseek.train.distributed import Context, clip_grad_norm, distribute_experts
     from nanoseek.train.pretrain import Objective
 
     model = Transformer(config)
     model.load_state_dict(state_dict)
-    model.train()
+    model.to(device).train()
     distribute_experts(model, 0, 1)  # the trainer's expert loop
     objective = Objective(model, mtp=False)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ctx = Context()
+    ctx = Context(device=device)
 
     def step(x, y):
         opt.zero_grad(set_to_none=False)
@@ -76,12 +91,12 @@ def nanoseek_step(config, state_dict):
     return step
 
 
-def transformers_step(path):
+def transformers_step(path, device: torch.device = CPU):
     import transformers
 
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.train()
+    model.to(device).train()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -101,6 +116,7 @@ def main(args) -> int:
     from rich.table import Table
 
     from nanoseek.config import ModelConfig
+    from nanoseek.device import resolve_device
     from nanoseek.errors import NanoseekError
     from nanoseek.io.hf import save_pretrained
     from nanoseek.model import Transformer
@@ -113,32 +129,36 @@ def main(args) -> int:
         raise NanoseekError("--batch, --seq and --steps must be positive (--seq at least 2)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     console = Console()
     config = ModelConfig.preset(args.preset)
     torch.manual_seed(0)
     reference = Transformer(config)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(reference, tmp)
-        hf_step, hf_name = transformers_step(tmp)
-    ns_step = nanoseek_step(config, reference.state_dict())
+        hf_step, hf_name = transformers_step(tmp, device)
+    ns_step = nanoseek_step(config, reference.state_dict(), device)
     del reference
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     console.print(f"bench train: preset {args.preset}, batch {args.batch} x {args.seq} tokens, fp32, "
-                  f"{torch.get_num_threads()} threads; nanoseek vs transformers {hf_name}, alternating steps")
+                  f"{where}; nanoseek vs transformers {hf_name}, alternating steps")
     times = {"nanoseek": [], "transformers": []}
     first = {}
     for i in range(args.warmup + args.steps):
         for name, step in (("nanoseek", ns_step), ("transformers", hf_step)):
             t = time.perf_counter()
-            loss = step(x, y)
+            loss = step(x, y)  # .item() of the loss waits for the GPU too
+            _sync(device)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t)
             first.setdefault(name, loss)
-    peak = measured_peak_flops()
+    peak = measured_peak_flops(device=device)
     flops = training_flops_per_token(config, args.seq)
     n_tokens = args.batch * args.seq
     result = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
+              "device": str(device),
               "peak_matmul_gflops": peak / 1e9, "train_flops_per_token": flops, "first_loss": first}
     table = Table(title="training throughput (median step)")
     for col in ("tool", "ms / step", "tokens / s", "MFU"):

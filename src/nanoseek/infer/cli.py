@@ -40,7 +40,8 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: i
     g.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
     g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens per completion (default {max_tokens})")
+    g.add_argument("--max-tokens", type=int, default=max_tokens,
+                   help=f"most tokens per completion (default {max_tokens})")
     g.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
     g.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeat for several)")
     g.add_argument("-n", "--n", type=int, default=1, help="completions per prompt (default 1)")
