@@ -47,13 +47,13 @@ fi
 sm_{p.major}{p.minor}; torch {torch.__version__}, CUDA {torch.version.cuda}')" | tee -a "$SUMMARY"
 
 # 1. The CUDA tests (`-m cuda` replaces the default `-m 'not slow'`); -rs lists any skip with its reason.
-part cuda-tests 300 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" tests
+part cuda-tests 240 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" tests
 
 # 2. The benchmarks on the GPU: decode (engine vs transformers' generate, then FP8 vs bf16 weights)
 #    and training throughput (nanoseek vs transformers), on the `small` preset.
-part bench-decode 150 "$PY" -m nanoseek.cli bench decode --device cuda --preset small --batch-sizes 1,16 \
+part bench-decode 120 "$PY" -m nanoseek.cli bench decode --device cuda --preset small --batch-sizes 1,16 \
     --new-tokens 128 --repeats 2 --threads 0
-part bench-train 90 "$PY" -m nanoseek.cli bench train --device cuda --preset small --batch 8 --seq 256 \
+part bench-train 75 "$PY" -m nanoseek.cli bench train --device cuda --preset small --batch 8 --seq 256 \
     --steps 6 --json "$OUT/bench-train.json"
 
 echo "gpu_check: $( [ "$status" -eq 0 ] && echo 'all passed' || echo 'some parts failed' ); results in $OUT" \
