@@ -8,11 +8,11 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from nanoseek import tasks
 from nanoseek.data import (
-    CHAT_TEMPLATE, R1_ZERO_TEMPLATE, SPECIAL_TOKENS, Tokenizer, format_chat, r1_zero_prompt,
-    train_tokenizer,
+    CHAT_TEMPLATE, PROMPT_FORMATS, R1_ZERO_CHAT_TEMPLATE, R1_ZERO_TEMPLATE, SPECIAL_TOKENS, Tokenizer, format_chat,
+    prompt_template, r1_zero_prompt, train_tokenizer,
 )
-from nanoseek.data.chat import BOS, EOS, PAD
-from nanoseek.data.corpus import corpus
+from nanoseek.data.chat import BOS, EOS, PAD, template_format
+from nanoseek.data.corpus import corpus, document
 from nanoseek.errors import NanoseekError
 
 TEXTS = [
@@ -112,6 +112,17 @@ def hf(trained):
     return transformers.AutoTokenizer.from_pretrained(str(trained[1]))
 
 
+@pytest.fixture(scope="module")
+def saved_as(trained, tmp_path_factory):
+    """(our tokenizer, transformers' tokenizer) of `trained` saved in each prompt format."""
+    transformers = pytest.importorskip("transformers")
+    out = {}
+    for fmt in PROMPT_FORMATS:
+        path = trained[0].save_pretrained(tmp_path_factory.mktemp(fmt), prompt_format=fmt)
+        out[fmt] = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(str(path))
+    return out
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_transformers_encodes_the_same(trained, hf, text):
     tok, _ = trained
@@ -125,14 +136,71 @@ def test_transformers_special_tokens(trained, hf):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
 
 
+@pytest.mark.parametrize("fmt", PROMPT_FORMATS)
 @pytest.mark.parametrize("generation_prompt", [True, False])
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_chat_template_matches_format_chat(trained, hf, messages, generation_prompt):
-    tok, _ = trained
+def test_chat_template_matches_format_chat(saved_as, fmt, messages, generation_prompt):
+    tok, hf = saved_as[fmt]
+    assert tok.prompt_format == fmt
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    assert text == format_chat(messages, add_generation_prompt=generation_prompt)
+    assert text == format_chat(messages, add_generation_prompt=generation_prompt, prompt_format=fmt)
+    assert text == tok.format_chat(messages, add_generation_prompt=generation_prompt)
     ids = hf_ids(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt))
     assert ids == tok.encode_chat(messages, add_generation_prompt=generation_prompt)
+
+
+def test_prompt_format_travels_with_the_directory(trained, tmp_path):
+    tok, path = trained
+    assert tok.prompt_format == "chat"  # a new tokenizer, and one saved before the key existed
+    config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["prompt_format"]
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert Tokenizer.from_pretrained(path).prompt_format == "chat"
+    r1 = Tokenizer.from_pretrained(tok.save_pretrained(tmp_path / "r1", prompt_format="r1-zero"))
+    assert r1.prompt_format == "r1-zero" and r1.config["chat_template"] == R1_ZERO_CHAT_TEMPLATE
+    again = Tokenizer.from_pretrained(r1.save_pretrained(tmp_path / "again"))  # copied on by pretraining
+    assert again.prompt_format == "r1-zero"
+    assert Tokenizer.from_pretrained(again.save_pretrained(tmp_path / "chat", prompt_format="chat")).config[
+        "chat_template"] == CHAT_TEMPLATE
+    with pytest.raises(NanoseekError, match="prompt format 'plain': expected one of chat, r1-zero"):
+        tok.save_pretrained(tmp_path / "bad", prompt_format="plain")
+    config["prompt_format"] = "r1"
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(NanoseekError, match=r"tokenizer_config.json: key 'prompt_format' 'r1': expected one of"):
+        Tokenizer.from_pretrained(path)
+    tok.save_pretrained(path)  # as it was, for the other tests
+
+
+def test_r1_zero_format_layout():
+    text = format_chat([{"role": "system", "content": "Be brief."}, *CONVERSATIONS[2]], prompt_format="r1-zero")
+    assert text == (
+        BOS + "A conversation between User and Assistant. The Assistant first thinks inside <think> </think>, "
+        "then answers inside <answer> </answer>.\nBe brief.\nUser: What is 3+4?\n"
+        "Assistant: <think>3+4=7</think> <answer>7</answer>\nUser: And 7-2?\nAssistant:"
+    )
+    # one question is the R1-Zero template GRPO trains with, encoded with BOS as the corpus is
+    question = [{"role": "user", "content": "a=1,b=2. a+b"}]
+    assert format_chat(question, prompt_format="r1-zero") == BOS + r1_zero_prompt("a=1,b=2. a+b")
+    assert prompt_template("r1-zero") == R1_ZERO_TEMPLATE and template_format(R1_ZERO_TEMPLATE) == "r1-zero"
+    assert template_format(prompt_template("chat")) == "chat" and template_format("Q: {prompt}\nA:") is None
+    assert format_chat(question) == BOS + prompt_template("chat").format(prompt="a=1,b=2. a+b")
+
+
+def test_r1_zero_conversation_is_a_corpus_document(trained):
+    """A one-turn conversation in the R1-Zero format, as SFT tokenizes it piece by piece, is a
+    worked pretraining document between BOS and EOS, and SFT trains on its completion only."""
+    tok = Tokenizer(trained[0].backend, {**trained[0].config, "prompt_format": "r1-zero"})
+    task = tasks.get("chain", min_values=3, max_values=3, signed=True)
+    problem = task.sample(1, seed=0)[0]
+    messages = [{"role": "user", "content": problem.prompt},
+                {"role": "assistant", "content": problem.answer, "reasoning_content": task.worked(problem)}]
+    doc = document("worked", problem, task)
+    segments = tok.chat_segments(messages, add_generation_prompt=False)
+    assert "".join(t for t, _ in segments) == BOS + doc + EOS
+    ids = [i for text, _ in segments for i in tok.encode(text)]
+    assert ids == tok.encode(doc, bos=True, eos=True)
+    trained_text = "".join(t for t, out in segments if out)
+    assert trained_text == f" <think>{task.worked(problem)}</think> <answer>{problem.answer}</answer>" + EOS
 
 
 def test_chat_format_layout():

@@ -5,8 +5,24 @@ assistant thinks inside <think> </think>, then answers inside <answer> </answer>
 format is DeepSeek-R1's: special tokens mark the turns and the generation prompt opens the
 reasoning with "<think>\\n", so a completion starts inside the reasoning.
 
-`format_chat` is plain Python; `CHAT_TEMPLATE` is the same format as Jinja for
-`transformers.apply_chat_template`. tests/test_tokenizer.py checks that they give the same ids.
+A saved model carries the format it was trained with: its tokenizer_config.json holds
+`prompt_format` ("chat" or "r1-zero") and the same format as a Jinja `chat_template`, so
+`chat`, `serve`, `generate` and the evaluation prompt it as it learnt (`Tokenizer.format_chat`).
+A conversation in the R1-Zero format reads as lines:
+
+    A conversation between User and Assistant. ... inside <answer> </answer>.
+    User: a=1,b=2. a+b
+    Assistant: <think></think> <answer>3</answer>
+    User: a=3,b=-1. a+b
+    Assistant:
+
+An earlier assistant turn is written as the corpus writes a completion, with its reasoning
+when it has one (DeepSeek's API sends earlier turns without it, so it is usually empty); only
+the last message of a conversation ends with EOS, so that no end of document sits inside a
+prompt. System messages follow the preamble, one line each.
+
+`format_chat` is plain Python; `CHAT_TEMPLATES` holds the same formats as Jinja for
+`transformers.apply_chat_template`. tests/data/test_tokenizer.py checks that they give the same ids.
 """
 
 from __future__ import annotations
@@ -31,6 +47,9 @@ R1_ZERO_PREAMBLE = (
 R1_ZERO_TEMPLATE = R1_ZERO_PREAMBLE + "User: {prompt}\nAssistant:"
 
 GENERATION_PROMPT = ASSISTANT + THINK + "\n"
+R1_ZERO_USER, R1_ZERO_ASSISTANT = "User: ", "Assistant:"  # the R1-Zero format's turns
+
+PROMPT_FORMATS = ("chat", "r1-zero")
 
 
 def r1_zero_prompt(prompt: str, preamble: bool = True) -> str:
@@ -57,12 +76,28 @@ def _assistant_parts(message: dict) -> tuple[str, str]:
     return reasoning.strip(), content.strip()
 
 
-def chat_segments(messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+def r1_zero_completion(reasoning: str, answer: str) -> str:
+    """What the model writes after the R1-Zero prompt's "Assistant:" (and what RL rewards)."""
+    return f" {THINK}{reasoning}{END_THINK} {ANSWER}{answer}{END_ANSWER}"
+
+
+def check_prompt_format(name: str, where: str = "prompt format") -> str:
+    if name not in PROMPT_FORMATS:
+        raise NanoseekError(f"{where} {name!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+    return name
+
+
+def chat_segments(messages: list[dict], add_generation_prompt: bool = True, prompt_format: str = "chat"
+                  ) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, is_assistant_output) pieces; `format_chat` joins them.
 
-    An assistant piece is what the model generates after the generation prompt: reasoning,
-    "</think>", the answer and EOS. SFT trains on exactly those pieces.
+    An assistant piece is what the model generates after the generation prompt: in the chat
+    format the reasoning, "</think>", the answer and EOS; in the R1-Zero format the completion
+    " <think>...</think> <answer>...</answer>" (and EOS when it ends the conversation). SFT
+    trains on exactly those pieces.
     """
+    check_prompt_format(prompt_format)
+    r1_zero = prompt_format == "r1-zero"
     system, turns = [], [(BOS, False)]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -73,56 +108,111 @@ def chat_segments(messages: list[dict], add_generation_prompt: bool = True) -> l
         if role == "system":
             system.append(content or "")
         elif role == "user":
-            turns.append((USER + (content or ""), False))
+            text = content or ""
+            turns.append((R1_ZERO_USER + text + "\n" if r1_zero else USER + text, False))
         elif role == "assistant":
             reasoning, answer = _assistant_parts(m)
-            turns.append((GENERATION_PROMPT, False))
-            turns.append((reasoning + "\n" + END_THINK + "\n\n" + answer + EOS, True))
+            if r1_zero:
+                last = i == len(messages) - 1
+                turns.append((R1_ZERO_ASSISTANT, False))
+                turns.append((r1_zero_completion(reasoning, answer) + (EOS if last else ""), True))
+                if not last:
+                    turns.append(("\n", False))
+            else:
+                turns.append((GENERATION_PROMPT, False))
+                turns.append((reasoning + "\n" + END_THINK + "\n\n" + answer + EOS, True))
         else:
             raise NanoseekError(f"message {i}: role {role!r} is not one of system, user, assistant")
-    if system:  # DeepSeek puts every system message first, right after BOS
+    if r1_zero:  # the preamble is R1-Zero's system prompt; system messages follow it
+        turns.insert(1, (R1_ZERO_PREAMBLE + "".join(text + "\n" for text in system), False))
+    elif system:  # DeepSeek puts every system message first, right after BOS
         turns.insert(1, ("\n\n".join(system), False))
     if add_generation_prompt:
-        turns.append((GENERATION_PROMPT, False))
+        turns.append((R1_ZERO_ASSISTANT if r1_zero else GENERATION_PROMPT, False))
     return turns
 
 
-def format_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """A conversation as DeepSeek-R1 chat text:
-    BOS system <｜User｜>q <｜Assistant｜><think>\\n reasoning \\n</think>\\n\\n answer EOS ..."""
-    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt))
+def format_chat(messages: list[dict], add_generation_prompt: bool = True, prompt_format: str = "chat") -> str:
+    """A conversation as text, in DeepSeek-R1's chat format:
+    BOS system <｜User｜>q <｜Assistant｜><think>\\n reasoning \\n</think>\\n\\n answer EOS ...
+    or in the R1-Zero format: BOS preamble "User: q\\nAssistant: <think>r</think> <answer>a</answer>\\n..." """
+    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt, prompt_format))
 
 
-# The same format in Jinja, for tokenizer_config.json. One line, so that no template
+def prompt_template(prompt_format: str) -> str:
+    """The prompt of one question, with a {prompt} field (what GRPO and the evaluation fill);
+    without BOS, which the engine and GRPO add."""
+    text = format_chat([{"role": "user", "content": "{prompt}"}], prompt_format=prompt_format)
+    return text[len(BOS):]
+
+
+def template_format(template: str) -> str | None:
+    """The prompt format whose one-question prompt `template` is, or None for another template."""
+    return next((f for f in PROMPT_FORMATS if template in (prompt_template(f), BOS + prompt_template(f))), None)
+
+
+def _jinja(text: str) -> str:
+    """`text` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The formats in Jinja, for tokenizer_config.json. One line each, so that no template
 # whitespace reaches the output whatever the environment's trim settings.
+# `_assistant_parts` in Jinja: sets `reasoning` and `content` (both still to be trimmed).
+_JINJA_ASSISTANT_PARTS = [
+    "{%- set content = m['content'] or '' -%}",
+    "{%- if m.get('reasoning_content') is not none -%}",
+    "{%- set reasoning = m['reasoning_content'] -%}",
+    "{%- elif " + _jinja(END_THINK) + " in content -%}",
+    "{%- set parts = content.split(" + _jinja(END_THINK) + ") -%}",
+    "{%- set reasoning = parts[:-1] | join(" + _jinja(END_THINK) + ") | trim -%}",
+    "{%- set content = parts[-1] -%}",
+    "{%- if reasoning.startswith(" + _jinja(THINK) + ") -%}{%- set reasoning = reasoning[" + str(len(THINK))
+    + ":] -%}{%- endif -%}",
+    "{%- else -%}",
+    "{%- set reasoning = '' -%}",
+    "{%- endif -%}",
+]
+_JINJA_UNKNOWN_ROLE = [
+    "{%- elif m['role'] != 'system' -%}",
+    "{{- raise_exception('role ' + m['role'] + ' is not one of system, user, assistant') -}}",
+    "{%- endif -%}",
+]
+
 CHAT_TEMPLATE = "".join([
     "{%- set ns = namespace(system='') -%}",
     "{%- for m in messages if m['role'] == 'system' -%}",
     "{%- set ns.system = ns.system + ('\\n\\n' if loop.index0 > 0 else '') + (m['content'] or '') -%}",
     "{%- endfor -%}",
-    "{{- '" + BOS + "' + ns.system -}}",
+    "{{- " + _jinja(BOS) + " + ns.system -}}",
     "{%- for m in messages -%}",
     "{%- if m['role'] == 'user' -%}",
-    "{{- '" + USER + "' + (m['content'] or '') -}}",
+    "{{- " + _jinja(USER) + " + (m['content'] or '') -}}",
     "{%- elif m['role'] == 'assistant' -%}",
-    "{%- set content = m['content'] or '' -%}",
-    "{%- if m.get('reasoning_content') is not none -%}",
-    "{%- set reasoning = m['reasoning_content'] -%}",
-    "{%- elif '" + END_THINK + "' in content -%}",
-    "{%- set parts = content.split('" + END_THINK + "') -%}",
-    "{%- set reasoning = parts[:-1] | join('" + END_THINK + "') | trim -%}",
-    "{%- set content = parts[-1] -%}",
-    "{%- if reasoning.startswith('" + THINK + "') -%}{%- set reasoning = reasoning[" + str(len(THINK)) + ":] -%}{%- endif -%}",
-    "{%- else -%}",
-    "{%- set reasoning = '' -%}",
-    "{%- endif -%}",
-    "{{- '" + ASSISTANT + THINK + "\\n' + (reasoning | trim) + '\\n" + END_THINK + "\\n\\n' + (content | trim) + '" + EOS + "' -}}",
-    "{%- elif m['role'] != 'system' -%}",
-    "{{- raise_exception('role ' + m['role'] + ' is not one of system, user, assistant') -}}",
-    "{%- endif -%}",
+    *_JINJA_ASSISTANT_PARTS,
+    "{{- " + _jinja(GENERATION_PROMPT) + " + (reasoning | trim) + " + _jinja("\n" + END_THINK + "\n\n")
+    + " + (content | trim) + " + _jinja(EOS) + " -}}",
+    *_JINJA_UNKNOWN_ROLE,
     "{%- endfor -%}",
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + THINK + "\\n' -}}{%- endif -%}",
+    "{%- if add_generation_prompt -%}{{- " + _jinja(GENERATION_PROMPT) + " -}}{%- endif -%}",
 ])
+
+R1_ZERO_CHAT_TEMPLATE = "".join([
+    "{{- " + _jinja(BOS + R1_ZERO_PREAMBLE) + " -}}",
+    "{%- for m in messages if m['role'] == 'system' -%}{{- (m['content'] or '') + '\\n' -}}{%- endfor -%}",
+    "{%- for m in messages -%}",
+    "{%- if m['role'] == 'user' -%}",
+    "{{- " + _jinja(R1_ZERO_USER) + " + (m['content'] or '') + '\\n' -}}",
+    "{%- elif m['role'] == 'assistant' -%}",
+    *_JINJA_ASSISTANT_PARTS,
+    "{{- " + _jinja(R1_ZERO_ASSISTANT + " " + THINK) + " + (reasoning | trim) + " + _jinja(END_THINK + " " + ANSWER)
+    + " + (content | trim) + " + _jinja(END_ANSWER) + " + (" + _jinja(EOS) + " if loop.last else '\\n') -}}",
+    *_JINJA_UNKNOWN_ROLE,
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{- " + _jinja(R1_ZERO_ASSISTANT) + " -}}{%- endif -%}",
+])
+
+CHAT_TEMPLATES = {"chat": CHAT_TEMPLATE, "r1-zero": R1_ZERO_CHAT_TEMPLATE}
 
 
 def strip_end_tokens(text: str) -> str:

@@ -3,6 +3,11 @@
 A directory written by `save_pretrained` opens in `transformers.AutoTokenizer` (tokenizer.json
 plus a tokenizer_config.json holding the chat template), and a released DeepSeek tokenizer
 directory opens here: the special tokens are looked up by their strings.
+
+The prompt format a model was trained with travels in its tokenizer_config.json: the key
+`prompt_format` ("chat" or "r1-zero", see nanoseek.data.chat) names it for nanoseek and
+`chat_template` spells it for transformers. A directory without the key (a released DeepSeek
+tokenizer, or one saved before the key existed) is in the chat format.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from nanoseek.data.chat import (
-    ANSWER, ASSISTANT, BOS, CHAT_TEMPLATE, END_ANSWER, END_THINK, EOS, PAD, THINK, USER, format_chat,
+    ANSWER, ASSISTANT, BOS, CHAT_TEMPLATES, END_ANSWER, END_THINK, EOS, PAD, THINK, USER, chat_segments,
+    check_prompt_format, format_chat, prompt_template,
 )
 from nanoseek.errors import NanoseekError
 
@@ -69,14 +75,15 @@ def _token_string(value) -> str | None:
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the ids of nanoseek's special tokens (None where absent)."""
 
-    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None):
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None, where: str = "tokenizer"):
         self.backend = backend
         self.config = dict(config) if config is not None else {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
             "clean_up_tokenization_spaces": False,
-            "chat_template": CHAT_TEMPLATE,
+            "prompt_format": "chat", "chat_template": CHAT_TEMPLATES["chat"],
         }
+        self.prompt_format = check_prompt_format(self.config.get("prompt_format", "chat"), f"{where}: key 'prompt_format'")
         strings = dict(SPECIAL_TOKENS)
         for name in ("bos", "eos", "pad"):
             strings[name] = _token_string(self.config.get(f"{name}_token")) or strings[name]
@@ -108,14 +115,19 @@ class Tokenizer:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise NanoseekError(f"{config_file}: invalid JSON ({e})") from e
-        return cls(backend, config)
+        return cls(backend, config, where=str(config_file))
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, prompt_format: str | None = None) -> Path:
+        """Write tokenizer.json and tokenizer_config.json. `prompt_format`: the format the model
+        saved beside it was trained with (default: this tokenizer's own)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        config = dict(self.config)
+        if prompt_format is not None:
+            config.update(prompt_format=check_prompt_format(prompt_format), chat_template=CHAT_TEMPLATES[prompt_format])
         self.backend.save(str(path / "tokenizer.json"))
         (path / "tokenizer_config.json").write_text(
-            json.dumps(self.config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+            json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
         return path
 
@@ -144,10 +156,24 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    # ---- the model's prompt format ---------------------------------------------------
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as text in this tokenizer's prompt format; for a directory saved
+        here, what transformers' `apply_chat_template(messages, tokenize=False)` gives."""
+        return format_chat(messages, add_generation_prompt, self.prompt_format)
+
+    def chat_segments(self, messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """`format_chat` as (text, is_assistant_output) pieces, for SFT."""
+        return chat_segments(messages, add_generation_prompt, self.prompt_format)
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Ids of `format_chat(messages)`; for a directory saved here, what transformers'
         `apply_chat_template(messages, tokenize=True)` gives."""
-        return self.encode(format_chat(messages, add_generation_prompt))
+        return self.encode(self.format_chat(messages, add_generation_prompt))
+
+    def prompt_template(self) -> str:
+        """One question's prompt in this tokenizer's format, with a {prompt} field."""
+        return prompt_template(self.prompt_format)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -156,4 +182,5 @@ class Tokenizer:
         return self.backend.id_to_token(id)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, "
+                f"prompt_format={self.prompt_format!r})")
