@@ -233,6 +233,24 @@ def test_stream_yields_the_same_text_split_into_reasoning_and_answer(tokenizer):
     assert engine.generate(prompt, params)[0].outputs[0].text == final[0].text
 
 
+def test_stream_of_an_r1_zero_completion_shows_the_answer_without_tags(tokenizer, monkeypatch):
+    """The R1-Zero format: the output opens its own <think>, and the answer is inside <answer>,
+    cut by the stop string "</answer>". The streamed parts never show a tag, not even half of one."""
+    from nanoseek.data.chat import r1_zero_prompt
+
+    engine = Engine(make_model(vocab_size=tokenizer.vocab_size), tokenizer)
+    script = tokenizer.encode(" <think>3+4=7, 7-2=5</think> <answer>5</answer> and more") + [tokenizer.eos_id]
+    monkeypatch.setattr(engine, "_choose", lambda seqs, logits: [script[len(s.token_ids)] for s in seqs])
+    events = list(engine.stream(r1_zero_prompt("3+4-2"), SamplingParams(max_tokens=40, stop=["</answer>"])))
+    out = events[-1].output
+    assert out.text == " <think>3+4=7, 7-2=5</think> <answer>5" and out.stop_reason == "</answer>"
+    assert (out.reasoning, out.answer) == ("3+4=7, 7-2=5", "5")
+    assert "".join(e.reasoning for e in events) == out.reasoning and "".join(e.answer for e in events) == out.answer
+    assert not any("<" in e.reasoning + e.answer or ">" in e.reasoning + e.answer for e in events)
+    think, end_think = script.index(tokenizer.think_id), script.index(tokenizer.end_think_id)
+    assert out.reasoning_tokens == end_think - think - 1 > 3  # the tokens between the tags
+
+
 def test_closing_a_stream_aborts_its_requests(model):
     engine = Engine(model, max_batch_size=2)
     stream = engine.stream(prompts([5, 6, 7]), SamplingParams(temperature=0, max_tokens=30))
