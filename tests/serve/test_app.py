@@ -242,6 +242,14 @@ def test_unsupported_parameters_are_named_and_neutral_values_pass(server):
                "tool_choice": "none", "logprobs": False, "logit_bias": {}, "seed": None, "stop": None, "n": None}
     r = post(server, {**GOOD, **neutral})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # OpenAI's list of text parts is the text they add up to; developer is system.
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "3+4-2?"}]}]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3+4-2?"}]
+    a, b = post(server, {**GOOD, "messages": parts}).json(), post(server, {**GOOD, "messages": plain}).json()
+    assert a["usage"] == b["usage"] and a["choices"][0]["message"] == b["choices"][0]["message"]
+    r = post(server, {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    assert r.json()["error"]["message"] == "'messages[0].content' must be a string or a list of text parts"
     r = post(server, {"model": MODEL, "prompt": "1+1", "max_tokens": 2, "temperature": 0, "echo": False,
                       "best_of": 1, "suffix": ""}, path="/v1/completions")
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
