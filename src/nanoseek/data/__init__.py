@@ -13,7 +13,7 @@ from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATE", "CHAT_TEMPLATES", "PROMPT_FORMATS", "R1_ZERO_CHAT_TEMPLATE", "R1_ZERO_TEMPLATE",
-    "SPECIAL_TOKENS", "PackedStream", "ReasoningSplitter", "SFTDataset", "Tokenizer", "chat_segments", "format_chat", "iter_documents",
-    "parse_reasoning", "prompt_template", "r1_zero_prompt", "split_reasoning",
+    "SPECIAL_TOKENS", "PackedStream", "ReasoningSplitter", "SFTDataset", "Tokenizer", "chat_segments",
+    "format_chat", "iter_documents", "parse_reasoning", "prompt_template", "r1_zero_prompt", "split_reasoning",
     "train_tokenizer",
 ]
