@@ -20,7 +20,6 @@ from torch import nn
 
 from nanoseek.errors import NanoseekError
 
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
