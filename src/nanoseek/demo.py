@@ -6,9 +6,11 @@
 4. R1-Zero: GRPO from the base model with accuracy and format rewards only;
 5. evaluate again and write OUT/report.md and OUT/report.json.
 
-OUT/base and OUT/r1-zero are Hugging Face format directories with their tokenizer, so
-`nanoseek chat --model OUT/r1-zero` works right after. `--quick` is the same pipeline cut to
-about two minutes (what the tests run); its numbers show the plumbing, not the result.
+OUT/base and OUT/r1-zero are Hugging Face format directories with their tokenizer, whose
+tokenizer_config.json names the R1-Zero prompt format they were trained in, so `nanoseek chat
+--model OUT/r1-zero` (and `serve`, `generate`) prompt them that way right after. `--quick` is
+the same pipeline cut to about two minutes (what the tests run); its numbers show the
+plumbing, not the result.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ TASK = "chain"  # nanoseek/tasks/chain.py says why not plain arith
 
 @dataclass(frozen=True)
 class Plan:
-    """How big each stage is: small values and 5-7 of them, half of the
-    corpus worked step by step, and a generation budget above the longest worked solution.
+    """How big each stage is: small values and 2-7 of them (from the short problems a user
+    types first to the longest the budget allows), 40% of the corpus worked step by step,
+    and a generation budget above the longest worked solution.
     What made the lookups learnable in the time (measured while it was built): signed values (a step is
     then a recall and one addition), a tokenizer with one token per punctuation mark,
     attention within each packed document, and the preamble on a quarter of the documents."""
 
-    task_options: tuple = (("min_values", 5), ("max_values", 7), ("min_value", 1), ("max_value", 5),
-                           ("signed", True))
+    task_options: tuple = (("min_values", 2), ("max_values", 7), ("min_value", 1), ("max_value", 5),
+                           ("signed", True))  # held-out evaluation draws from the same 2-7 values
     mix: tuple = (("worked", 0.4), ("direct", 0.4), ("plain", 0.2))
     preamble: float = 0.25
     docs: int = 40_000
@@ -50,7 +53,7 @@ class Plan:
     grpo_steps: int = 60
     prompts_per_step: int = 16
     group_size: int = 8
-    max_new_tokens: int = 128  # the longest worked solution is 102 tokens
+    max_new_tokens: int = 128  # the longest worked solution (7 values) is 102 tokens; the mean of 2-7 is 56
     grpo_lr: float = 3e-4
     loss_type: str = "dr_grpo"
 
@@ -103,7 +106,7 @@ def run_demo(args) -> int:
     counts = write_corpus(corpus_file, corpus(task, plan.docs, seed=args.seed, mix=dict(plan.mix),
                                               preamble=plan.preamble))
     tokenizer = train_tokenizer(iter_documents([corpus_file]), vocab_size=plan.vocab_size, split_punctuation=True)
-    tokenizer.save_pretrained(tok_dir)
+    tokenizer.save_pretrained(tok_dir, prompt_format="r1-zero")  # pretraining and GRPO copy it on
     print(f"{sum(counts.values())} documents ({dict(counts)}) in {corpus_file}; tokenizer of "
           f"{tokenizer.vocab_size} tokens in {tok_dir}", file=sys.stderr)
     seconds["data"] = time.perf_counter() - t0
@@ -157,16 +160,18 @@ def run_demo(args) -> int:
 
 
 def evaluate_dir(model_dir: Path, task, problems, plan: Plan, seed: int, device=None, dtype=None):
+    from nanoseek.data.tokenizer import Tokenizer
     from nanoseek.eval import evaluate
     from nanoseek.infer import Engine
 
-    prompt_len = max(len(R1_ZERO_TEMPLATE.format(prompt=p.prompt)) for p in problems)  # chars >= tokens
+    template = Tokenizer.from_pretrained(model_dir).prompt_template()  # the format the model was trained in
+    prompt_len = max(len(template.format(prompt=p.prompt)) for p in problems)  # chars >= tokens
     engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype,
                                     max_batch_size=min(len(problems) * plan.eval_samples, 256),
                                     max_seq_len=prompt_len + plan.max_new_tokens + 2)
     samples: list[dict] = []
     with torch.inference_mode():
-        result = evaluate(engine, task, problems, R1_ZERO_TEMPLATE, k=plan.eval_samples,
+        result = evaluate(engine, task, problems, template, k=plan.eval_samples,
                           max_tokens=plan.max_new_tokens, seed=seed, samples_out=samples)
     return result, samples
 

@@ -204,9 +204,11 @@ def test_parquet_and_bad_files(tmp_path):
 def test_chain_problems_answers_and_worked_solutions():
     import re
 
-    task = tasks.get("chain", min_values=5, max_values=7, signed=True)
+    task = tasks.get("chain", signed=True)
     problems = task.sample(200, "train", seed=1)
-    assert {p.difficulty for p in problems} == {5, 6, 7}
+    assert {p.difficulty for p in problems} == {2, 3, 4, 5, 6, 7}  # the default: 2 to 7 values
+    assert {p.difficulty for p in task.sample(100, "test", seed=1)} == {2, 3, 4, 5, 6, 7}
+    assert next(p for p in problems if p.difficulty == 2).prompt.endswith(". a+b")
     assert any(v.startswith("-") for p in problems for v in re.findall(r"=(-?\d)", p.prompt))
     for p in problems[:50]:
         bindings, expression = p.prompt.split(". ")

@@ -1,9 +1,10 @@
-"""`nanoseek tokenizer train` and `nanoseek data corpus`."""
+"""`nanoseek tokenizer train`, `nanoseek data corpus` and `nanoseek data chats`."""
 
 from __future__ import annotations
 
 import argparse
 
+from nanoseek.data.chat import PROMPT_FORMATS
 from nanoseek.errors import NanoseekError
 
 # Task options that `data corpus` passes on when given: flag name -> task option.
@@ -28,6 +29,9 @@ def register(subparsers) -> None:
     train.add_argument("--split-punctuation", action="store_true",
                        help="one token per punctuation mark, as for digits (the chain task: '=-2' is '=', '-', '2')")
     train.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows (default text)")
+    train.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
+                       help="the prompt format of the models trained with it, saved in tokenizer_config.json for "
+                            "chat, serve and generate: r1-zero for the `data corpus` documents (default chat)")
     train.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     train.set_defaults(func=cmd_tokenizer_train)
     tok.set_defaults(func=lambda args: _usage(tok))
@@ -46,25 +50,40 @@ def register(subparsers) -> None:
     corpus.add_argument("--preamble", type=float, default=1.0,
                         help="share of problem documents that start with the R1-Zero preamble; the others start "
                              "at 'User:' (default 1.0)")
-    group = corpus.add_argument_group("arith options")
+    _task_arguments(corpus)
+    corpus.set_defaults(func=cmd_data_corpus)
+
+    chats = data_sub.add_parser("chats", help="write SFT conversations: a task's problems with worked solutions",
+                                description="jsonl rows {messages: [user, assistant]} for `nanoseek sft`: the "
+                                            "assistant's content is the answer and its reasoning_content the worked "
+                                            "solution (train split only).")
+    chats.add_argument("--task", default="arith", choices=sorted(TASK_FLAGS), help="task (default arith)")
+    chats.add_argument("--out", required=True, metavar="FILE", help="output .jsonl")
+    chats.add_argument("--conversations", type=int, default=2000, help="number of conversations (default 2000)")
+    chats.add_argument("--seed", type=int, default=0)
+    _task_arguments(chats)
+    chats.set_defaults(func=cmd_data_chats)
+    data.set_defaults(func=lambda args: _usage(data))
+
+
+def _task_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("arith options")
     group.add_argument("--min-ops", type=int, help="fewest operations in a problem (default 2)")
     group.add_argument("--max-ops", type=int, help="most operations in a problem (default 6)")
     group.add_argument("--min-operand", type=int, help="smallest operand (default 1)")
     group.add_argument("--max-operand", type=int, help="largest operand (default 5)")
     group.add_argument("--ops", help="operators to use, from '+-*' (default '+-')")
-    group = corpus.add_argument_group("chain options")
-    group.add_argument("--min-values", type=int, help="fewest named values in a problem (default 5)")
+    group = p.add_argument_group("chain options")
+    group.add_argument("--min-values", type=int, help="fewest named values in a problem (default 2)")
     group.add_argument("--max-values", type=int, help="most named values in a problem (default 7)")
     group.add_argument("--min-value", type=int, help="smallest value (default 1)")
     group.add_argument("--max-value", type=int, help="largest value (default 5)")
     group.add_argument("--signed", action="store_true", default=None, help="signed values added up (a=3,b=-1. a+b)")
-    group = corpus.add_argument_group("countdown options")
+    group = p.add_argument_group("countdown options")
     group.add_argument("--min-numbers", type=int, help="fewest numbers to combine (default 3)")
     group.add_argument("--max-numbers", type=int, help="most numbers to combine (default 4)")
     group.add_argument("--max-number", type=int, help="largest given number (default 99)")
     group.add_argument("--max-target", type=int, help="largest target (default 100)")
-    corpus.set_defaults(func=cmd_data_corpus)
-    data.set_defaults(func=lambda args: _usage(data))
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -79,25 +98,51 @@ def cmd_tokenizer_train(args) -> int:
     texts = iter_documents(args.input, args.text_field)
     tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                                 split_punctuation=args.split_punctuation)
-    out = tokenizer.save_pretrained(args.out)
-    print(f"wrote {out}/tokenizer.json and tokenizer_config.json: {tokenizer.vocab_size} tokens")
+    out = tokenizer.save_pretrained(args.out, prompt_format=args.prompt_format)
+    print(f"wrote {out}/tokenizer.json and tokenizer_config.json: {tokenizer.vocab_size} tokens, "
+          f"{args.prompt_format} prompt format")
     return 0
 
 
-def cmd_data_corpus(args) -> int:
+def _task(args):
+    """The task of `--task` with the options given on the command line."""
     from nanoseek import tasks
-    from nanoseek.data.corpus import corpus, write_corpus
 
-    if args.docs < 1:
-        raise NanoseekError(f"--docs {args.docs}: must be at least 1")
     chosen = {k: getattr(args, k) for k in TASK_FLAGS[args.task] if getattr(args, k) is not None}
     others = [k for name, flags in TASK_FLAGS.items() if name != args.task for k in flags if getattr(args, k) is not None]
     if others:
         raise NanoseekError(f"--{others[0].replace('_', '-')} is an option of another task than {args.task}")
-    task = tasks.get(args.task, **chosen)
+    return tasks.get(args.task, **chosen)
+
+
+def cmd_data_corpus(args) -> int:
+    from nanoseek.data.corpus import corpus, write_corpus
+
+    if args.docs < 1:
+        raise NanoseekError(f"--docs {args.docs}: must be at least 1")
+    task = _task(args)
     mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain", "recall")}
     mix = {k: v for k, v in mix.items() if v}
     counts = write_corpus(args.out, corpus(task, args.docs, seed=args.seed, mix=mix, preamble=args.preamble))
     print(f"wrote {sum(counts.values())} documents to {args.out}: "
           + ", ".join(f"{counts[k]} {k}" for k in mix))
+    return 0
+
+
+def cmd_data_chats(args) -> int:
+    import json
+    from pathlib import Path
+
+    from nanoseek.data.corpus import worked_conversations
+
+    if args.conversations < 1:
+        raise NanoseekError(f"--conversations {args.conversations}: must be at least 1")
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise NanoseekError(f"{out}: conversations are written as .jsonl")
+    task = _task(args)
+    rows = list(worked_conversations(task, args.conversations, seed=args.seed))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    print(f"wrote {len(rows)} {args.task} conversations to {out}")
     return 0

@@ -124,3 +124,13 @@ def write_corpus(path: str | Path, docs: Iterator[tuple[str, str]]) -> Counter:
             else:
                 f.write(text.strip("\n") + "\n\n")
     return counts
+
+
+def worked_conversations(task: Task, n: int, seed: int = 0) -> Iterator[dict]:
+    """SFT rows for `nanoseek sft`: {"messages": [question, answer with its worked solution as
+    `reasoning_content`]}, from the task's train split. SFTDataset renders them in the model's
+    prompt format; in the R1-Zero format a row is exactly a worked corpus document."""
+    for problem in task.sample(n, split="train", seed=seed):
+        yield {"messages": [{"role": "user", "content": problem.prompt},
+                            {"role": "assistant", "content": problem.answer,
+                             "reasoning_content": task.worked(problem)}]}

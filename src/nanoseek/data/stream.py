@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.data.chat import chat_segments
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
 
@@ -208,8 +207,9 @@ class PackedStream:
 class SFTDataset:
     """Chat conversations as token ids with a mask that is 1 on what the assistant generates.
 
-    Each piece of `chat_segments` is tokenized on its own, the prompt pieces then the
-    assistant's output, which is how the engine sees them: the prompt's ids, then generated ids.
+    Each piece of `chat_segments`, in the tokenizer's prompt format (so a model keeps the format
+    it was pretrained in), is tokenized on its own, the prompt pieces then the assistant's
+    output, which is how the engine sees them: the prompt's ids, then generated ids.
     """
 
     def __init__(self, conversations: Iterable[list[dict]] | str | Path | list[str | Path], tokenizer: Tokenizer,
@@ -237,7 +237,7 @@ class SFTDataset:
         """(ids, mask) of conversation i, cut to max_len."""
         ids: list[int] = []
         mask: list[int] = []
-        for text, trained in chat_segments(self.conversations[i], add_generation_prompt=False):
+        for text, trained in self.tokenizer.chat_segments(self.conversations[i], add_generation_prompt=False):
             piece = self.tokenizer.encode(text)
             ids += piece
             mask += [int(trained)] * len(piece)

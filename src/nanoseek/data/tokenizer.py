@@ -83,7 +83,8 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "prompt_format": "chat", "chat_template": CHAT_TEMPLATES["chat"],
         }
-        self.prompt_format = check_prompt_format(self.config.get("prompt_format", "chat"), f"{where}: key 'prompt_format'")
+        self.prompt_format = check_prompt_format(self.config.get("prompt_format", "chat"),
+                                                 f"{where}: key 'prompt_format'")
         strings = dict(SPECIAL_TOKENS)
         for name in ("bos", "eos", "pad"):
             strings[name] = _token_string(self.config.get(f"{name}_token")) or strings[name]

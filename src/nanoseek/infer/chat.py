@@ -1,8 +1,10 @@
 """`nanoseek chat`: a terminal chat that shows the model's reasoning, then its answer.
 
 The reasoning streams dimmed under a "thinking" header and closes with the seconds spent;
-the answer follows. The conversation is kept between turns (without the reasoning, as
-DeepSeek's API asks). Ctrl-C while the model writes stops that answer and keeps the session.
+the answer follows (without its <answer> tags). The conversation is kept between turns
+(without the reasoning, as DeepSeek's API asks) and rendered in the prompt format the model
+was trained with: DeepSeek's chat turns, or R1-Zero's "User: ... Assistant: ..." lines
+(nanoseek.data.chat). Ctrl-C while the model writes stops that answer and keeps the session.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def reply(self, text: str, console) -> tuple[str, str] | None:
-        """Stream the reply to `text`; None when it was stopped with Ctrl-C."""
-        from nanoseek.data.chat import format_chat
-
+        """Stream the reply to `text`; None when it was stopped with Ctrl-C. The conversation is
+        rendered in the model's own prompt format (its tokenizer's: chat or R1-Zero)."""
         messages = self.messages + [{"role": "user", "content": text}]
         start = time.perf_counter()
         thinking_since = None
         reasoning, answer = [], []
         output = None
         try:
-            with contextlib.closing(self.engine.stream(format_chat(messages), self.params)) as events:
+            prompt = self.engine.tokenizer.format_chat(messages)
+            with contextlib.closing(self.engine.stream(prompt, self.params)) as events:
                 for event in events:
                     if event.reasoning:
                         if thinking_since is None:
@@ -79,7 +81,7 @@ def run_chat(engine: Engine, params: SamplingParams, system: str | None = None, 
 
     console = console or Console()
     session = ChatSession(engine, params, system)
-    console.print(f"[bold]nanoseek chat[/bold] [dim]({HELP})[/dim]")
+    console.print(f"[bold]nanoseek chat[/bold] [dim]({engine.tokenizer.prompt_format} format; {HELP})[/dim]")
     while True:
         try:
             text = read("you> ")

@@ -18,8 +18,9 @@ def register(subparsers) -> None:
     gen.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     gen.add_argument("--prompt-ids", action="append", metavar="IDS",
                      help="a prompt as comma-separated token ids (repeat for several)")
-    gen.add_argument("--format", choices=("raw", "chat", "r1-zero"), default="raw",
-                     help="wrap each --prompt as a chat user turn or in the R1-Zero template (default raw)")
+    gen.add_argument("--format", choices=("model", "chat", "r1-zero", "raw"), default="model",
+                     help="wrap each --prompt as a user turn in the model's own prompt format (default: model, the "
+                          "format its tokenizer_config.json names), in the chat or the R1-Zero format, or not (raw)")
     _sampling_args(gen, temperature=0.0, max_tokens=256)
     add_device_arguments(gen)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -77,24 +78,19 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args) -> int:
     from rich.console import Console
 
+    from nanoseek.data.chat import format_chat
+
     params = _params(args)
-    prompts: list = []
-    for text in args.prompt or []:
-        if args.format == "chat":
-            from nanoseek.data.chat import format_chat
-
-            text = format_chat([{"role": "user", "content": text}])
-        elif args.format == "r1-zero":
-            from nanoseek.data.chat import r1_zero_prompt
-
-            text = r1_zero_prompt(text)
-        prompts.append(text)
-    prompts += [_parse_ids(t) for t in args.prompt_ids or []]
+    prompts: list = list(args.prompt or []) + [_parse_ids(t) for t in args.prompt_ids or []]
     if not prompts:
         raise NanoseekError("give at least one --prompt or --prompt-ids")
     engine = _engine(args, max_batch_size=min(16, len(prompts) * params.n))
-    if engine.tokenizer is None and any(isinstance(p, str) for p in prompts):
+    if engine.tokenizer is None and args.prompt:
         raise NanoseekError(f"{args.model}: no tokenizer.json, so only --prompt-ids prompts work")
+    if args.format != "raw":
+        fmt = engine.tokenizer.prompt_format if args.format == "model" else args.format
+        prompts = [format_chat([{"role": "user", "content": p}], prompt_format=fmt) if isinstance(p, str) else p
+                   for p in prompts]
     results = engine.generate(prompts, params)
     if args.json:
         for r in results:

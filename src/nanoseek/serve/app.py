@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.data.chat import BOS, format_chat
+from nanoseek.data.chat import BOS
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.engine import CompletionOutput, Engine, StreamEvent
 from nanoseek.infer.sampling import SamplingParams
@@ -556,7 +556,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
         authorize(request)
         body = await read_body(request, ChatCompletionRequest)
         try:
-            text = format_chat(body.chat())
+            text = tokenizer.format_chat(body.chat())  # in the format the model was trained with
         except NanoseekError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         job, params, stream, include_usage = await start(body, await encode(text), "chatcmpl", "messages")

@@ -15,7 +15,9 @@ while the answer at a glance needs every value at once: the gap RL turns into pa
 Nothing has spaces, so that "b" is the same token in the bindings, in "a+b" and in the
 worked steps (byte-level BPE gives " b" another id). `signed=True` instead adds up signed
 values ("a=3,b=-1. a+b"): then the expression holds no information and a worked step needs
-nothing but the recall, which is what the default run uses. Difficulty is the number of values.
+nothing but the recall, which is what the default run uses. Difficulty is the number of values:
+2 to 7 by default, from "a=3,b=-1. a+b", what a user types first, to chains whose worked
+solution (102 tokens with the demo's tokenizer) still fits the demo's 128-token budget.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def solve(values: dict[str, int], names: list[str], ops: str) -> tuple[int, list
 class Chain(GeneratedTask):
     name = "chain"
 
-    def __init__(self, min_values: int = 5, max_values: int = 7, min_value: int = 1, max_value: int = 5,
+    def __init__(self, min_values: int = 2, max_values: int = 7, min_value: int = 1, max_value: int = 5,
                  signed: bool = False, test_share: float = 0.1):
         if not 2 <= min_values <= max_values <= len(NAMES):
             raise NanoseekError(f"chain: need 2 <= min_values <= max_values <= {len(NAMES)}, "

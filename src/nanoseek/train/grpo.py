@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from nanoseek.data.chat import R1_ZERO_TEMPLATE
+from nanoseek.data.chat import R1_ZERO_TEMPLATE, template_format
 from nanoseek.device import DTYPES, model_device, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
 from nanoseek.model import LatentCache
@@ -473,7 +473,9 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     finally:
         metrics.close()
     hf = save_pretrained(trainer.model, out / "hf")
-    tokenizer.save_pretrained(hf)
+    # The policy now answers in the template's format: the saved tokenizer names it (chat,
+    # serve and generate then prompt it that way); another template keeps the tokenizer's.
+    tokenizer.save_pretrained(hf, prompt_format=template_format(cfg.template))
     plots = plot_grpo(out / "metrics.jsonl", out)
     summary = {"stage": "grpo", "steps": trainer.step_count, "hf": str(hf), "plots": [str(p) for p in plots]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
