@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.data.chat import BOS, format_chat
+from nanoseek.data.chat import BOS
 from nanoseek.data.reasoning import ReasoningSplitter, span_tokens, split_reasoning
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
@@ -215,10 +215,13 @@ class Engine:
 
     def chat(self, conversations: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
              ) -> list[RequestOutput]:
-        """Generate the assistant's reply to one conversation (a list of messages) or several."""
+        """Generate the assistant's reply to one conversation (a list of messages) or several,
+        rendered in the prompt format the model was trained with (its tokenizer's)."""
         single = conversations and isinstance(conversations[0], dict)
         convs = [conversations] if single else conversations
-        return self.generate([format_chat(c) for c in convs], sampling_params)
+        if self.tokenizer is None:
+            raise NanoseekError("chat needs a tokenizer (its prompt format)")
+        return self.generate([self.tokenizer.format_chat(c) for c in convs], sampling_params)
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
