@@ -87,7 +87,7 @@ def cmd_generate(args) -> int:
     engine = _engine(args, max_batch_size=min(16, len(prompts) * params.n))
     if engine.tokenizer is None and args.prompt:
         raise NanoseekError(f"{args.model}: no tokenizer.json, so only --prompt-ids prompts work")
-    if args.format != "raw":
+    if args.format != "raw" and engine.tokenizer is not None:  # without one every prompt is token ids
         fmt = engine.tokenizer.prompt_format if args.format == "model" else args.format
         prompts = [format_chat([{"role": "user", "content": p}], prompt_format=fmt) if isinstance(p, str) else p
                    for p in prompts]

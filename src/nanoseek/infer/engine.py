@@ -27,6 +27,7 @@ import torch
 
 from nanoseek.data.chat import BOS
 from nanoseek.data.reasoning import ReasoningSplitter, span_tokens, split_reasoning
+from nanoseek.device import model_device, model_dtype, place_model, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
 from nanoseek.infer.runner import DecodeRunner, latent_cache_views
@@ -128,10 +129,17 @@ Prompt = str | list[int] | dict
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 speculative: bool = False, eos_token_id: int | None = None, folded: bool = True):
+                 speculative: bool = False, eos_token_id: int | None = None, folded: bool = True,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
         """`tokenizer`: a nanoseek.data.Tokenizer, needed for string prompts, text, stop strings
         and the thinking budget; token-id prompts work without one. `folded`: decode with the
-        runner's folded weights (the fast path); False runs the model's own forward."""
+        runner's folded weights (the fast path); False runs the model's own forward.
+        `device` ("auto", "cpu", "cuda") and `dtype` ("float32", "bfloat16", "float16" on a GPU):
+        None keeps the model's own; otherwise the model is moved there in place (see
+        nanoseek.device.place_model), and the cache and every tensor the engine makes follow it."""
+        if device is not None or dtype is not None:
+            target = resolve_device(device, "Engine device") if device is not None else model_device(model)
+            place_model(model, target, resolve_dtype(dtype, target, "Engine dtype"))
         self.model = model  # its train/eval mode is left as it is (an RL trainer shares it)
         self.config = config = model.config
         self.tokenizer = tokenizer
@@ -140,8 +148,7 @@ class Engine:
         if max_batch_size < 1 or self.max_seq_len < 2:
             raise NanoseekError(f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} "
                                 "must be at least 1 and 2")
-        param = next(model.parameters())
-        self.dtype, self.device = param.dtype, param.device
+        self.dtype, self.device = model_dtype(model), model_device(model)
         # One spare position: a speculative step writes its draft one past the last token.
         span = self.max_seq_len + 1
         self.latents = torch.zeros(config.num_hidden_layers, max_batch_size, span,
@@ -162,12 +169,16 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **kwargs) -> "Engine":
-        """A Hugging Face checkpoint directory, with its tokenizer.json when it has one."""
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, **kwargs) -> "Engine":
+        """A Hugging Face checkpoint directory, with its tokenizer.json when it has one, loaded
+        straight onto `device` (None: the CPU) in `dtype` (None: float32)."""
         from nanoseek.io.hf import load_pretrained
 
         directory = Path(directory)
-        model = load_pretrained(directory)
+        target = resolve_device(device or "cpu", "Engine device")
+        model = load_pretrained(directory, dtype=resolve_dtype(dtype, target, "Engine dtype") or torch.float32,
+                                device=target)
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
             from nanoseek.data.tokenizer import Tokenizer
@@ -368,10 +379,8 @@ class Engine:
                 reps.append(seq)
         lengths = [len(s.request.prompt_ids) for s in reps]
         width = max(lengths)
-        ids = torch.full((len(reps), width), self.pad_id, dtype=torch.long)
-        for i, s in enumerate(reps):
-            ids[i, : lengths[i]] = torch.tensor(s.request.prompt_ids)
-        ids = ids.to(self.device)
+        ids = torch.tensor([s.request.prompt_ids + [self.pad_id] * (width - n) for s, n in zip(reps, lengths)],
+                           dtype=torch.long, device=self.device)
         positions = torch.arange(width, device=self.device).expand(len(reps), width)
         rows = torch.tensor([s.slot for s in reps], device=self.device)
         training = self.model.training
@@ -395,7 +404,7 @@ class Engine:
             self._commit(seq, token, events)
         if self.drafter is not None:
             next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[which]
-            next_ids[torch.arange(len(seqs)), last] = torch.tensor(tokens, device=self.device)
+            next_ids[torch.arange(len(seqs), device=self.device), last] = torch.tensor(tokens, device=self.device)
             drafts = self.drafter.prefill(hidden[which], next_ids, positions[which],
                                         torch.tensor([s.slot for s in seqs], device=self.device), last)
             for seq, d in zip(seqs, drafts):
