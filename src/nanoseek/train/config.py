@@ -120,7 +120,8 @@ class TrainConfig(Section):
     # AdamW and the learning-rate schedule (V3 section 4.2)
     lr: float = Field(3e-3, ge=0)
     min_lr: float = Field(3e-4, ge=0)
-    schedule: Literal[SCHEDULES] = "wsd"  # wsd: warm-up, constant, cosine decay, low tail (V3); cosine: warm-up then cosine
+    # wsd: warm-up, constant, cosine decay, low tail (V3); cosine: warm-up then cosine
+    schedule: Literal[SCHEDULES] = "wsd"
     warmup_steps: int = Field(20, ge=0)
     decay_fraction: float = Field(0.3, ge=0, le=1)  # wsd: share of the steps spent in the cosine decay
     tail_fraction: float = Field(0.0, ge=0, le=1)  # wsd: share of the steps held at min_lr at the end
@@ -277,8 +278,8 @@ def apply_override(raw: dict, item: str, cls) -> str:
         if _annotation(cls, parts[:i]) is not None and not _is_mapping(_annotation(cls, parts[:i])):
             raise NanoseekError(f"--set {item}: config key '{'.'.join(parts[:i])}' is not a section")
     kind = _annotation(cls, parts)
-    if value is not None and not isinstance(value, str) and (
-            kind is str or (typing.get_origin(kind) in (typing.Union, types.UnionType) and str in typing.get_args(kind))):
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    if value is not None and not isinstance(value, str) and (kind is str or (union and str in typing.get_args(kind))):
         value = text  # --set data.tokenizer=123 means the path "123" (a string, or a string or null)
     section = raw
     for part in parts[:-1]:
