@@ -28,8 +28,16 @@ SCHEDULES = ("wsd", "cosine")
 # Keys that may differ between a checkpoint and the run resuming it: extending a run, logging
 # and checkpointing more or less often, or moving to other hardware (a checkpoint reloads on
 # any number of ranks) does not change what was trained so far.
-RESUMABLE_KEYS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress",
-                  "device", "expert_parallel")
+RESUMABLE_KEYS = (
+    "steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "tensorboard",
+    "progress",
+    "device",
+    "expert_parallel",
+)
 
 
 class ConfigKeyError(ValueError):
@@ -152,8 +160,10 @@ class TrainConfig(Section):
         if self.min_lr > self.lr:
             raise ConfigKeyError("min_lr", f"{self.min_lr} is above lr {self.lr}")
         if self.decay_fraction + self.tail_fraction > 1:
-            raise ConfigKeyError("decay_fraction", f"decay_fraction {self.decay_fraction} and tail_fraction "
-                                              f"{self.tail_fraction} add up to more than 1")
+            raise ConfigKeyError(
+                "decay_fraction",
+                f"decay_fraction {self.decay_fraction} and tail_fraction {self.tail_fraction} add up to more than 1",
+            )
 
     def to_model_config(self) -> ModelConfig:
         """The ModelConfig of `model`: its preset with the other keys replaced."""
@@ -169,13 +179,25 @@ class TrainConfig(Section):
 # ---------------------------------------------------------------------------------------
 # What a value should be, by pydantic's error type; the others keep pydantic's own words.
 EXPECTED = {
-    "int_type": "expects an integer", "int_parsing": "expects an integer", "int_from_float": "expects an integer",
-    "float_type": "expects a number", "float_parsing": "expects a number", "bool_type": "expects true or false",
-    "bool_parsing": "expects true or false", "string_type": "expects a string", "list_type": "expects a list",
-    "dict_type": "expects a mapping", "model_type": "expects a mapping", "model_attributes_type": "expects a mapping",
+    "int_type": "expects an integer",
+    "int_parsing": "expects an integer",
+    "int_from_float": "expects an integer",
+    "float_type": "expects a number",
+    "float_parsing": "expects a number",
+    "bool_type": "expects true or false",
+    "bool_parsing": "expects true or false",
+    "string_type": "expects a string",
+    "list_type": "expects a list",
+    "dict_type": "expects a mapping",
+    "model_type": "expects a mapping",
+    "model_attributes_type": "expects a mapping",
 }
-BOUNDS = {"greater_than_equal": ("ge", "must be at least"), "greater_than": ("gt", "must be above"),
-          "less_than_equal": ("le", "must be at most"), "less_than": ("lt", "must be below")}
+BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least"),
+    "greater_than": ("gt", "must be above"),
+    "less_than_equal": ("le", "must be at most"),
+    "less_than": ("lt", "must be below"),
+}
 
 
 def _key(loc: tuple) -> str:
@@ -204,8 +226,9 @@ def explain(error: dict, cls: type) -> str:
     got = f", got {value!r:.60}"
     if kind == "extra_forbidden":
         known = _fields_at(cls, tuple(error["loc"])[:-1])
-        return f"unknown config key '{key}' (" + (f"known: {', '.join(known)})" if known is not None
-                                                   else "a ModelConfig field or 'preset')")
+        return f"unknown config key '{key}' (" + (
+            f"known: {', '.join(known)})" if known is not None else "a ModelConfig field or 'preset')"
+        )
     if kind == "missing":
         return f"config key '{key}' is required"
     if kind == "value_error":
@@ -223,9 +246,10 @@ def explain(error: dict, cls: type) -> str:
 def _origin(key: str, context: dict) -> str:
     """Where the value of `key` came from, as an error's prefix: the --set that gave it, or the file."""
     sources = context.get("sources") or {}
-    origin = next((s for k, s in sources.items() if key == k or key.startswith((k + ".", k + "[")) or
-                   k.startswith(key + ".")),
-                  context.get("where"))
+    origin = next(
+        (s for k, s in sources.items() if key == k or key.startswith((k + ".", k + "[")) or k.startswith(key + ".")),
+        context.get("where"),
+    )
     return f"{origin}: " if origin else ""
 
 
