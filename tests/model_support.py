@@ -42,7 +42,7 @@ def balance_by_hand(moe, x: torch.Tensor) -> float:
     _, indices, scores = moe.gate(x.reshape(b * t, -1))
     total = 0.0
     for row in range(b):
-        s, idx = scores[row * t:(row + 1) * t], indices[row * t:(row + 1) * t]
+        s, idx = scores[row * t : (row + 1) * t], indices[row * t : (row + 1) * t]
         f = torch.bincount(idx.flatten(), minlength=e).float() * e / (k * t)
         p = (s / s.sum(-1, keepdim=True)).mean(0)
         total += float((f * p).sum())

@@ -19,13 +19,29 @@ from nanoseek import ModelConfig, Transformer, save_pretrained
 from nanoseek.data import format_chat, train_tokenizer
 from nanoseek.infer import SamplingParams
 
-
 KEY = "test-key"
-CONFIG = dict(vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-              num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
-              v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-              first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=512,
-              routed_scaling_factor=2.5)
+CONFIG = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=512,
+    routed_scaling_factor=2.5,
+)
 
 
 # ---- the model and the server (also used by test_web_chat.py) -----------------------------
@@ -55,11 +71,23 @@ class Server:
     def __init__(self, model_dir, log_file, *args):
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log_file = log_file
-        cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(model_dir), "--port",
-               self.url.rsplit(":", 1)[1], "--log-level", "warning", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nanoseek.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            self.url.rsplit(":", 1)[1],
+            "--log-level",
+            "warning",
+            *args,
+        ]
         with open(log_file, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+            )
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
@@ -135,8 +163,9 @@ def serve_in_thread(engine, **kwargs):
     from nanoseek.serve.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, MODEL, **kwargs), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, MODEL, **kwargs), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -149,4 +178,3 @@ def serve_in_thread(engine, **kwargs):
         server.should_exit = True
         thread.join(timeout=30)
         assert not thread.is_alive(), "the in-process server did not stop"
-

@@ -18,8 +18,16 @@ TRAIN_SMALL = ["steps=2", "batch_size=2", "seq_len=64", "checkpoint_every=2", "l
 SMALL = {
     "pretrain": TRAIN_SMALL,
     "sft": TRAIN_SMALL,
-    "grpo": ["steps=1", "prompts=8", "prompts_per_step=2", "group_size=2", "max_new_tokens=8", "checkpoint_every=1",
-             "tensorboard=false", "progress=false"],
+    "grpo": [
+        "steps=1",
+        "prompts=8",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=8",
+        "checkpoint_every=1",
+        "tensorboard=false",
+        "progress=false",
+    ],
 }
 
 
@@ -92,8 +100,24 @@ def test_data_chats_writes_conversations_sft_reads(tmp_path, capsys):
     from nanoseek.cli import main
 
     out = tmp_path / "chats.jsonl"
-    assert main(["data", "chats", "--task", "chain", "--signed", "--max-values", "3", "--conversations", "5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "chats",
+                "--task",
+                "chain",
+                "--signed",
+                "--max-values",
+                "3",
+                "--conversations",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 5
     for row in rows:
@@ -114,6 +138,21 @@ def test_tokenizer_train_records_the_prompt_format(tmp_path, fmt):
     from nanoseek.data.tokenizer import Tokenizer
 
     (tmp_path / "text.txt").write_text("a=1,b=2. a+b\n\nc=3,d=-4. c+d\n", encoding="utf-8")
-    assert main(["tokenizer", "train", "--input", str(tmp_path / "text.txt"), "--vocab-size", "300",
-                 "--prompt-format", fmt, "--out", str(tmp_path / "tok")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(tmp_path / "text.txt"),
+                "--vocab-size",
+                "300",
+                "--prompt-format",
+                fmt,
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
     assert Tokenizer.from_pretrained(tmp_path / "tok").prompt_format == fmt

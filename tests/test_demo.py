@@ -11,8 +11,9 @@ from nanoseek.data.chat import R1_ZERO_TEMPLATE
 
 def run(*args, timeout=600):
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_demo_quick_runs_the_pipeline_and_writes_the_report(tmp_path):

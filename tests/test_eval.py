@@ -59,10 +59,12 @@ def test_grpo_metrics_and_the_evaluation_agree(tokenizer, monkeypatch):
 
     def samples(p):  # reasoning right, reasoning wrong, direct right, right but unformatted
         wrong = int(p.answer) + 1
-        return [f" <think>{p.solution}</think> <answer>{p.answer}</answer>",
-                f" <think>{p.solution}, so</think> <answer>{wrong}</answer>",
-                f" <think></think> <answer>{p.answer}</answer>",
-                f" <answer>{p.answer}</answer>"]
+        return [
+            f" <think>{p.solution}</think> <answer>{p.answer}</answer>",
+            f" <think>{p.solution}, so</think> <answer>{wrong}</answer>",
+            f" <think></think> <answer>{p.answer}</answer>",
+            f" <answer>{p.answer}</answer>",
+        ]
 
     prompts = {p.prompt: tokenizer.encode(R1_ZERO_TEMPLATE.format(prompt=p.prompt), bos=True) for p in problems}
     scripts = {(tuple(prompts[p.prompt]), i): text for p in problems for i, text in enumerate(samples(p))}
@@ -73,9 +75,15 @@ def test_grpo_metrics_and_the_evaluation_agree(tokenizer, monkeypatch):
     assert [s["completion"] for s in samples] == list(scripts.values())
     assert [s["correct"] for s in samples] == [True, False, True, True] * 3
     reward_fn, metrics_fn = task_rewards(task, {"accuracy": 1.0, "format": 0.1}, tokenizer, max_tokens=64)
-    trainer = GRPOTrainer(engine.model, tokenizer, reward_fn, task_prompts(task, problems, R1_ZERO_TEMPLATE),
-                          GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=64), metrics_fn=metrics_fn,
-                          engine=engine)
+    trainer = GRPOTrainer(
+        engine.model,
+        tokenizer,
+        reward_fn,
+        task_prompts(task, problems, R1_ZERO_TEMPLATE),
+        GRPOConfig(group_size=4, prompts_per_step=3, max_new_tokens=64),
+        metrics_fn=metrics_fn,
+        engine=engine,
+    )
     metrics = trainer.step()
 
     # The thinking length, counted independently: the token ids between <think> and </think>.
@@ -98,9 +106,11 @@ def test_grpo_accuracy_is_the_task_reward():
     """Countdown has its own reward: GRPO's accuracy term is it, not a generic answer match."""
     task = tasks.get("countdown")
     p = task.sample(1, "test", seed=0)[0]
-    completions = [f" <think></think> <answer>{p.answer}</answer>",  # the task's own solution expression
-                   f" <think></think> <answer>{p.target}</answer>",  # the target: not made of the numbers
-                   " <think></think> <answer>1+</answer>"]
+    completions = [
+        f" <think></think> <answer>{p.answer}</answer>",  # the task's own solution expression
+        f" <think></think> <answer>{p.target}</answer>",  # the target: not made of the numbers
+        " <think></think> <answer>1+</answer>",
+    ]
     _, metrics_fn = task_rewards(task, {"accuracy": 1.0}, tokenizer=None, max_tokens=64)
     accuracy = metrics_fn(None, completions, problem=[p] * 3)["accuracy"]
     assert accuracy == [task.reward(c, p) for c in completions] == [1.0, 0.0, 0.0]

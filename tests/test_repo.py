@@ -8,8 +8,13 @@ OUTSIDE = ("SYSTEM.md", "shared/", "issue 6", "issue's notes", "issue notes", "/
 
 
 def test_nothing_refers_to_files_outside_the_repo():
-    files = [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml",
-             *(ROOT / "src").rglob("*"), *(ROOT / "configs").rglob("*")]
+    files = [
+        ROOT / "README.md",
+        ROOT / "Makefile",
+        ROOT / "pyproject.toml",
+        *(ROOT / "src").rglob("*"),
+        *(ROOT / "configs").rglob("*"),
+    ]
     found = []
     for path in files:
         built = any(part.endswith(".egg-info") or part == "__pycache__" for part in path.parts)

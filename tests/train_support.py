@@ -13,8 +13,14 @@ import torch
 
 # One MoE layer (8 experts, top 2) after one dense layer, plus one MTP module: fast enough
 # for tests on 2 shared cores.
-SMALL_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
-               "model.moe_intermediate_size=32", "model.q_lora_rank=32", "model.kv_lora_rank=32"]
+SMALL_MODEL = [
+    "model.hidden_size=64",
+    "model.num_hidden_layers=2",
+    "model.intermediate_size=128",
+    "model.moe_intermediate_size=32",
+    "model.q_lora_rank=32",
+    "model.kv_lora_rank=32",
+]
 FAST = ["seq_len=64", "batch_size=8", "log_every=1", "warmup_steps=3", "tensorboard=false", "progress=false"]
 
 
@@ -55,8 +61,16 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "nanoseek.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "nanoseek.cli",
+        *args,
+    ]
 
 
 def losses(out: Path) -> dict[int, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +70,7 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def is_moe_layer(self, i: int) -> bool:
-        return (
-            self.n_routed_experts > 0
-            and i >= self.first_k_dense_replace
-            and i % self.moe_layer_freq == 0
-        )
+        return self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @property
     def softmax_scale(self) -> float:
@@ -97,8 +93,15 @@ class ModelConfig:
             bad(f"scoring_func '{self.scoring_func}' (expected sigmoid or softmax)")
         if self.hidden_act != "silu":
             bad(f"hidden_act '{self.hidden_act}' (only silu is supported)")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_rope_head_dim", "v_head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.qk_rope_head_dim % 2:
@@ -126,7 +129,7 @@ class ModelConfig:
 
     # ---- Hugging Face config.json ------------------------------------------------
     @classmethod
-    def from_hf(cls, path_or_dict: str | Path | dict) -> "ModelConfig":
+    def from_hf(cls, path_or_dict: str | Path | dict) -> ModelConfig:
         """Read a `config.json` (or its dict) of DeepseekV3ForCausalLM / DeepseekV2ForCausalLM."""
         where = "config"
         if isinstance(path_or_dict, dict):
@@ -149,14 +152,23 @@ class ModelConfig:
             known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
             if not known:
                 raise NanoseekError(
-                    f"{where}: unknown architecture {archs[0]!r} (expected {' or '.join(ARCHITECTURES)})")
+                    f"{where}: unknown architecture {archs[0]!r} (expected {' or '.join(ARCHITECTURES)})"
+                )
             model_type = known[0]
         if model_type not in ARCHITECTURES.values():
             raise NanoseekError(f"{where}: unknown model_type {model_type!r} (expected deepseek_v3 or deepseek_v2)")
         kw: dict[str, Any] = {"model_type": model_type}
         if model_type == "deepseek_v2":  # V2 defaults differ from V3's where the file is silent
-            kw.update(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
-                      first_k_dense_replace=0, num_nextn_predict_layers=0, n_group=1, topk_group=1)
+            kw.update(
+                topk_method="greedy",
+                scoring_func="softmax",
+                norm_topk_prob=False,
+                routed_scaling_factor=1.0,
+                first_k_dense_replace=0,
+                num_nextn_predict_layers=0,
+                n_group=1,
+                topk_group=1,
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         for k, v in raw.items():
             if k in names and k != "model_type":
@@ -209,12 +221,12 @@ class ModelConfig:
         return d
 
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
+    def preset(cls, name: str) -> ModelConfig:
         if name not in PRESETS:
             raise NanoseekError(f"unknown preset '{name}' (choose from {', '.join(PRESETS)})")
         return cls(**PRESETS[name])
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -222,32 +234,101 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-V3_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-           "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+V3_YARN = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 PRESETS: dict[str, dict] = {
     # Runs the whole pipeline on a 2-core CPU in minutes.
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
-                 num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
-                 qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
-                 n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-                 num_nextn_predict_layers=1, max_position_embeddings=1024, routed_scaling_factor=1.0),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        moe_intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=1024,
+        routed_scaling_factor=1.0,
+    ),
     # A few million parameters: the benchmark size.
-    "small": dict(vocab_size=4096, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
-                  num_hidden_layers=4, num_attention_heads=6, q_lora_rank=96, kv_lora_rank=64,
-                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
-                  n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-                  num_nextn_predict_layers=1, max_position_embeddings=4096, routed_scaling_factor=2.5),
+    "small": dict(
+        vocab_size=4096,
+        hidden_size=192,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=4096,
+        routed_scaling_factor=2.5,
+    ),
     # DeepSeek-V2-Lite: 15.7B total, 2.4B active.
-    "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
-                    kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-                    topk_method="greedy", scoring_func="softmax", routed_scaling_factor=1.0, norm_topk_prob=False,
-                    first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=163840,
-                    bos_token_id=100000, eos_token_id=100001,
-                    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    "v2-lite": dict(
+        model_type="deepseek_v2",
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        topk_method="greedy",
+        scoring_func="softmax",
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=0,
+        max_position_embeddings=163840,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+    ),
     # DeepSeek-V3 / R1: 671B total, 37B active, plus one MTP module.
     "v3": dict(rope_scaling=V3_YARN),
 }

@@ -39,8 +39,13 @@ class Plan:
     then a recall and one addition), a tokenizer with one token per punctuation mark,
     attention within each packed document, and the preamble on a quarter of the documents."""
 
-    task_options: tuple = (("min_values", 2), ("max_values", 7), ("min_value", 1), ("max_value", 5),
-                           ("signed", True))  # held-out evaluation draws from the same 2-7 values
+    task_options: tuple = (
+        ("min_values", 2),
+        ("max_values", 7),
+        ("min_value", 1),
+        ("max_value", 5),
+        ("signed", True),
+    )  # held-out evaluation draws from the same 2-7 values
     mix: tuple = (("worked", 0.4), ("direct", 0.4), ("plain", 0.2))
     preamble: float = 0.25
     docs: int = 40_000
@@ -59,8 +64,20 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = replace(FULL, docs=1_500, vocab_size=320, pretrain_steps=30, seq_len=128, batch_size=8, eval_problems=8,
-                eval_samples=2, grpo_steps=3, prompts_per_step=4, group_size=4, max_new_tokens=64)
+QUICK = replace(
+    FULL,
+    docs=1_500,
+    vocab_size=320,
+    pretrain_steps=30,
+    seq_len=128,
+    batch_size=8,
+    eval_problems=8,
+    eval_samples=2,
+    grpo_steps=3,
+    prompts_per_step=4,
+    group_size=4,
+    max_new_tokens=64,
+)
 
 
 def register(sub) -> None:
@@ -69,8 +86,11 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a two-minute version of the same pipeline (for tests)")
     # float16 is left out: training in it needs loss scaling, which nanoseek does not do.
-    add_device_arguments(p, dtypes=("float32", "bfloat16"),
-                         dtype_help="bfloat16: pretraining under bf16 autocast, GRPO and evaluation on bf16 weights")
+    add_device_arguments(
+        p,
+        dtypes=("float32", "bfloat16"),
+        dtype_help="bfloat16: pretraining under bf16 autocast, GRPO and evaluation on bf16 weights",
+    )
     p.set_defaults(func=run_demo)
 
 
@@ -91,8 +111,9 @@ def run_demo(args) -> int:
     plan = QUICK if args.quick else FULL
     device, dtype = device_arguments(args)
     if device.index is not None:
-        raise NanoseekError(f"--device {args.device}: the demo runs on 'cuda' "
-                            "(choose the GPU with CUDA_VISIBLE_DEVICES)")
+        raise NanoseekError(
+            f"--device {args.device}: the demo runs on 'cuda' (choose the GPU with CUDA_VISIBLE_DEVICES)"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     task_options = dict(plan.task_options)
@@ -103,22 +124,35 @@ def run_demo(args) -> int:
     stage("1/5 data: synthetic corpus and tokenizer")
     t0 = time.perf_counter()
     corpus_file, tok_dir = out / "data" / f"{TASK}.jsonl", out / "tokenizer"
-    counts = write_corpus(corpus_file, corpus(task, plan.docs, seed=args.seed, mix=dict(plan.mix),
-                                              preamble=plan.preamble))
+    counts = write_corpus(
+        corpus_file, corpus(task, plan.docs, seed=args.seed, mix=dict(plan.mix), preamble=plan.preamble)
+    )
     tokenizer = train_tokenizer(iter_documents([corpus_file]), vocab_size=plan.vocab_size, split_punctuation=True)
     tokenizer.save_pretrained(tok_dir, prompt_format="r1-zero")  # pretraining and GRPO copy it on
-    print(f"{sum(counts.values())} documents ({dict(counts)}) in {corpus_file}; tokenizer of "
-          f"{tokenizer.vocab_size} tokens in {tok_dir}", file=sys.stderr)
+    print(
+        f"{sum(counts.values())} documents ({dict(counts)}) in {corpus_file}; tokenizer of "
+        f"{tokenizer.vocab_size} tokens in {tok_dir}",
+        file=sys.stderr,
+    )
     seconds["data"] = time.perf_counter() - t0
 
     stage("2/5 pretraining the base model")
     t0 = time.perf_counter()
-    cfg = TrainConfig(model={"preset": "tiny"}, data=DataConfig(files=[str(corpus_file)], tokenizer=str(tok_dir)),
-                      seq_len=plan.seq_len, document_mask=True, batch_size=plan.batch_size,
-                      steps=plan.pretrain_steps, seed=args.seed,
-                      warmup_steps=min(20, plan.pretrain_steps // 5), checkpoint_every=plan.pretrain_steps,
-                      log_every=max(1, plan.pretrain_steps // 30), tensorboard=not args.quick,
-                      device=device.type, precision="bf16" if dtype == torch.bfloat16 else "fp32")
+    cfg = TrainConfig(
+        model={"preset": "tiny"},
+        data=DataConfig(files=[str(corpus_file)], tokenizer=str(tok_dir)),
+        seq_len=plan.seq_len,
+        document_mask=True,
+        batch_size=plan.batch_size,
+        steps=plan.pretrain_steps,
+        seed=args.seed,
+        warmup_steps=min(20, plan.pretrain_steps // 5),
+        checkpoint_every=plan.pretrain_steps,
+        log_every=max(1, plan.pretrain_steps // 30),
+        tensorboard=not args.quick,
+        device=device.type,
+        precision="bf16" if dtype == torch.bfloat16 else "fp32",
+    )
     pretrain = train(cfg, out / "pretrain")
     base = _replace_dir(out / "pretrain" / "hf", out / "base")
     seconds["pretrain"] = time.perf_counter() - t0
@@ -133,12 +167,26 @@ def run_demo(args) -> int:
     stage("4/5 R1-Zero: GRPO from the base model, rule-based rewards only")
     t0 = time.perf_counter()
     rl_cfg = GRPORunConfig(
-        init_from=str(base), task=TASK, task_options=task_options, prompts=max(2_000, plan.eval_problems),
-        template=R1_ZERO_TEMPLATE, rewards={"accuracy": 1.0, "format": 0.1}, steps=plan.grpo_steps,
-        prompts_per_step=plan.prompts_per_step, group_size=plan.group_size, max_new_tokens=plan.max_new_tokens,
-        temperature=1.0, lr=plan.grpo_lr, beta=0.0, loss_type=plan.loss_type, seed=args.seed,
-        checkpoint_every=max(1, plan.grpo_steps // 3), tensorboard=not args.quick, device=device.type,
-        dtype=args.dtype)
+        init_from=str(base),
+        task=TASK,
+        task_options=task_options,
+        prompts=max(2_000, plan.eval_problems),
+        template=R1_ZERO_TEMPLATE,
+        rewards={"accuracy": 1.0, "format": 0.1},
+        steps=plan.grpo_steps,
+        prompts_per_step=plan.prompts_per_step,
+        group_size=plan.group_size,
+        max_new_tokens=plan.max_new_tokens,
+        temperature=1.0,
+        lr=plan.grpo_lr,
+        beta=0.0,
+        loss_type=plan.loss_type,
+        seed=args.seed,
+        checkpoint_every=max(1, plan.grpo_steps // 3),
+        tensorboard=not args.quick,
+        device=device.type,
+        dtype=args.dtype,
+    )
     grpo_run(rl_cfg, out / "grpo")
     r1_zero = _replace_dir(out / "grpo" / "hf", out / "r1-zero")
     seconds["grpo"] = time.perf_counter() - t0
@@ -152,9 +200,21 @@ def run_demo(args) -> int:
 
     from nanoseek.report import write_report
 
-    md = write_report(out, plan=asdict(plan), task=TASK, task_options=task_options, template=R1_ZERO_TEMPLATE,
-                      before=before, after=after, samples=samples, pretrain=pretrain, rl_config=rl_cfg.to_dict(),
-                      seconds=seconds, quick=args.quick, seed=args.seed)
+    md = write_report(
+        out,
+        plan=asdict(plan),
+        task=TASK,
+        task_options=task_options,
+        template=R1_ZERO_TEMPLATE,
+        before=before,
+        after=after,
+        samples=samples,
+        pretrain=pretrain,
+        rl_config=rl_cfg.to_dict(),
+        seconds=seconds,
+        quick=args.quick,
+        seed=args.seed,
+    )
     print(f"\nreport: {md}\nchat with it: nanoseek chat --model {r1_zero}", flush=True)
     return 0
 
@@ -166,20 +226,34 @@ def evaluate_dir(model_dir: Path, task, problems, plan: Plan, seed: int, device=
 
     template = Tokenizer.from_pretrained(model_dir).prompt_template()  # the format the model was trained in
     prompt_len = max(len(template.format(prompt=p.prompt)) for p in problems)  # chars >= tokens
-    engine = Engine.from_pretrained(model_dir, device=device, dtype=dtype,
-                                    max_batch_size=min(len(problems) * plan.eval_samples, 256),
-                                    max_seq_len=prompt_len + plan.max_new_tokens + 2)
+    engine = Engine.from_pretrained(
+        model_dir,
+        device=device,
+        dtype=dtype,
+        max_batch_size=min(len(problems) * plan.eval_samples, 256),
+        max_seq_len=prompt_len + plan.max_new_tokens + 2,
+    )
     samples: list[dict] = []
     with torch.inference_mode():
-        result = evaluate(engine, task, problems, template, k=plan.eval_samples,
-                          max_tokens=plan.max_new_tokens, seed=seed, samples_out=samples)
+        result = evaluate(
+            engine,
+            task,
+            problems,
+            template,
+            k=plan.eval_samples,
+            max_tokens=plan.max_new_tokens,
+            seed=seed,
+            samples_out=samples,
+        )
     return result, samples
 
 
 def summary_line(name: str, r) -> str:
-    return (f"{name}: pass@1 {r.pass_at_1:.1%}, pass@{r.samples_per_problem} {r.pass_at_k:.1%}, "
-            f"cons@{r.samples_per_problem} {r.cons_at_k:.1%}, {r.response_len:.1f} tokens, "
-            f"{r.thinking_share:.0%} of samples thinking")
+    return (
+        f"{name}: pass@1 {r.pass_at_1:.1%}, pass@{r.samples_per_problem} {r.pass_at_k:.1%}, "
+        f"cons@{r.samples_per_problem} {r.cons_at_k:.1%}, {r.response_len:.1f} tokens, "
+        f"{r.thinking_share:.0%} of samples thinking"
+    )
 
 
 def _replace_dir(src: Path, dst: Path) -> Path:

@@ -42,8 +42,7 @@ def resolve_device(device: str | torch.device | None, key: str = "--device") -> 
     return resolved
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, key: str = "--dtype"
-                  ) -> torch.dtype | None:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, key: str = "--dtype") -> torch.dtype | None:
     """The torch.dtype that `dtype` names (None stays None: the model's own), checked against
     the device it will run on."""
     if dtype is None:
@@ -70,8 +69,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 @torch.no_grad()
-def place_model(model: nn.Module, device: torch.device | None = None, dtype: torch.dtype | None = None
-                ) -> nn.Module:
+def place_model(model: nn.Module, device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Move `model` in place to `device` and its floating-point parameters to `dtype` (None:
     unchanged); buffers and FP8 weights keep their dtypes (see the module's docstring)."""
     if device is not None:
@@ -83,12 +81,19 @@ def place_model(model: nn.Module, device: torch.device | None = None, dtype: tor
     return model
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, dtypes: tuple[str, ...] = tuple(DTYPES),
-                         dtype_help: str = "dtype of the weights and the cache; float16 on a GPU only") -> None:
+def add_device_arguments(
+    parser: argparse.ArgumentParser,
+    dtypes: tuple[str, ...] = tuple(DTYPES),
+    dtype_help: str = "dtype of the weights and the cache; float16 on a GPU only",
+) -> None:
     """`--device` and `--dtype` (default float32) for a command that loads a model."""
     g = parser.add_argument_group("device")
-    g.add_argument("--device", default="auto", metavar="DEVICE",
-                   help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N (default auto)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N (default auto)",
+    )
     g.add_argument("--dtype", default="float32", choices=dtypes, help=f"{dtype_help} (default float32)")
 
 

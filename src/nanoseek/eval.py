@@ -74,8 +74,18 @@ class EvalResult:
         return asdict(self)
 
 
-def evaluate(engine, task, problems, template: str, k: int = 4, max_tokens: int = 96, temperature: float = 0.6,
-             top_p: float = 0.95, seed: int = 0, samples_out: list | None = None) -> EvalResult:
+def evaluate(
+    engine,
+    task,
+    problems,
+    template: str,
+    k: int = 4,
+    max_tokens: int = 96,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    seed: int = 0,
+    samples_out: list | None = None,
+) -> EvalResult:
     """Sample k completions per problem from `template` (with a {prompt} field) and score them
     with the task's reward."""
     from nanoseek.infer import SamplingParams
@@ -100,8 +110,9 @@ def evaluate(engine, task, problems, template: str, k: int = 4, max_tokens: int 
             else:
                 direct_right += right
             if samples_out is not None:
-                samples_out.append({"prompt": problem.prompt, "answer": problem.answer, "completion": o.text,
-                                    "correct": bool(right)})
+                samples_out.append(
+                    {"prompt": problem.prompt, "answer": problem.answer, "completion": o.text, "correct": bool(right)}
+                )
         correct += c
         pass_k += pass_at_k(k, c, k)
         vote = majority_vote([o.answer for o in res.outputs])
@@ -109,7 +120,15 @@ def evaluate(engine, task, problems, template: str, k: int = 4, max_tokens: int 
     n = len(problems) * k
     direct = n - thinking
     return EvalResult(
-        problems=len(problems), samples_per_problem=k, pass_at_1=correct / n, pass_at_k=pass_k / len(problems),
-        cons_at_k=cons / len(problems), response_len=total_len / n, thinking_len=think_len / n,
-        thinking_share=thinking / n, thinking_accuracy=think_right / thinking if thinking else None,
-        direct_accuracy=direct_right / direct if direct else None, format_rate=formatted / n)
+        problems=len(problems),
+        samples_per_problem=k,
+        pass_at_1=correct / n,
+        pass_at_k=pass_k / len(problems),
+        cons_at_k=cons / len(problems),
+        response_len=total_len / n,
+        thinking_len=think_len / n,
+        thinking_share=thinking / n,
+        thinking_accuracy=think_right / thinking if thinking else None,
+        direct_accuracy=direct_right / direct if direct else None,
+        format_rate=formatted / n,
+    )

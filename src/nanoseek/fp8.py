@@ -41,8 +41,12 @@ E4M3_MAX = torch.finfo(E4M3).max  # 448
 ATTENTION_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 # config.json's entry for a checkpoint in that layout (as in the released DeepSeek-V3).
-FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                           "weight_block_size": [BLOCK, BLOCK]}
+FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [BLOCK, BLOCK],
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,8 +83,9 @@ def quantize_tiles(x: torch.Tensor, tile: int = BLOCK) -> tuple[torch.Tensor, to
     return (q[..., :k].contiguous() if padded.shape[-1] != k else q), scale_inv
 
 
-def dequantize_tiles(q: torch.Tensor, scale_inv: torch.Tensor, tile: int = BLOCK,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_tiles(
+    q: torch.Tensor, scale_inv: torch.Tensor, tile: int = BLOCK, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Inverse of quantize_tiles: q [..., K] times its tile's scale_inv."""
     *lead, k = q.shape
     padded = _pad(q, 0, tile).float()
@@ -100,8 +105,9 @@ def quantize_blockwise(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tenso
     return (q[:out_f, :in_f].contiguous() if padded.shape != w.shape else q), scale_inv
 
 
-def dequantize_blockwise(w: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_blockwise(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """w [out, in] in FP8 and scale_inv [ceil(out/block), ceil(in/block)] -> w in `dtype`."""
     out_f, in_f = w.shape
     padded = _pad(w, block, block).float()
@@ -113,8 +119,9 @@ def dequantize_blockwise(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 
 # ---------------------------------------------------------------------------------------
 # The FP8 matmul: a @ b.T with FP32 accumulation, emulated or on the GPU.
 # ---------------------------------------------------------------------------------------
-def fp8_matmul(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
-               b_blocks: bool, backend: str = "auto") -> torch.Tensor:
+def fp8_matmul(
+    a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor, b_blocks: bool, backend: str = "auto"
+) -> torch.Tensor:
     """a @ b.T in float32, both operands E4M3 with the contraction dim K last.
 
     a [M, K] has 1x128-tile scales [M, ceil(K/128)]; b [N, K] has 128x128-block scales
@@ -261,7 +268,7 @@ class FP8Linear(nn.Linear):
         return _FP8LinearFunction.apply(x, self.weight, self.bias, self.backend)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear) -> FP8Linear:
         """An FP8Linear sharing `linear`'s parameter objects (optimizer state stays valid)."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight = linear.weight
@@ -308,12 +315,14 @@ class FP8WeightLinear(nn.Module):
 
     backend: str = "auto"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
-                 dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, device=None, dtype: torch.dtype = torch.bfloat16
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=E4M3, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=E4M3, device=device), requires_grad=False
+        )
         blocks = (-(-out_features // BLOCK), -(-in_features // BLOCK))
         self.register_buffer("weight_scale_inv", torch.ones(blocks, dtype=torch.float32, device=device))
         if bias:
@@ -322,7 +331,7 @@ class FP8WeightLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8WeightLinear":
+    def from_linear(cls, linear: nn.Linear) -> FP8WeightLinear:
         w = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         q, s = quantize_blockwise(w)
@@ -392,10 +401,14 @@ class WeightMemory:
     fp8_model: int
 
     @classmethod
-    def compare(cls, bf16: nn.Module, fp8: nn.Module) -> "WeightMemory":
+    def compare(cls, bf16: nn.Module, fp8: nn.Module) -> WeightMemory:
         names = [n for n, m in fp8.named_modules() if isinstance(m, FP8WeightLinear)]
-        return cls(sum(weight_bytes(bf16.get_submodule(n)) for n in names),
-                   sum(weight_bytes(fp8.get_submodule(n)) for n in names), weight_bytes(bf16), weight_bytes(fp8))
+        return cls(
+            sum(weight_bytes(bf16.get_submodule(n)) for n in names),
+            sum(weight_bytes(fp8.get_submodule(n)) for n in names),
+            weight_bytes(bf16),
+            weight_bytes(fp8),
+        )
 
     @property
     def linears_ratio(self) -> float:

@@ -103,8 +103,15 @@ class LatentCache:
     pe: list[torch.Tensor]
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, max_len: int, n_layers: int | None = None,
-              dtype=torch.float32, device="cpu") -> "LatentCache":
+    def empty(
+        cls,
+        config: ModelConfig,
+        batch: int,
+        max_len: int,
+        n_layers: int | None = None,
+        dtype=torch.float32,
+        device="cpu",
+    ) -> LatentCache:
         n = config.num_hidden_layers if n_layers is None else n_layers
         return cls(
             kv=[torch.zeros(batch, max_len, config.kv_lora_rank, dtype=dtype, device=device) for _ in range(n)],
@@ -155,8 +162,17 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
         return self.kv_a_layernorm(c_kv), k_pe
 
-    def forward(self, x, cos, sin, positions=None, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rows=None, impl: str = "naive", mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        cos,
+        sin,
+        positions=None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rows=None,
+        impl: str = "naive",
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x [B, T, D]. Without a cache: causal self-attention over x (positions 0..T-1), or
         attention where `mask` [B, T, T] allows (see `document_mask`).
         With a cache (kv, pe) of this layer: the new latents are written at `positions`
@@ -164,8 +180,10 @@ class MLA(nn.Module):
         positions <= its own."""
         if cache is not None and mask is not None:
             # The cache's own mask (cached positions <= each query's) would replace it unseen.
-            raise ValueError("MLA: a mask cannot be combined with a cache (with a cache, each query attends "
-                             "to the cached positions <= its own; pass positions instead)")
+            raise ValueError(
+                "MLA: a mask cannot be combined with a cache (with a cache, each query attends "
+                "to the cached positions <= its own; pass positions instead)"
+            )
         b, t, _ = x.shape
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
@@ -204,10 +222,11 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         t = q_nope.shape[1]
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk.to(q_nope.dtype))
-        scores = (torch.einsum("bthr,bsr->bhts", q_latent, c_kv)
-                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
+        scores = (
+            torch.einsum("bthr,bsr->bhts", q_latent, c_kv) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
+        ) * self.scale
         if mask is None:
             mask = torch.ones(t, c_kv.shape[1], dtype=torch.bool, device=c_kv.device).tril()[None]
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
@@ -291,8 +310,9 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
         self.gate = Gate(c)
         self.experts = nn.ModuleList(MLP(c.hidden_size, c.moe_intermediate_size) for _ in range(c.n_routed_experts))
-        self.shared_experts = (MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts)
-                               if c.n_shared_experts else None)
+        self.shared_experts = (
+            MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts) if c.n_shared_experts else None
+        )
         self.expert_counts: torch.Tensor | None = None
         self.balance_loss: torch.Tensor | None = None
 
@@ -320,7 +340,7 @@ class MoE(nn.Module):
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                ys[start:start + n] = self.experts[e](xs[start:start + n])
+                ys[start : start + n] = self.experts[e](xs[start : start + n])
                 start += n
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
@@ -420,8 +440,15 @@ class Transformer(nn.Module):
                 nn.init.ones_(m.weight)
         self.rope.reset_parameters()
 
-    def hidden_states(self, input_ids, positions=None, cache: LatentCache | None = None, rows=None,
-                      impl: str | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids,
+        positions=None,
+        cache: LatentCache | None = None,
+        rows=None,
+        impl: str | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The final-normed hidden states [B, T, D] that the output head reads; `mask` [B, T, T]
         replaces the causal mask when there is no cache (`document_mask` for packed rows; with a
         cache, MLA raises ValueError)."""
@@ -438,13 +465,15 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, positions if cache is not None else None, layer_cache, rows, impl, mask)
         return self.norm(x)
 
-    def forward(self, input_ids, positions=None, cache: LatentCache | None = None, rows=None,
-                impl: str | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids, positions=None, cache: LatentCache | None = None, rows=None, impl: str | None = None
+    ) -> torch.Tensor:
         """Logits [B, T, vocab] of the main head."""
         return self.lm_head(self.hidden_states(input_ids, positions, cache, rows, impl))
 
-    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor,
-                   mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def mtp_logits(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Training-time MTP: depth k's logits [B, T-k, vocab] predict token i+k+1 at position i."""
         out, h = [], hidden
         t = input_ids.shape[1]
@@ -453,8 +482,13 @@ class Transformer(nn.Module):
                 break
             positions = torch.arange(t - k, device=input_ids.device).expand(input_ids.shape[0], t - k)
             cos, sin = self.rope(positions)
-            h = module(h[:, : t - k], self.embed_tokens(input_ids[:, k:]), cos, sin,
-                       mask=None if mask is None else mask[:, : t - k, : t - k])
+            h = module(
+                h[:, : t - k],
+                self.embed_tokens(input_ids[:, k:]),
+                cos,
+                sin,
+                mask=None if mask is None else mask[:, : t - k, : t - k],
+            )
             out.append(self.lm_head(module.shared_head.norm(h)))
         return out
 
@@ -473,8 +507,12 @@ class Transformer(nn.Module):
         """Tokens routed to each expert in the last forward pass, one tensor per MoE layer;
         zeros for a layer that did not run in it (the MTP modules run in training only, in
         mtp_logits)."""
-        return [torch.zeros(m.n_experts, dtype=torch.long, device=m.gate.weight.device)
-                if m.expert_counts is None else m.expert_counts for m in self.moe_layers()]
+        return [
+            torch.zeros(m.n_experts, dtype=torch.long, device=m.gate.weight.device)
+            if m.expert_counts is None
+            else m.expert_counts
+            for m in self.moe_layers()
+        ]
 
     def balance_loss(self) -> torch.Tensor:
         """The sequence-wise balance losses of the last forward pass, summed over the MoE layers
@@ -507,6 +545,7 @@ def count_parameters(config: ModelConfig) -> dict[str, int]:
     blocks built on the meta device (no memory). Active counts the weights that multiply
     each token: the shared experts and k routed experts, not the embedding table (a lookup),
     as in the papers' 37B (V3) and 2.4B (V2-Lite)."""
+
     def size(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 

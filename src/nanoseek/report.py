@@ -49,8 +49,22 @@ def curve_ends(records: list[dict], key: str, window: int = WINDOW) -> tuple[flo
     return sum(values[:w]) / w, sum(values[-w:]) / w
 
 
-def write_report(out: Path, *, plan: dict, task: str, task_options: dict, template: str, before, after,
-                 samples: list[dict], pretrain: dict, rl_config: dict, seconds: dict, quick: bool, seed: int) -> Path:
+def write_report(
+    out: Path,
+    *,
+    plan: dict,
+    task: str,
+    task_options: dict,
+    template: str,
+    before,
+    after,
+    samples: list[dict],
+    pretrain: dict,
+    rl_config: dict,
+    seconds: dict,
+    quick: bool,
+    seed: int,
+) -> Path:
     out = Path(out)
     records = [r for r in read_metrics(out / "grpo" / "metrics.jsonl") if "reward_mean" in r]
     think_first, think_last = curve_ends(records, "thinking_len_mean")
@@ -71,13 +85,28 @@ def write_report(out: Path, *, plan: dict, task: str, task_options: dict, templa
     if (out / "pretrain" / "loss.png").exists():
         plots["pretrain_loss.png"] = str(Path("pretrain") / "loss.png")
     report = {
-        "task": task, "task_options": task_options, "template": template, "seed": seed, "quick": quick,
-        "base": before.as_dict(), "r1_zero": after.as_dict(), "goals": goals,
-        "rl_curve": {"accuracy_first_steps": acc_first, "accuracy_last_steps": acc_last,
-                     "all_equal_groups_first_steps": equal_first, "all_equal_groups_last_steps": equal_last,
-                     "steps": len(records)},
-        "pretrain": pretrain, "grpo": rl_config, "plan": plan, "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "plots": plots, "models": {"base": "base", "r1_zero": "r1-zero"}, "samples": samples[:SAMPLES_SHOWN * 4],
+        "task": task,
+        "task_options": task_options,
+        "template": template,
+        "seed": seed,
+        "quick": quick,
+        "base": before.as_dict(),
+        "r1_zero": after.as_dict(),
+        "goals": goals,
+        "rl_curve": {
+            "accuracy_first_steps": acc_first,
+            "accuracy_last_steps": acc_last,
+            "all_equal_groups_first_steps": equal_first,
+            "all_equal_groups_last_steps": equal_last,
+            "steps": len(records),
+        },
+        "pretrain": pretrain,
+        "grpo": rl_config,
+        "plan": plan,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "plots": plots,
+        "models": {"base": "base", "r1_zero": "r1-zero"},
+        "samples": samples[: SAMPLES_SHOWN * 4],
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
 
@@ -103,7 +132,8 @@ def write_report(out: Path, *, plan: dict, task: str, task_options: dict, templa
         f"- pass@1 {'rose' if gain >= 0 else 'fell'} by {abs(100 * gain):.1f} points (goal: +20): "
         f"**{'met' if goals['pass_at_1_gain_points'] >= 20 else 'not met'}**.",
         f"- Mean thinking length during RL: {_fmt(think_first, 'num')} tokens over the first {WINDOW} steps, "
-        f"{_fmt(think_last, 'num')} over the last {WINDOW}: **{'grew' if goals['thinking_grew'] else 'did not grow'}**.",
+        f"{_fmt(think_last, 'num')} over the last {WINDOW}: "
+        f"**{'grew' if goals['thinking_grew'] else 'did not grow'}**.",
         *_diagnosis(before),
         f"- Training accuracy {_fmt(acc_first, 'pct')} -> {_fmt(acc_last, 'pct')}; groups with all-equal rewards "
         f"(nothing to learn from) {_fmt(equal_first, 'pct')} -> {_fmt(equal_last, 'pct')}.",
@@ -119,8 +149,15 @@ def write_report(out: Path, *, plan: dict, task: str, task_options: dict, templa
     for s in _pick_samples(samples):
         mark = "right" if s["correct"] else "wrong"
         lines += [f"**{s['prompt']}** (answer {s['answer']}; {mark})", "", "```", s["completion"].strip(), "```", ""]
-    lines += ["## Reproduce", "", "```", f"nanoseek demo --out {out}{' --quick' if quick else ''} --seed {seed}",
-              f"nanoseek chat --model {out / 'r1-zero'}", "```", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```",
+        f"nanoseek demo --out {out}{' --quick' if quick else ''} --seed {seed}",
+        f"nanoseek chat --model {out / 'r1-zero'}",
+        "```",
+        "",
+    ]
     md = out / "report.md"
     md.write_text("\n".join(lines), encoding="utf-8")
     return md
@@ -131,9 +168,11 @@ def _diagnosis(base) -> list[str]:
     think, direct = base.thinking_accuracy, base.direct_accuracy
     if think is None or direct is None or think > direct + 0.05:
         return []
-    return [f"- The base model's reasoning was no more accurate than its direct answers ({_fmt(think, 'pct')} vs "
-            f"{_fmt(direct, 'pct')}): thinking did not pay, so RL had no gap to amplify. "
-            "Its worked steps must be right far more often than its guesses before R1-Zero can work."]
+    return [
+        f"- The base model's reasoning was no more accurate than its direct answers ({_fmt(think, 'pct')} vs "
+        f"{_fmt(direct, 'pct')}): thinking did not pay, so RL had no gap to amplify. "
+        "Its worked steps must be right far more often than its guesses before R1-Zero can work."
+    ]
 
 
 def _opts(options: dict) -> str:
@@ -150,4 +189,3 @@ def _pick_samples(samples: list[dict]) -> list[dict]:
         if len(picked) == SAMPLES_SHOWN:
             break
     return picked
-

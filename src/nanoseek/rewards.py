@@ -58,8 +58,8 @@ def last_boxed(text: str) -> str | None:
     if start < 0:
         return None
     i = text.find("{", start)
-    if i < 0 or text[start + len(name):i].strip():
-        rest = text[start + len(name):]  # "\boxed 5": the next word
+    if i < 0 or text[start + len(name) : i].strip():
+        rest = text[start + len(name) :]  # "\boxed 5": the next word
         m = re.match(r"\s+([^\s$]+)", rest)
         return m.group(1) if m else None
     depth = 0
@@ -70,7 +70,7 @@ def last_boxed(text: str) -> str | None:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
+                return text[i + 1 : j]
     return None
 
 
@@ -80,7 +80,7 @@ def _last_answer_tag(text: str) -> str | None:
     start = text.rfind(ANSWER)
     if start < 0:
         return None
-    body = text[start + len(ANSWER):]
+    body = text[start + len(ANSWER) :]
     end = body.find(END_ANSWER)
     return (body if end < 0 else body[:end]).strip()
 
@@ -97,7 +97,7 @@ def extract_answer(completion: str) -> str | None:
     text = strip_end_tokens(completion)
     close = text.rfind(END_THINK)
     if close >= 0:
-        text = text[close + len(END_THINK):]
+        text = text[close + len(END_THINK) :]
     answer = _last_answer_tag(text)
     if answer is None:
         answer = last_boxed(text)
@@ -136,7 +136,7 @@ def plain_number(text: str) -> Fraction | None:
     m = _FRAC.fullmatch(s) or _SLASH.fullmatch(s)
     if m is None:
         return None
-    sign, num, den = (m.groups() if len(m.groups()) == 3 else ("", *m.groups()))
+    sign, num, den = m.groups() if len(m.groups()) == 3 else ("", *m.groups())
     if int(den) == 0:
         return None
     value = Fraction(int(num), int(den))
@@ -164,7 +164,7 @@ def _exponent_ok(s: str, i: int) -> bool:
         j = s.find("}" if s[i] == "{" else ")", i)
         if j < 0 or j - i > 16:
             return False
-        body, end = s[i + 1:j], j + 1
+        body, end = s[i + 1 : j], j + 1
     else:
         m = re.match(r"[+-]?\d+|\\?[A-Za-z]+", s[i:])
         if m is None:
@@ -202,8 +202,11 @@ def _math_verify():
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     # The first check in a process builds the LaTeX parser and sympy's caches (about 0.5 s of
     # CPU): done here, before any limit runs, so that it never counts against an answer.
-    math_verify.verify(math_verify.parse("$\\sqrt{2}/2$", parsing_timeout=None),
-                       math_verify.parse("$x^2+1$", parsing_timeout=None), timeout_seconds=None)
+    math_verify.verify(
+        math_verify.parse("$\\sqrt{2}/2$", parsing_timeout=None),
+        math_verify.parse("$x^2+1$", parsing_timeout=None),
+        timeout_seconds=None,
+    )
     return math_verify
 
 
@@ -405,14 +408,27 @@ SCRIPTS = {
     "hangul": "\u1100-\u11ff\uac00-\ud7af",
 }
 LANGUAGES = {
-    "en": ("latin",), "fr": ("latin",), "de": ("latin",), "es": ("latin",), "it": ("latin",), "pt": ("latin",),
-    "zh": ("han",), "ja": ("han", "kana"), "ko": ("hangul", "han"), "ru": ("cyrillic",), "uk": ("cyrillic",),
-    "el": ("greek",), "ar": ("arabic",), "he": ("hebrew",), "hi": ("devanagari",),
+    "en": ("latin",),
+    "fr": ("latin",),
+    "de": ("latin",),
+    "es": ("latin",),
+    "it": ("latin",),
+    "pt": ("latin",),
+    "zh": ("han",),
+    "ja": ("han", "kana"),
+    "ko": ("hangul", "han"),
+    "ru": ("cyrillic",),
+    "uk": ("cyrillic",),
+    "el": ("greek",),
+    "ar": ("arabic",),
+    "he": ("hebrew",),
+    "hi": ("devanagari",),
 }
 # A word is a run of letters of one script; Han and kana characters count one word each.
-_WORD = re.compile("|".join(
-    f"(?P<{name}>[{chars}]{'' if name in ('han', 'kana') else '+'})" for name, chars in SCRIPTS.items()
-) + r"|(?P<other>[^\W\d_])")
+_WORD = re.compile(
+    "|".join(f"(?P<{name}>[{chars}]{'' if name in ('han', 'kana') else '+'})" for name, chars in SCRIPTS.items())
+    + r"|(?P<other>[^\W\d_])"
+)
 
 
 @_never_raises
@@ -449,17 +465,28 @@ def overlong_penalty(num_tokens: int, max_tokens: int, buffer: int) -> float:
 REWARD_NAMES = ("accuracy", "format", "language", "overlong")
 
 
-def combined_reward(completion: str, problem, weights: Mapping[str, float], *, num_tokens: int | None = None,
-                    max_tokens: int | None = None, overlong_buffer: int = 0, language: str = "en",
-                    think_opened: bool = False, answer_tags: bool = True,
-                    accuracy: Callable[[str, object], float] = accuracy_reward) -> dict[str, float]:
+def combined_reward(
+    completion: str,
+    problem,
+    weights: Mapping[str, float],
+    *,
+    num_tokens: int | None = None,
+    max_tokens: int | None = None,
+    overlong_buffer: int = 0,
+    language: str = "en",
+    think_opened: bool = False,
+    answer_tags: bool = True,
+    accuracy: Callable[[str, object], float] = accuracy_reward,
+) -> dict[str, float]:
     """Each reward and their weighted sum under "total". Weights come from the config, by
     name (accuracy, format, language, overlong); the overlong term is a penalty in [-1, 0].
     `accuracy(completion, problem)`: the task's reward (`task.reward`, what the evaluation
     scores with); by default `accuracy_reward`."""
     unknown = set(weights) - set(REWARD_NAMES)
     if unknown:
-        raise NanoseekError(f"reward weights: unknown {', '.join(sorted(unknown))} (expected {', '.join(REWARD_NAMES)})")
+        raise NanoseekError(
+            f"reward weights: unknown {', '.join(sorted(unknown))} (expected {', '.join(REWARD_NAMES)})"
+        )
     scores = {
         "accuracy": accuracy(completion, problem),
         "format": format_reward(completion, think_opened, answer_tags),

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from nanoseek.errors import NanoseekError
 from nanoseek.bench.grpo import bench_grpo
+from nanoseek.errors import NanoseekError
 
 
 def test_nanoseek_side_forces_the_completion_length():
@@ -18,8 +18,9 @@ def test_nanoseek_side_forces_the_completion_length():
     assert bench.ratio is None and bench.prompt_tokens > 10
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
-                    reason="TRL is not installed (pip install 'nanoseek[bench]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install 'nanoseek[bench]')"
+)
 def test_trl_side_trains_on_the_same_prompts_and_lengths():
     bench = bench_grpo("tiny", prompts=2, group=2, new_tokens=16, steps=1, warmup=0, log=lambda _: None)
     for name in ("nanoseek", "trl"):

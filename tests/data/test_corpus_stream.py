@@ -65,8 +65,12 @@ def test_corpus_preamble_share_and_recall_drills():
         if kind == "recall":  # every binding, once, in another order
             bindings, recalled = text.split(". ")
             assert sorted(recalled.split(",")) == sorted(bindings.split(",")) and "User:" not in text
-    assert sum(kind == "recall" and text.split(". ")[0].split(",") != text.split(". ")[1].split(",")
-               for kind, text in docs) > 500
+    assert (
+        sum(
+            kind == "recall" and text.split(". ")[0].split(",") != text.split(". ")[1].split(",") for kind, text in docs
+        )
+        > 500
+    )
     with pytest.raises(NanoseekError, match="no named values to recall"):
         list(corpus(tasks.get("arith"), 10, mix={"recall": 1.0}))
     with pytest.raises(NanoseekError, match="unknown document kind 'proofs'"):
@@ -133,7 +137,7 @@ def test_stream_reads_every_token_in_order(data):
     stream = PackedStream(files, tok, seq_len=15, batch_size=1, shuffle=False, loop=False)
     got = [t for x, y in stream for t in torch.cat([x[0], y[0, -1:]]).tolist()]
     expected = [t for d in docs for t in tok.encode(d, bos=True, eos=True)]
-    assert len(expected) - 16 < len(got) <= len(expected) and got == expected[:len(got)]
+    assert len(expected) - 16 < len(got) <= len(expected) and got == expected[: len(got)]
 
 
 def test_stream_is_seeded(data):
@@ -188,10 +192,17 @@ def test_stream_errors(data, tmp_path):
 
 # ---- SFT ----------------------------------------------------------------------------------------
 CHATS = [
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+4?"},
-     {"role": "assistant", "content": "7", "reasoning_content": "3+4=7"}],
-    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>2+2=4</think>4"},
-     {"role": "user", "content": "and 4+1?"}, {"role": "assistant", "content": "5"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "3+4?"},
+        {"role": "assistant", "content": "7", "reasoning_content": "3+4=7"},
+    ],
+    [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>2+2=4</think>4"},
+        {"role": "user", "content": "and 4+1?"},
+        {"role": "assistant", "content": "5"},
+    ],
 ]
 
 
@@ -244,8 +255,27 @@ def run(argv):
 
 def test_cli_corpus_then_tokenizer(tmp_path, capsys):
     out = tmp_path / "corpus.jsonl"
-    assert run(["data", "corpus", "--task", "arith", "--out", str(out), "--docs", "300", "--max-ops", "3",
-                "--max-operand", "9", "--seed", "4"]) == 0
+    assert (
+        run(
+            [
+                "data",
+                "corpus",
+                "--task",
+                "arith",
+                "--out",
+                str(out),
+                "--docs",
+                "300",
+                "--max-ops",
+                "3",
+                "--max-operand",
+                "9",
+                "--seed",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "wrote 300 documents" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 300 and {r["kind"] for r in rows} == set(DEFAULT_MIX)
@@ -259,15 +289,54 @@ def test_cli_corpus_then_tokenizer(tmp_path, capsys):
 
 def test_cli_chain_corpus_with_recall_and_a_punctuation_split_tokenizer(tmp_path, capsys):
     out = tmp_path / "chain.jsonl"
-    assert run(["data", "corpus", "--task", "chain", "--signed", "--out", str(out), "--docs", "200",
-                "--worked", "0.5", "--direct", "0.3", "--terse", "0", "--plain", "0", "--recall", "0.2",
-                "--preamble", "0.5"]) == 0
+    assert (
+        run(
+            [
+                "data",
+                "corpus",
+                "--task",
+                "chain",
+                "--signed",
+                "--out",
+                str(out),
+                "--docs",
+                "200",
+                "--worked",
+                "0.5",
+                "--direct",
+                "0.3",
+                "--terse",
+                "0",
+                "--plain",
+                "0",
+                "--recall",
+                "0.2",
+                "--preamble",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert "wrote 200 documents to" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"worked", "direct", "recall"}
     assert any("=-" in r["text"] for r in rows)  # signed values
-    assert run(["tokenizer", "train", "--input", str(out), "--vocab-size", "300", "--split-punctuation",
-                "--out", str(tmp_path / "tok")]) == 0
+    assert (
+        run(
+            [
+                "tokenizer",
+                "train",
+                "--input",
+                str(out),
+                "--vocab-size",
+                "300",
+                "--split-punctuation",
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
     tok = Tokenizer.from_pretrained(tmp_path / "tok")
     text = next(r["text"] for r in rows if r["kind"] == "worked" and "=-" in r["text"])
     pieces = [tok.id_to_token(i) for i in tok.encode(text)]
@@ -301,8 +370,10 @@ def test_cli_main(tmp_path, capsys):
     main = main_cli()
     corpus_file = tmp_path / "c.txt"
     assert main(["data", "corpus", "--out", str(corpus_file), "--docs", "100"]) == 0
-    assert main(["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "300",
-                 "--out", str(tmp_path / "tok")]) == 0
+    assert (
+        main(["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "300", "--out", str(tmp_path / "tok")])
+        == 0
+    )
     assert (tmp_path / "tok" / "tokenizer_config.json").is_file()
     capsys.readouterr()
     assert main(["tokenizer", "train", "--input", str(corpus_file), "--vocab-size", "5", "--out", str(tmp_path)]) == 2
@@ -313,6 +384,10 @@ def test_cli_from_a_fresh_process(tmp_path):
     """`python -m nanoseek.cli` as a user runs it."""
     main_cli()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    done = subprocess.run([sys.executable, "-m", "nanoseek.cli", "data", "corpus", "--out", str(tmp_path / "c.jsonl"),
-                           "--docs", "10"], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "nanoseek.cli", "data", "corpus", "--out", str(tmp_path / "c.jsonl"), "--docs", "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "wrote 10 documents" in done.stdout, done.stderr

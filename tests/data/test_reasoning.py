@@ -13,23 +13,26 @@ from nanoseek.data.reasoning import ReasoningSplitter, parse_reasoning, span_tok
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
-@pytest.mark.parametrize("text, opened, expected", [
-    (" <think>3+4=7, 7-2=5</think> <answer>5</answer>", False, ("3+4=7, 7-2=5", "5")),
-    ("<think></think> <answer>5</answer>" + EOS, False, ("", "5")),
-    ("<think>r</think>5" + EOS + PAD + EOS + " ", False, ("r", "5")),
-    ("reasoning here\n</think>\n\nThe answer is 4.", True, ("reasoning here", "The answer is 4.")),
-    ("<think>\nopened twice</think>4", True, ("opened twice", "4")),  # a leading <think> is a tag, not reasoning
-    ("still thinking", True, ("still thinking", "")),
-    ("just an answer", False, ("", "just an answer")),
-    ("<think>unclosed reasoning", False, ("unclosed reasoning", "")),
-    ("<think>a<think>b</think>c</think>d", False, ("a<think>b", "c</think>d")),  # the first </think> closes
-    ("<think>x</think><answer>unclosed answer", False, ("x", "unclosed answer")),
-    ("<answer>1</answer><answer>2</answer>", False, ("", "1")),  # the answer is the first tag's
-    ("The answer is <answer>3</answer>", False, ("", "The answer is <answer>3</answer>")),  # tags only at the start
-    ("x</think>y", False, ("", "x</think>y")),  # no <think> and no opened prompt: no reasoning
-    ("", False, ("", "")),
-    ("", True, ("", "")),
-])
+@pytest.mark.parametrize(
+    "text, opened, expected",
+    [
+        (" <think>3+4=7, 7-2=5</think> <answer>5</answer>", False, ("3+4=7, 7-2=5", "5")),
+        ("<think></think> <answer>5</answer>" + EOS, False, ("", "5")),
+        ("<think>r</think>5" + EOS + PAD + EOS + " ", False, ("r", "5")),
+        ("reasoning here\n</think>\n\nThe answer is 4.", True, ("reasoning here", "The answer is 4.")),
+        ("<think>\nopened twice</think>4", True, ("opened twice", "4")),  # a leading <think> is a tag, not reasoning
+        ("still thinking", True, ("still thinking", "")),
+        ("just an answer", False, ("", "just an answer")),
+        ("<think>unclosed reasoning", False, ("unclosed reasoning", "")),
+        ("<think>a<think>b</think>c</think>d", False, ("a<think>b", "c</think>d")),  # the first </think> closes
+        ("<think>x</think><answer>unclosed answer", False, ("x", "unclosed answer")),
+        ("<answer>1</answer><answer>2</answer>", False, ("", "1")),  # the answer is the first tag's
+        ("The answer is <answer>3</answer>", False, ("", "The answer is <answer>3</answer>")),  # tags only at the start
+        ("x</think>y", False, ("", "x</think>y")),  # no <think> and no opened prompt: no reasoning
+        ("", False, ("", "")),
+        ("", True, ("", "")),
+    ],
+)
 def test_parse_reasoning(text, opened, expected):
     assert parse_reasoning(text, think_opened=opened) == expected
 
@@ -72,7 +75,7 @@ def test_stream_gives_out_text_as_soon_as_it_cannot_be_a_tag():
 def test_span_tokens_counts_the_tokens_between_the_tags():
     # tokens: " " "<think>" "3+4" "=7" "</think>" " <answer>7</answer>"
     pieces = [" ", "<think>", "3+4", "=7", "</think>", " <answer>7</answer>"]
-    ends = [sum(map(len, pieces[:i + 1])) for i in range(len(pieces))]
+    ends = [sum(map(len, pieces[: i + 1])) for i in range(len(pieces))]
     text = "".join(pieces)
     assert span_tokens(ends, split_reasoning(text).span) == 2
     assert span_tokens(ends, split_reasoning("".join(pieces[:4])).span) == 2  # never closed: to the end
@@ -90,7 +93,7 @@ def reference_split(text: str, opened: bool) -> tuple[str, str]:
     m = re.match(r"\s*<think>", text)
     reasoning = ""
     if m or opened:
-        rest = text[m.end():] if m else text
+        rest = text[m.end() :] if m else text
         reasoning, closed, rest = rest.partition("</think>")
         if not closed:
             return reasoning.strip(), ""
@@ -99,8 +102,29 @@ def reference_split(text: str, opened: bool) -> tuple[str, str]:
     return reasoning.strip(), (m.group(1) if m else text).strip()
 
 
-FRAGMENTS = st.sampled_from([*TAGS, "<", "</", "<th", "<thi", "think>", "</ans", "answer>", ">", " ", "\n", "  ",
-                             "a", "42", "x y", "3+4=7", "é", "<a", "</b>"])
+FRAGMENTS = st.sampled_from(
+    [
+        *TAGS,
+        "<",
+        "</",
+        "<th",
+        "<thi",
+        "think>",
+        "</ans",
+        "answer>",
+        ">",
+        " ",
+        "\n",
+        "  ",
+        "a",
+        "42",
+        "x y",
+        "3+4=7",
+        "é",
+        "<a",
+        "</b>",
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -111,7 +135,7 @@ def test_any_chunking_adds_up_to_the_final_split(fragments, opened, cuts):
     final = split_reasoning(text, opened)
     assert (final.reasoning, final.answer) == want
     if final.span is not None:
-        assert text[final.span[0]:final.span[1]].strip() == final.reasoning
+        assert text[final.span[0] : final.span[1]].strip() == final.reasoning
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     s = ReasoningSplitter(opened)
     reasoning = answer = ""

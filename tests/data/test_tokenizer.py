@@ -8,8 +8,16 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from nanoseek import tasks
 from nanoseek.data import (
-    CHAT_TEMPLATE, PROMPT_FORMATS, R1_ZERO_CHAT_TEMPLATE, R1_ZERO_TEMPLATE, SPECIAL_TOKENS, Tokenizer, format_chat,
-    prompt_template, r1_zero_prompt, train_tokenizer,
+    CHAT_TEMPLATE,
+    PROMPT_FORMATS,
+    R1_ZERO_CHAT_TEMPLATE,
+    R1_ZERO_TEMPLATE,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    format_chat,
+    prompt_template,
+    r1_zero_prompt,
+    train_tokenizer,
 )
 from nanoseek.data.chat import BOS, EOS, PAD, template_format
 from nanoseek.data.corpus import corpus, document
@@ -160,8 +168,12 @@ def test_prompt_format_travels_with_the_directory(trained, tmp_path):
     assert r1.prompt_format == "r1-zero" and r1.config["chat_template"] == R1_ZERO_CHAT_TEMPLATE
     again = Tokenizer.from_pretrained(r1.save_pretrained(tmp_path / "again"))  # copied on by pretraining
     assert again.prompt_format == "r1-zero"
-    assert Tokenizer.from_pretrained(again.save_pretrained(tmp_path / "chat", prompt_format="chat")).config[
-        "chat_template"] == CHAT_TEMPLATE
+    assert (
+        Tokenizer.from_pretrained(again.save_pretrained(tmp_path / "chat", prompt_format="chat")).config[
+            "chat_template"
+        ]
+        == CHAT_TEMPLATE
+    )
     with pytest.raises(NanoseekError, match="prompt format 'plain': expected one of chat, r1-zero"):
         tok.save_pretrained(tmp_path / "bad", prompt_format="plain")
     config["prompt_format"] = "r1"
@@ -192,8 +204,10 @@ def test_r1_zero_conversation_is_a_corpus_document(trained):
     tok = Tokenizer(trained[0].backend, {**trained[0].config, "prompt_format": "r1-zero"})
     task = tasks.get("chain", min_values=3, max_values=3, signed=True)
     problem = task.sample(1, seed=0)[0]
-    messages = [{"role": "user", "content": problem.prompt},
-                {"role": "assistant", "content": problem.answer, "reasoning_content": task.worked(problem)}]
+    messages = [
+        {"role": "user", "content": problem.prompt},
+        {"role": "assistant", "content": problem.answer, "reasoning_content": task.worked(problem)},
+    ]
     doc = document("worked", problem, task)
     segments = tok.chat_segments(messages, add_generation_prompt=False)
     assert "".join(t for t, _ in segments) == BOS + doc + EOS
@@ -219,7 +233,7 @@ def test_unknown_role_is_an_error(hf):
     bad = [{"role": "tool", "content": "x"}]
     with pytest.raises(NanoseekError, match="role 'tool'"):
         format_chat(bad)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (jinja2 raises its own TemplateError)
         hf.apply_chat_template(bad, tokenize=False)
     with pytest.raises(NanoseekError):
         format_chat([{"role": "user", "content": ["parts"]}])
@@ -230,14 +244,20 @@ def deepseek_style_dir(path):
     """A small tokenizer laid out like DeepSeek-V3/R1's: Split + ByteLevel pre-tokenizer, BOS/EOS/PAD
     at 0-2, turn and think tokens added at the end, AddedToken dicts in tokenizer_config.json."""
     tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=Regex(r"\p{N}{1,3}"), behavior="isolated"),
-        pre_tokenizers.Split(pattern=Regex(r"[^\r\n\p{L}\p{N}]?\p{L}+|\s+|[^\s\p{L}\p{N}]+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(pattern=Regex(r"\p{N}{1,3}"), behavior="isolated"),
+            pre_tokenizers.Split(pattern=Regex(r"[^\r\n\p{L}\p{N}]?\p{L}+|\s+|[^\s\p{L}\p{N}]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[BOS, EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(TEXTS * 3, trainer=trainer)
     tok.add_special_tokens([AddedToken("<｜User｜>", special=True), AddedToken("<｜Assistant｜>", special=True)])
     tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
@@ -245,13 +265,28 @@ def deepseek_style_dir(path):
     tok.save(str(path / "tokenizer.json"))
 
     def added(content):
-        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": True,
-                "rstrip": False, "single_word": False}
+        return {
+            "__type": "AddedToken",
+            "content": content,
+            "lstrip": False,
+            "normalized": True,
+            "rstrip": False,
+            "single_word": False,
+        }
 
-    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": added(BOS), "eos_token": added(EOS),
-              "pad_token": added(PAD), "unk_token": None, "legacy": True, "model_max_length": 16384,
-              "tokenizer_class": "LlamaTokenizerFast", "clean_up_tokenization_spaces": False,
-              "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": added(BOS),
+        "eos_token": added(EOS),
+        "pad_token": added(PAD),
+        "unk_token": None,
+        "legacy": True,
+        "model_max_length": 16384,
+        "tokenizer_class": "LlamaTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     return path
 

@@ -47,8 +47,11 @@ def test_engine_dtype_and_device_follow_the_model_or_the_arguments():
 
 
 def test_device_and_dtype_errors_are_one_line():
-    with pytest.raises(NanoseekError, match=r"^--dtype: float16 runs on a GPU only; on the CPU use bfloat16 or "
-                                            r"float32$"):
+    with pytest.raises(
+        NanoseekError,
+        match=r"^--dtype: float16 runs on a GPU only; on the CPU use bfloat16 or "
+        r"float32$",
+    ):
         resolve_dtype("float16", torch.device("cpu"))
     with pytest.raises(NanoseekError, match=r"^--dtype: 'float64' is not one of float32, bfloat16, float16$"):
         resolve_dtype("float64", torch.device("cpu"))
@@ -98,8 +101,10 @@ def test_bf16_sampling_params_work():
     assert [[c.token_ids for c in o.outputs] for o in first] == [[c.token_ids for c in o.outputs] for o in again]
     assert len({tuple(c.token_ids) for o in first for c in o.outputs}) > 2
     # top-k 1 and a tiny nucleus keep only the likeliest token: sampling them is greedy decoding.
-    for params in (SamplingParams(temperature=1.0, top_k=1, max_tokens=12, seed=1),
-                   SamplingParams(temperature=0.7, top_p=1e-4, max_tokens=12, seed=2)):
+    for params in (
+        SamplingParams(temperature=1.0, top_k=1, max_tokens=12, seed=1),
+        SamplingParams(temperature=0.7, top_p=1e-4, max_tokens=12, seed=2),
+    ):
         assert [o.outputs[0].token_ids for o in engine.generate(ps, params)] == greedy
 
 
@@ -114,16 +119,18 @@ def test_bf16_folded_runner_is_as_close_to_float32_as_the_bf16_model():
     rows = torch.tensor([2, 0, 1])
     with torch.inference_mode():
         for i, n in enumerate(lengths):
-            model.hidden_states(ids[i: i + 1, :n], cache=engine.cache, rows=rows[i: i + 1],
-                                positions=torch.arange(n)[None])
-        nxt = torch.stack([ids[i, n: n + 2] for i, n in enumerate(lengths)])
+            model.hidden_states(
+                ids[i : i + 1, :n], cache=engine.cache, rows=rows[i : i + 1], positions=torch.arange(n)[None]
+            )
+        nxt = torch.stack([ids[i, n : n + 2] for i, n in enumerate(lengths)])
         positions = torch.tensor([[n, n + 1] for n in lengths])
-        ours = engine.runner.hidden_states(nxt, engine.runner.context(positions, rows, rows.tolist(), lengths),
-                                           engine.latents)
+        ours = engine.runner.hidden_states(
+            nxt, engine.runner.context(positions, rows, rows.tolist(), lengths), engine.latents
+        )
         assert ours.dtype == torch.bfloat16
         for i, n in enumerate(lengths):
-            want = ref.hidden_states(ids[i: i + 1, : n + 2])[0, n:]
-            own = model.hidden_states(ids[i: i + 1, : n + 2])[0, n:].float()
+            want = ref.hidden_states(ids[i : i + 1, : n + 2])[0, n:]
+            own = model.hidden_states(ids[i : i + 1, : n + 2])[0, n:].float()
             bf16_error = (own - want).abs().max()
             assert 1e-3 < bf16_error < 0.2  # bfloat16 rounding shows, and stays small
             assert (ours[i].float() - want).abs().max() < 2 * bf16_error
@@ -159,8 +166,13 @@ def test_cli_cuda_without_a_gpu_is_one_line(checkpoint, capsys):
     from nanoseek.cli import main
 
     model = ["--model", str(checkpoint)]
-    for command in (["generate", "--prompt-ids", "5,6", *model], ["chat", *model], ["serve", "--port", "0", *model],
-                    ["bench", "decode"], ["bench", "train"]):
+    for command in (
+        ["generate", "--prompt-ids", "5,6", *model],
+        ["chat", *model],
+        ["serve", "--port", "0", *model],
+        ["bench", "decode"],
+        ["bench", "train"],
+    ):
         assert main([*command, "--device", "cuda"]) == 2
         assert capsys.readouterr().err == "error: --device: cuda was asked for, but torch sees no GPU\n", command
 
@@ -183,8 +195,9 @@ CUDA = torch.device("cuda")
 def test_cuda_greedy_equals_the_cpu_tokens(folded, speculative):
     ps = prompts([5, 17, 2, 30, 9])
     cpu = Engine(make_model(), max_batch_size=3, max_seq_len=64).generate(ps, GREEDY)
-    engine = Engine(make_model(), max_batch_size=3, max_seq_len=64, folded=folded, speculative=speculative,
-                    device="cuda")
+    engine = Engine(
+        make_model(), max_batch_size=3, max_seq_len=64, folded=folded, speculative=speculative, device="cuda"
+    )
     assert engine.latents.device.type == "cuda" and next(engine.model.parameters()).is_cuda
     assert [o.outputs[0].token_ids for o in engine.generate(ps, GREEDY)] == [o.outputs[0].token_ids for o in cpu]
 
@@ -201,7 +214,7 @@ def test_cuda_half_greedy_equals_the_models_own_forward(dtype):
         ids = list(p)
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids], device=CUDA))[0, -1].argmax()))
-        return ids[len(p):]
+        return ids[len(p) :]
 
     for p, out in zip(ps, engine.generate(ps, GREEDY)):
         assert out.outputs[0].token_ids == reference(p, GREEDY.max_tokens)
@@ -211,11 +224,15 @@ def test_cuda_half_greedy_equals_the_models_own_forward(dtype):
 def test_cuda_sampling_draws_what_the_cpu_draws():
     """The generators stay on the CPU: the same seed gives the same tokens on CUDA (float32)."""
     ps = prompts([6, 13])
-    cases = [SamplingParams(temperature=1.3, max_tokens=12, seed=5, n=3),
-             SamplingParams(temperature=0.9, top_k=5, top_p=0.8, min_tokens=4, max_tokens=12, seed=9, n=2),
-             [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=1.0, max_tokens=12, seed=3)]]
-    cpu, gpu = Engine(make_model(), max_batch_size=8, max_seq_len=64), Engine(
-        make_model(), max_batch_size=8, max_seq_len=64, device="cuda")
+    cases = [
+        SamplingParams(temperature=1.3, max_tokens=12, seed=5, n=3),
+        SamplingParams(temperature=0.9, top_k=5, top_p=0.8, min_tokens=4, max_tokens=12, seed=9, n=2),
+        [SamplingParams(temperature=0, max_tokens=12), SamplingParams(temperature=1.0, max_tokens=12, seed=3)],
+    ]
+    cpu, gpu = (
+        Engine(make_model(), max_batch_size=8, max_seq_len=64),
+        Engine(make_model(), max_batch_size=8, max_seq_len=64, device="cuda"),
+    )
     for params in cases:
         a, b = cpu.generate(ps, params), gpu.generate(ps, params)
         assert [[c.token_ids for c in o.outputs] for o in a] == [[c.token_ids for c in o.outputs] for o in b]
@@ -233,8 +250,17 @@ def test_cuda_from_pretrained(checkpoint):
 ATTENTION_SHAPES = {
     "tiny": ModelConfig.preset("tiny").replace(vocab_size=320),
     "small": ModelConfig.preset("small").replace(vocab_size=320),
-    "v3-heads": ModelConfig(**{**CONFIG, "hidden_size": 256, "num_attention_heads": 2, "qk_nope_head_dim": 128,
-                               "qk_rope_head_dim": 64, "v_head_dim": 128, "kv_lora_rank": 64}),
+    "v3-heads": ModelConfig(
+        **{
+            **CONFIG,
+            "hidden_size": 256,
+            "num_attention_heads": 2,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+            "kv_lora_rank": 64,
+        }
+    ),
 }
 
 

@@ -47,12 +47,18 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ps = prompts([7, 19], seed=3)
     outs = Engine.from_pretrained(tmp_path, max_batch_size=2, max_seq_len=64).generate(
-        ps, SamplingParams(temperature=0, max_tokens=20))
+        ps, SamplingParams(temperature=0, max_tokens=20)
+    )
     for p, out in zip(ps, outs):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              do_sample=False, max_new_tokens=20, pad_token_id=0)
-        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
+            ref = hf.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=20,
+                pad_token_id=0,
+            )
+        assert out.outputs[0].token_ids == ref[0, len(p) :].tolist()
 
 
 @pytest.mark.parametrize("folded", [True, False])
@@ -78,7 +84,7 @@ def cyclic_model():
         hidden = model.hidden_states(ids)
         loss = F.cross_entropy(model.lm_head(hidden)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         for k, logits in enumerate(model.mtp_logits(hidden, ids), start=1):
-            loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, k + 1:].flatten())
+            loss = loss + F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, k + 1 :].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -133,7 +139,7 @@ def test_top_k_and_top_p_only_pick_allowed_tokens(model, top_k, top_p):
         for completion in out.outputs:
             ids = p + completion.token_ids
             with torch.no_grad():
-                logits = model(torch.tensor([ids]))[0, len(p) - 1: -1] / temperature
+                logits = model(torch.tensor([ids]))[0, len(p) - 1 : -1] / temperature
             for row, token in zip(logits, completion.token_ids):
                 order = row.argsort(descending=True)
                 rank = (order == token).nonzero().item()
@@ -314,12 +320,48 @@ def test_cli_generate_and_errors(tokenizer, tmp_path, capsys):
     model = chat_model(tokenizer)
     save_pretrained(model, tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    assert main(["generate", "--model", str(tmp_path), "--prompt", "3+4", "--format", "chat", "--max-tokens", "6",
-                 "--max-thinking-tokens", "2", "--speculative"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path),
+                "--prompt",
+                "3+4",
+                "--format",
+                "chat",
+                "--max-tokens",
+                "6",
+                "--max-thinking-tokens",
+                "2",
+                "--speculative",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "prompt 0" in out and "thinking" in out and "MTP drafts accepted" in out
-    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "5,6,7", "--json", "-n", "2",
-                 "--temperature", "1", "--seed", "1", "--max-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path),
+                "--prompt-ids",
+                "5,6,7",
+                "--json",
+                "-n",
+                "2",
+                "--temperature",
+                "1",
+                "--seed",
+                "1",
+                "--max-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert '"finish_reason": "length"' in capsys.readouterr().out
     assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "5,x"]) == 2
     assert "expected comma-separated integers" in capsys.readouterr().err
@@ -375,8 +417,25 @@ def test_cli_bench_decode_prints_the_comparison(capsys):
     pytest.importorskip("transformers")
     from nanoseek.cli import main
 
-    assert main(["bench", "decode", "--preset", "tiny", "--batch-sizes", "1,2", "--prompt-len", "4",
-                 "--new-tokens", "5", "--repeats", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                "--preset",
+                "tiny",
+                "--batch-sizes",
+                "1,2",
+                "--prompt-len",
+                "4",
+                "--new-tokens",
+                "5",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "speed-up" in out and "KV cache bytes per token" in out and "DynamicCache" in out
     assert main(["bench", "decode", "--batch-sizes", "0"]) == 2
@@ -387,10 +446,26 @@ RUNNER_VARIANTS = {
     "no-q-lora": {"q_lora_rank": None},
     "wide-latent-not-folded": {"kv_lora_rank": 64},  # W_UK / W_UV stay apart when folding would grow them
     "half-rope-layout-bias": {"rope_interleave": False, "attention_bias": True},
-    "v2-softmax-two-shared": {"model_type": "deepseek_v2", "topk_method": "greedy", "scoring_func": "softmax",
-                              "norm_topk_prob": False, "n_shared_experts": 2, "n_group": 1, "topk_group": 1},
-    "yarn": {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                              "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}},
+    "v2-softmax-two-shared": {
+        "model_type": "deepseek_v2",
+        "topk_method": "greedy",
+        "scoring_func": "softmax",
+        "norm_topk_prob": False,
+        "n_shared_experts": 2,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "yarn": {
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+        }
+    },
 }
 
 
@@ -417,12 +492,13 @@ def test_runner_decode_step_equals_the_model(name, path, monkeypatch):
     rows = torch.tensor([2, 0, 1])
     with torch.inference_mode():
         for i, n in enumerate(lengths):
-            model.hidden_states(ids[i: i + 1, :n], cache=engine.cache, rows=rows[i: i + 1],
-                                positions=torch.arange(n)[None])
-        nxt = torch.stack([ids[i, n: n + 2] for i, n in enumerate(lengths)])  # two new tokens each
+            model.hidden_states(
+                ids[i : i + 1, :n], cache=engine.cache, rows=rows[i : i + 1], positions=torch.arange(n)[None]
+            )
+        nxt = torch.stack([ids[i, n : n + 2] for i, n in enumerate(lengths)])  # two new tokens each
         positions = torch.tensor([[n, n + 1] for n in lengths])
         ctx = runner.context(positions, rows, rows.tolist(), lengths)
         ours = runner.hidden_states(nxt, ctx, engine.latents)
         for i, n in enumerate(lengths):
-            want = model.hidden_states(ids[i: i + 1, : n + 2])[0, n:]
+            want = model.hidden_states(ids[i : i + 1, : n + 2])[0, n:]
             assert (ours[i] - want).abs().max() < 1e-5

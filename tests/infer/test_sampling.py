@@ -20,10 +20,17 @@ def test_draws_follow_the_distribution_and_never_pick_a_removed_token():
 def test_a_row_draws_the_same_token_whatever_else_is_in_the_batch():
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
-    params = [SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=0), SamplingParams(top_k=5, seed=2),
-              SamplingParams(temperature=1.3, top_p=0.5, seed=3), SamplingParams(temperature=0)]
+    params = [
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=5, seed=2),
+        SamplingParams(temperature=1.3, top_p=0.5, seed=3),
+        SamplingParams(temperature=0),
+    ]
     together = choose_tokens(logits, params, [make_generator(p.seed, 0) if p.seed else None for p in params])
-    alone = [choose_tokens(logits[i:i + 1], [p], [make_generator(p.seed, 0) if p.seed else None])[0]
-             for i, p in enumerate(params)]
+    alone = [
+        choose_tokens(logits[i : i + 1], [p], [make_generator(p.seed, 0) if p.seed else None])[0]
+        for i, p in enumerate(params)
+    ]
     assert together == alone
     assert together[1] == logits[1].argmax() and together[4] == logits[4].argmax()

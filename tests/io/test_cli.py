@@ -63,9 +63,20 @@ def transformers_checkpoint(tmp_path):
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     config = transformers.DeepseekV3Config(
-        vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=16)
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=24,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=16,
+    )
     transformers.DeepseekV3ForCausalLM(config).save_pretrained(tmp_path)
     return tmp_path
 

@@ -9,18 +9,43 @@ import torch
 
 from nanoseek import ModelConfig, NanoseekError, Transformer, load_pretrained, save_pretrained
 from nanoseek.fp8 import dequantize_blockwise, quantize_blockwise
+
 from model_support import randomize
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-            num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-            first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=256)
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 0.707, "mscale_all_dim": 1.0}
+BASE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=256,
+)
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 1.0,
+}
 
 CONFIGS = {
     "v3": {},
@@ -31,11 +56,23 @@ CONFIGS = {
     "v3-half-rope-layout": {"rope_interleave": False, "topk_group": 1, "n_group": 2},
     "v3-mtp": {"num_nextn_predict_layers": 1},
     "v3-tied": {"tie_word_embeddings": True},
-    "v2-greedy": {"model_type": "deepseek_v2", "topk_method": "greedy", "scoring_func": "softmax",
-                  "norm_topk_prob": False, "routed_scaling_factor": 1.0, "q_lora_rank": None},
-    "v2-group-limited-yarn": {"model_type": "deepseek_v2", "topk_method": "group_limited_greedy",
-                              "scoring_func": "softmax", "n_group": 4, "topk_group": 2, "norm_topk_prob": False,
-                              "rope_scaling": YARN},
+    "v2-greedy": {
+        "model_type": "deepseek_v2",
+        "topk_method": "greedy",
+        "scoring_func": "softmax",
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "q_lora_rank": None,
+    },
+    "v2-group-limited-yarn": {
+        "model_type": "deepseek_v2",
+        "topk_method": "group_limited_greedy",
+        "scoring_func": "softmax",
+        "n_group": 4,
+        "topk_group": 2,
+        "norm_topk_prob": False,
+        "rope_scaling": YARN,
+    },
 }
 
 
@@ -61,15 +98,20 @@ def test_nanoseek_checkpoint_opens_in_transformers_with_the_same_logits(name, tm
     assert (hf_logits(tmp_path, IDS) - ours).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["v3", "v3-no-q-lora", "v3-yarn", "v3-groups-nonorm", "v3-two-dense-first",
-                                  "v2-greedy", "v2-group-limited-yarn"])
+@pytest.mark.parametrize(
+    "name",
+    ["v3", "v3-no-q-lora", "v3-yarn", "v3-groups-nonorm", "v3-two-dense-first", "v2-greedy", "v2-group-limited-yarn"],
+)
 def test_transformers_checkpoint_opens_in_nanoseek_with_the_same_logits(name, tmp_path):
     config = make_config(name)
-    hf_config = transformers.AutoConfig.for_model(config.model_type, **{
-        k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type", "rope_scaling")})
+    hf_config = transformers.AutoConfig.for_model(
+        config.model_type,
+        **{k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type", "rope_scaling")},
+    )
     torch.manual_seed(0)
-    cls = transformers.DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else \
-        transformers.DeepseekV2ForCausalLM
+    cls = (
+        transformers.DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else transformers.DeepseekV2ForCausalLM
+    )
     hf = cls(hf_config).eval()
     with torch.no_grad():
         for n, p in hf.named_parameters():
@@ -88,16 +130,31 @@ def test_transformers_checkpoint_opens_in_nanoseek_with_the_same_logits(name, tm
 # transformers' own default configs, only the sizes shrunk: DeepseekV3Config() declares one MTP
 # module that DeepseekV3ForCausalLM neither has nor saves; DeepseekV2Config() routes greedily
 # with n_group / topk_group unset. (num_experts_per_tok has no V2 default that runs.)
-HF_SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=8,
-                qk_rope_head_dim=8, v_head_dim=12)
+HF_SIZES = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+)
 HF_DEFAULTS = {
     # first_k_dense_replace=3, n_group=8, topk_group=4, num_experts_per_tok=8 are the defaults
-    "v3": (lambda: transformers.DeepseekV3Config(**HF_SIZES, num_hidden_layers=4, n_routed_experts=16),
-           lambda c: transformers.DeepseekV3ForCausalLM(c)),
-    "v2": (lambda: transformers.DeepseekV2Config(**HF_SIZES, num_hidden_layers=3, n_routed_experts=8,
-                                                 num_experts_per_tok=2),
-           lambda c: transformers.DeepseekV2ForCausalLM(c)),
+    "v3": (
+        lambda: transformers.DeepseekV3Config(**HF_SIZES, num_hidden_layers=4, n_routed_experts=16),
+        lambda c: transformers.DeepseekV3ForCausalLM(c),
+    ),
+    "v2": (
+        lambda: transformers.DeepseekV2Config(
+            **HF_SIZES, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2
+        ),
+        lambda c: transformers.DeepseekV2ForCausalLM(c),
+    ),
 }
 
 
@@ -127,8 +184,10 @@ def test_checkpoint_from_transformers_default_config_opens_with_the_same_logits(
     c = ours.config
     if name == "v3":
         assert hf_config.num_nextn_predict_layers == 1 and c.num_nextn_predict_layers == 0 and len(ours.mtp) == 0
-        assert err == (f"note: {tmp_path} has no weights for the 1 MTP module(s) its config.json declares; "
-                       "loading without MTP (no speculative decoding, no MTP loss)\n")
+        assert err == (
+            f"note: {tmp_path} has no weights for the 1 MTP module(s) its config.json declares; "
+            "loading without MTP (no speculative decoding, no MTP loss)\n"
+        )
         assert (c.topk_method, c.n_group, c.topk_group, c.num_experts_per_tok) == ("noaux_tc", 8, 4, 8)
         assert len(ours.moe_layers()) == 1  # layer 3, after the 3 dense layers
     else:
@@ -158,8 +217,15 @@ def test_mtp_layers_stored_as_in_the_released_checkpoint(tmp_path):
     model = randomize(Transformer(make_config("v3-mtp")), seed=0)
     save_pretrained(model, tmp_path)
     keys = set(safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
-    for k in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight",
-              "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.7.down_proj.weight"):
+    for k in (
+        "eh_proj.weight",
+        "enorm.weight",
+        "hnorm.weight",
+        "shared_head.norm.weight",
+        "shared_head.head.weight",
+        "embed_tokens.weight",
+        "mlp.experts.7.down_proj.weight",
+    ):
         assert f"model.layers.3.{k}" in keys
     again = load_pretrained(tmp_path)
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):

@@ -11,9 +11,21 @@ from safetensors import safe_open
 
 import nanoseek.cli
 from nanoseek import ModelConfig, Transformer, load_pretrained, save_pretrained
-from nanoseek.fp8 import (E4M3, FP8Linear, FP8WeightLinear, dequantize_blockwise, dequantize_tiles, fp8_swap,
-                          quantize_blockwise, quantize_tiles, scaled_mm_support, to_fp8_weights, weight_bytes)
+from nanoseek.fp8 import (
+    E4M3,
+    FP8Linear,
+    FP8WeightLinear,
+    dequantize_blockwise,
+    dequantize_tiles,
+    fp8_swap,
+    quantize_blockwise,
+    quantize_tiles,
+    scaled_mm_support,
+    to_fp8_weights,
+    weight_bytes,
+)
 from nanoseek.infer import Engine, SamplingParams
+
 from model_support import random_model
 
 # E4M3 keeps 3 mantissa bits: rounding to nearest costs at most 2^-4 of a value in the
@@ -193,8 +205,13 @@ def test_converted_fp8_checkpoint_has_the_released_layout(checkpoints):
         s = sf.get_tensor("model.layers.1.mlp.experts.2.up_proj.weight_scale_inv")
         assert w.dtype == E4M3 and s.dtype == torch.float32 and s.shape == (2, 2)
         assert sf.get_tensor("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").dtype == E4M3
-        for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
-                    "model.layers.0.input_layernorm.weight", "model.layers.4.eh_proj.weight"):
+        for key in (
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.1.mlp.gate.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.4.eh_proj.weight",
+        ):
             assert sf.get_tensor(key).dtype == torch.bfloat16, key
         assert sf.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
     with safe_open(str(root / "bf16" / "model.safetensors"), "pt") as sf:
@@ -232,8 +249,10 @@ def test_fp8_checkpoint_stays_fp8_in_memory_with_logits_close_to_bf16(checkpoint
     assert weight_bytes(fp8) < 0.75 * weight_bytes(bf16)
     # a model holding FP8 weights saves them as they are
     save_pretrained(fp8, root / "resaved")
-    with safe_open(str(root / "resaved" / "model.safetensors"), "pt") as a, \
-            safe_open(str(root / "fp8" / "model.safetensors"), "pt") as b:
+    with (
+        safe_open(str(root / "resaved" / "model.safetensors"), "pt") as a,
+        safe_open(str(root / "fp8" / "model.safetensors"), "pt") as b,
+    ):
         key = "model.layers.1.mlp.experts.2.up_proj.weight"
         assert torch.equal(a.get_tensor(key).view(torch.uint8), b.get_tensor(key).view(torch.uint8))
 
@@ -273,7 +292,7 @@ def greedy_reference(model, prompt, max_tokens):
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         if ids[-1] == model.config.eos_token_id:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("kw", [{}, {"q_lora_rank": None, "rope_interleave": False, "attention_bias": True}])
@@ -393,8 +412,10 @@ def test_scaled_mm_operands_pass_torchs_layout_checks():
 def test_gpu_scaled_mm_matches_the_emulation():
     device = torch.device("cuda")
     if scaled_mm_support(device) is None:
-        pytest.skip("this GPU / torch build has no blockwise FP8 scaled_mm (1x128 and 128x128 scales need "
-                    "sm_90 and CUDA 12.9+); the emulated path runs instead")
+        pytest.skip(
+            "this GPU / torch build has no blockwise FP8 scaled_mm (1x128 and 128x128 scales need "
+            "sm_90 and CUDA 12.9+); the emulated path runs instead"
+        )
     ref, fast = linear_pair(in_f=512, out_f=384)
     ref, fast = ref.to(device), fast.to(device)
     emul = FP8Linear(512, 384).to(device)

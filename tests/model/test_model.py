@@ -9,10 +9,18 @@ import torch.nn.functional as F
 from nanoseek import ModelConfig, Transformer
 from nanoseek.errors import NanoseekError
 from nanoseek.model import LatentCache, count_parameters, document_mask, kv_cache_bytes_per_token, rope_frequencies
+
 from model_support import balance_by_hand, random_model, record_moe_inputs
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 
 def tiny(**kw) -> ModelConfig:
@@ -39,7 +47,7 @@ def test_incremental_decoding_over_the_latent_cache_matches_full_forward():
             cache = LatentCache.empty(config, batch=2, max_len=16)
             steps = [model(x[:, :5], positions=torch.arange(5).expand(2, 5), cache=cache, impl=impl)]
             for t in range(5, 12):
-                steps.append(model(x[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache, impl=impl))
+                steps.append(model(x[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache, impl=impl))
             assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-5, impl
 
 
@@ -52,8 +60,9 @@ def test_cache_rows_and_mixed_positions():
     with torch.no_grad():
         model(a[:, :8], positions=torch.arange(8)[None], cache=cache, rows=torch.tensor([3]))
         model(b[:, :3], positions=torch.arange(3)[None], cache=cache, rows=torch.tensor([1]))
-        step = model(torch.cat([a[:, 8:], b[:, 3:]]), positions=torch.tensor([[8], [3]]), cache=cache,
-                     rows=torch.tensor([3, 1]))
+        step = model(
+            torch.cat([a[:, 8:], b[:, 3:]]), positions=torch.tensor([[8], [3]]), cache=cache, rows=torch.tensor([3, 1])
+        )
         assert (step[0, -1] - model(a)[0, -1]).abs().max() < 1e-5
         assert (step[1, -1] - model(b)[0, -1]).abs().max() < 1e-5
 
@@ -70,12 +79,15 @@ def reference_moe(moe, x):
     return out + moe.shared_experts(x) if moe.shared_experts is not None else out
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
-    {"topk_method": "group_limited_greedy", "scoring_func": "softmax"},
-    {"n_shared_experts": 0},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False},
+        {"topk_method": "group_limited_greedy", "scoring_func": "softmax"},
+        {"n_shared_experts": 0},
+    ],
+)
 def test_grouped_experts_equal_per_token_computation(kw):
     model = random_model(tiny(**kw), norms=False)
     moe = model.moe_layers()[0]

@@ -23,9 +23,21 @@ from nanoseek import ModelConfig, Transformer, save_pretrained
 from nanoseek.data import format_chat
 from nanoseek.infer import Engine, SamplingParams
 
-from serve_support import (CONFIG, KEY, MESSAGES, MODEL, Server, engine_steps, expected_message, health,
-                           metric, reasoning_of, save_chat_model, serve_in_thread, wait_idle)
-
+from serve_support import (
+    CONFIG,
+    KEY,
+    MESSAGES,
+    MODEL,
+    Server,
+    engine_steps,
+    expected_message,
+    health,
+    metric,
+    reasoning_of,
+    save_chat_model,
+    serve_in_thread,
+    wait_idle,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +64,11 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-
 # ---- chat completions ---------------------------------------------------------------------
 def test_chat_returns_reasoning_apart_from_the_answer(client, engine, model_dir):
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=12,
-                                       extra_body={"max_reasoning_tokens": 5})
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=12, extra_body={"max_reasoning_tokens": 5}
+    )
     message = r.choices[0].message
     reasoning, content, out = expected_message(engine, MESSAGES, max_tokens=12, max_thinking_tokens=5)
     assert reasoning and content  # the budget put </think> at token 6 of 12: both parts are there
@@ -65,7 +77,10 @@ def test_chat_returns_reasoning_apart_from_the_answer(client, engine, model_dir)
     assert r.choices[0].finish_reason == "length" and r.object == "chat.completion" and r.model == MODEL
     prompt_tokens = len(engine.tokenizer.encode(format_chat(MESSAGES)))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
-        prompt_tokens, 12, prompt_tokens + 12)
+        prompt_tokens,
+        12,
+        prompt_tokens + 12,
+    )
     assert r.usage.completion_tokens_details.reasoning_tokens == 5 == out.reasoning_tokens  # before </think>
     # Without a budget this model never closes its reasoning: all of it is reasoning.
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=6)
@@ -122,16 +137,22 @@ def test_stop_sequences_cut_the_answer(client, engine):
     raw = expected_message(engine, MESSAGES, max_tokens=16, max_thinking_tokens=4)[2].text
     answer_at = raw.index("</think>") + len("</think>")
     # a two-character piece of the answer whose first appearance in the whole output is in the answer
-    stop = next(full.content[i:i + 2] for i in range(2, len(full.content) - 1)
-                if raw.find(full.content[i:i + 2]) >= answer_at)
+    stop = next(
+        full.content[i : i + 2]
+        for i in range(2, len(full.content) - 1)
+        if raw.find(full.content[i : i + 2]) >= answer_at
+    )
     for stops in (stop, ["never-appears", stop]):
         r = client.chat.completions.create(**kwargs, stop=stops)
         choice = r.choices[0]
         assert choice.finish_reason == "stop"
         assert choice.message.content == full.content[: full.content.index(stop)].strip()
         assert reasoning_of(choice.message) == reasoning_of(full)
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       client.chat.completions.create(**kwargs, stop=stop, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**kwargs, stop=stop, stream=True)
+        if c.choices
+    )
     assert streamed == full.content[: full.content.index(stop)].strip()
 
 
@@ -140,8 +161,10 @@ def test_completions_endpoint_returns_the_raw_text(client, engine):
     r = client.completions.create(model=MODEL, prompt="3+4-2", temperature=0, max_tokens=7)
     assert r.choices[0].text == out.text and r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(engine.tokenizer.encode("3+4-2", bos=True)), 7)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=MODEL, prompt="3+4-2", temperature=0, max_tokens=7, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=MODEL, prompt="3+4-2", temperature=0, max_tokens=7, stream=True)
+    )
     assert streamed == out.text
     ids = engine.tokenizer.encode("3+4-2", bos=True)
     assert client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=7).choices[0].text == out.text
@@ -167,59 +190,75 @@ def test_models_health_metrics_and_page(client, server):
 # ---- errors ---------------------------------------------------------------------------------
 def post(server, body, key=KEY, path="/v1/chat/completions", raw=None):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(server.url + path, content=raw if raw is not None else json.dumps(body), headers=headers,
-                      timeout=30)
+    return httpx.post(
+        server.url + path, content=raw if raw is not None else json.dumps(body), headers=headers, timeout=30
+    )
 
 
 GOOD = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2, "temperature": 0}  # sampling could draw EOS
 LONG = [{"role": "user", "content": "The quick brown fox jumps. " * 150}]  # > 512 tokens
 
 
-@pytest.mark.parametrize("body, status, param, code", [
-    ({**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),
-    ({k: v for k, v in GOOD.items() if k != "model"}, 400, "model", "missing_model"),
-    ({**GOOD, "temperature": 2.5}, 400, "temperature", "invalid_value"),
-    ({**GOOD, "temperature": "hot"}, 400, "temperature", "invalid_type"),
-    ({**GOOD, "top_p": 0}, 400, "top_p", "invalid_value"),
-    ({**GOOD, "n": 0}, 400, "n", "invalid_value"),
-    ({**GOOD, "n": True}, 400, "n", "invalid_type"),
-    ({**GOOD, "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
-    ({**GOOD, "max_reasoning_tokens": 1.5}, 400, "max_reasoning_tokens", "invalid_type"),
-    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
-    ({**GOOD, "stop": [""]}, 400, "stop", "invalid_value"),
-    ({**GOOD, "seed": "x"}, 400, "seed", "invalid_type"),
-    ({**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
-    ({**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
-    ({**GOOD, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
-    ({**GOOD, "messages": []}, 400, "messages", "invalid_value"),
-    ({**GOOD, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
-    ({**GOOD, "messages": [{"role": "user", "content": 7}]}, 400, "messages[0].content", "invalid_value"),
-    ({**GOOD, "messages": LONG}, 400, "messages", "context_length_exceeded"),
-    ({**GOOD, "messages": [{"role": "user", "content": "3+4 " * 30_000}]}, 400, "messages",
-     "context_length_exceeded"),  # tokenized off the event loop
-    ({**GOOD, "max_tokens": 510}, 400, "max_tokens", "context_length_exceeded"),
-    ({**GOOD, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
-    ({**GOOD, "temperature": None, "n": 1.0}, 400, "n", "invalid_type"),
-    ({**GOOD, "messages": [{"role": "user", "content": "hi", "name": "ann"}]}, 400, "messages[0].name",
-     "unknown_parameter"),
-    ({**GOOD, "messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
-    ({**GOOD, "stream_options": {"include_usage": True, "other": 1}, "stream": True}, 400, "stream_options.other",
-     "unknown_parameter"),
-    ({**GOOD, "temperatur": 0.5}, 400, "temperatur", "unknown_parameter"),  # OpenAI refuses unknown keys too
-    ({**GOOD, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
-    ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
-    ({**GOOD, "tool_choice": "auto"}, 400, "tool_choice", "unsupported_parameter"),
-    ({**GOOD, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
-    ({**GOOD, "functions": [{"name": "f"}]}, 400, "functions", "unsupported_parameter"),
-    ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
-    ({**GOOD, "frequency_penalty": False}, 400, "frequency_penalty", "unsupported_parameter"),
-    ({**GOOD, "top_logprobs": 2}, 400, "top_logprobs", "unsupported_parameter"),
-    ({**GOOD, "user": "ann"}, 400, "user", "unsupported_parameter"),
-    ({"model": MODEL, "prompt": "1+1", "echo": True}, 400, "echo", "unsupported_parameter"),
-    ({"model": MODEL, "prompt": "1+1", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
-    ({"model": MODEL, "prompt": "1+1", "best_of": 2}, 400, "best_of", "unsupported_parameter"),
-    ({"model": MODEL, "prompt": "1+1", "messages": MESSAGES}, 400, "messages", "unknown_parameter"),
-])
+@pytest.mark.parametrize(
+    "body, status, param, code",
+    [
+        ({**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),
+        ({k: v for k, v in GOOD.items() if k != "model"}, 400, "model", "missing_model"),
+        ({**GOOD, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+        ({**GOOD, "temperature": "hot"}, 400, "temperature", "invalid_type"),
+        ({**GOOD, "top_p": 0}, 400, "top_p", "invalid_value"),
+        ({**GOOD, "n": 0}, 400, "n", "invalid_value"),
+        ({**GOOD, "n": True}, 400, "n", "invalid_type"),
+        ({**GOOD, "max_tokens": -1}, 400, "max_tokens", "invalid_value"),
+        ({**GOOD, "max_reasoning_tokens": 1.5}, 400, "max_reasoning_tokens", "invalid_type"),
+        ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+        ({**GOOD, "stop": [""]}, 400, "stop", "invalid_value"),
+        ({**GOOD, "seed": "x"}, 400, "seed", "invalid_type"),
+        ({**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
+        ({**GOOD, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
+        ({**GOOD, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+        ({**GOOD, "messages": []}, 400, "messages", "invalid_value"),
+        ({**GOOD, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
+        ({**GOOD, "messages": [{"role": "user", "content": 7}]}, 400, "messages[0].content", "invalid_value"),
+        ({**GOOD, "messages": LONG}, 400, "messages", "context_length_exceeded"),
+        (
+            {**GOOD, "messages": [{"role": "user", "content": "3+4 " * 30_000}]},
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),  # tokenized off the event loop
+        ({**GOOD, "max_tokens": 510}, 400, "max_tokens", "context_length_exceeded"),
+        ({**GOOD, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
+        ({**GOOD, "temperature": None, "n": 1.0}, 400, "n", "invalid_type"),
+        (
+            {**GOOD, "messages": [{"role": "user", "content": "hi", "name": "ann"}]},
+            400,
+            "messages[0].name",
+            "unknown_parameter",
+        ),
+        ({**GOOD, "messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
+        (
+            {**GOOD, "stream_options": {"include_usage": True, "other": 1}, "stream": True},
+            400,
+            "stream_options.other",
+            "unknown_parameter",
+        ),
+        ({**GOOD, "temperatur": 0.5}, 400, "temperatur", "unknown_parameter"),  # OpenAI refuses unknown keys too
+        ({**GOOD, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+        ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
+        ({**GOOD, "tool_choice": "auto"}, 400, "tool_choice", "unsupported_parameter"),
+        ({**GOOD, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
+        ({**GOOD, "functions": [{"name": "f"}]}, 400, "functions", "unsupported_parameter"),
+        ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
+        ({**GOOD, "frequency_penalty": False}, 400, "frequency_penalty", "unsupported_parameter"),
+        ({**GOOD, "top_logprobs": 2}, 400, "top_logprobs", "unsupported_parameter"),
+        ({**GOOD, "user": "ann"}, 400, "user", "unsupported_parameter"),
+        ({"model": MODEL, "prompt": "1+1", "echo": True}, 400, "echo", "unsupported_parameter"),
+        ({"model": MODEL, "prompt": "1+1", "suffix": "x"}, 400, "suffix", "unsupported_parameter"),
+        ({"model": MODEL, "prompt": "1+1", "best_of": 2}, 400, "best_of", "unsupported_parameter"),
+        ({"model": MODEL, "prompt": "1+1", "messages": MESSAGES}, 400, "messages", "unknown_parameter"),
+    ],
+)
 def test_bad_parameters_are_4xx_with_an_openai_error_body(server, body, status, param, code):
     r = post(server, body, path="/v1/completions" if "prompt" in body else "/v1/chat/completions")
     assert r.status_code == status, r.text
@@ -230,28 +269,46 @@ def test_bad_parameters_are_4xx_with_an_openai_error_body(server, body, status, 
 
 def test_unsupported_parameters_are_named_and_neutral_values_pass(server):
     r = post(server, {**GOOD, "response_format": {"type": "json_object"}})
-    assert r.json()["error"] == {"message": "'response_format' is not supported by this server",
-                                 "type": "invalid_request_error", "param": "response_format",
-                                 "code": "unsupported_parameter"}
+    assert r.json()["error"] == {
+        "message": "'response_format' is not supported by this server",
+        "type": "invalid_request_error",
+        "param": "response_format",
+        "code": "unsupported_parameter",
+    }
     r = post(server, {**GOOD, "temperatur": 0.5})
     assert r.json()["error"]["message"] == "Unrecognized request argument supplied: 'temperatur'"
     r = post(server, {**GOOD, "temperature": 2.5})
     assert r.json()["error"]["message"] == "'temperature' = 2.5 is out of range: expected <= 2.0"
     # What asks for nothing is not refused: the neutral value of a parameter, and null for any.
-    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "response_format": {"type": "text"}, "tools": [],
-               "tool_choice": "none", "logprobs": False, "logit_bias": {}, "seed": None, "stop": None, "n": None}
+    neutral = {
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "response_format": {"type": "text"},
+        "tools": [],
+        "tool_choice": "none",
+        "logprobs": False,
+        "logit_bias": {},
+        "seed": None,
+        "stop": None,
+        "n": None,
+    }
     r = post(server, {**GOOD, **neutral})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     # OpenAI's list of text parts is the text they add up to; developer is system.
-    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
-             {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "3+4-2?"}]}]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "3+4-2?"}]},
+    ]
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3+4-2?"}]
     a, b = post(server, {**GOOD, "messages": parts}).json(), post(server, {**GOOD, "messages": plain}).json()
     assert a["usage"] == b["usage"] and a["choices"][0]["message"] == b["choices"][0]["message"]
     r = post(server, {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
     assert r.json()["error"]["message"] == "'messages[0].content' must be a string or a list of text parts"
-    r = post(server, {"model": MODEL, "prompt": "1+1", "max_tokens": 2, "temperature": 0, "echo": False,
-                      "best_of": 1, "suffix": ""}, path="/v1/completions")
+    r = post(
+        server,
+        {"model": MODEL, "prompt": "1+1", "max_tokens": 2, "temperature": 0, "echo": False, "best_of": 1, "suffix": ""},
+        path="/v1/completions",
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
@@ -267,8 +324,12 @@ def test_bad_key_bad_json_bad_routes(server, client):
         client.chat.completions.create(model="deepseek-reasoner", messages=MESSAGES)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=-1)
-    for raw, words in ((b"{not json", "could not parse the JSON"), (b"[1, 2]", "JSON object"),
-                       (b"\xff\xfe", "could not parse the JSON"), (b"", "could not parse the JSON")):
+    for raw, words in (
+        (b"{not json", "could not parse the JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b"\xff\xfe", "could not parse the JSON"),
+        (b"", "could not parse the JSON"),
+    ):
         r = post(server, None, raw=raw)
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     r = post(server, None, raw=b'{"model": "tiny", "pad": "' + b"x" * (5 << 20) + b'"}')
@@ -289,16 +350,26 @@ async def stream_one(server, i, max_tokens, stop_after=None):
     """One streamed chat over its own connection, read off the wire (HTTP/1.1 chunked framing,
     then server-sent events); returns (its chunks, seconds to the first token). `stop_after`:
     hang up after that many chunks."""
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": f"question {i}: {i}+{i}?"}],
-                       "temperature": 0, "max_tokens": max_tokens, "max_reasoning_tokens": 3, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"question {i}: {i}+{i}?"}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "max_reasoning_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     host, port = server.url.removeprefix("http://").split(":")
     start, first, chunks, done = time.perf_counter(), None, [], False
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                     .encode() + body)
+        writer.write(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
         assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
         headers = {}
         while (line := await reader.readline()) != b"\r\n":
@@ -314,7 +385,7 @@ async def stream_one(server, i, max_tokens, stop_after=None):
                 if event == "data: [DONE]":
                     done = True
                     continue
-                chunk = json.loads(event[len("data: "):])
+                chunk = json.loads(event[len("data: ") :])
                 assert "error" not in chunk, chunk
                 delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
                 if first is None and (delta.get("reasoning_content") or delta.get("content")):
@@ -359,9 +430,11 @@ def test_load_100_concurrent_streams_then_clients_that_hang_up(server, engine):
         assert chunks[-1]["usage"]["completion_tokens"] == max_tokens
     assert len(ids) == n
     ttfts = sorted(t for _, t in results)
-    print(f"\nload: {n} concurrent streams of {max_tokens} tokens in {took:.2f}s = {n / took:.1f} requests/s, "
-          f"{n * max_tokens / took:.0f} tokens/s; time to first token mean {statistics.mean(ttfts) * 1000:.0f} ms, "
-          f"p50 {ttfts[n // 2] * 1000:.0f} ms, p95 {ttfts[int(n * 0.95)] * 1000:.0f} ms")
+    print(
+        f"\nload: {n} concurrent streams of {max_tokens} tokens in {took:.2f}s = {n / took:.1f} requests/s, "
+        f"{n * max_tokens / took:.0f} tokens/s; time to first token mean {statistics.mean(ttfts) * 1000:.0f} ms, "
+        f"p50 {ttfts[n // 2] * 1000:.0f} ms, p95 {ttfts[int(n * 0.95)] * 1000:.0f} ms"
+    )
     assert all(len(chunks) == 4 for chunks, _ in dropped)  # role chunk + 3 tokens, then the client left
     # Served to the end, 20 x 400 tokens would take 800 steps at batch 16: hung-up clients are aborted.
     wait_idle(server.url)
@@ -374,14 +447,19 @@ def test_load_100_concurrent_streams_then_clients_that_hang_up(server, engine):
 def test_non_streaming_client_that_hangs_up_is_aborted(server):
     steps = engine_steps(server.url)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", json={**GOOD, "max_tokens": 490},
-                   headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(5, read=0.2))
+        httpx.post(
+            server.url + "/v1/chat/completions",
+            json={**GOOD, "max_tokens": 490},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=httpx.Timeout(5, read=0.2),
+        )
     wait_idle(server.url)
     assert engine_steps(server.url) - steps < 400  # not run to its 490 tokens
     assert metric(server.url, 'nanoseek_requests_total{path="/v1/chat/completions",status="499"}') >= 1
 
 
 # ---- in-process: a full queue, a failing engine ------------------------------------------------
+
 
 @pytest.fixture
 def small_server(model_dir):
@@ -395,8 +473,10 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
     url, engine = small_server
     long = {**GOOD, "max_tokens": 400, "stream": True}
     with httpx.Client(base_url=url, timeout=30) as c:
-        with c.stream("POST", "/v1/chat/completions", json=long) as first, \
-                c.stream("POST", "/v1/chat/completions", json=long) as second:
+        with (
+            c.stream("POST", "/v1/chat/completions", json=long) as first,
+            c.stream("POST", "/v1/chat/completions", json=long) as second,
+        ):
             assert first.status_code == second.status_code == 200
             assert health(url)["pending"] == 2
             r = c.post("/v1/chat/completions", json=GOOD)
@@ -440,17 +520,25 @@ def test_metrics_of_two_apps_in_one_process_are_their_own(engine):
     first.state.metrics.request("/health", 200, 0.02)
     families = {f.name: f for f in text_string_to_metric_families(first.state.metrics.render().decode())}
     assert {name: f.type for name, f in families.items()} == {
-        "nanoseek_requests": "counter", "nanoseek_tokens": "counter", "nanoseek_queue_length": "gauge",
-        "nanoseek_running": "gauge", "nanoseek_pending": "gauge", "nanoseek_capacity": "gauge",
-        "nanoseek_engine_steps": "counter", "nanoseek_engine_step_seconds": "counter",
-        "nanoseek_request_duration_seconds": "histogram", "nanoseek_time_to_first_token_seconds": "histogram"}
+        "nanoseek_requests": "counter",
+        "nanoseek_tokens": "counter",
+        "nanoseek_queue_length": "gauge",
+        "nanoseek_running": "gauge",
+        "nanoseek_pending": "gauge",
+        "nanoseek_capacity": "gauge",
+        "nanoseek_engine_steps": "counter",
+        "nanoseek_engine_step_seconds": "counter",
+        "nanoseek_request_duration_seconds": "histogram",
+        "nanoseek_time_to_first_token_seconds": "histogram",
+    }
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("nanoseek_requests_total", (("path", "/health"), ("status", "200")))] == 1
     assert samples[("nanoseek_request_duration_seconds_bucket", (("le", "0.025"),))] == 1
     assert samples[("nanoseek_request_duration_seconds_bucket", (("le", "0.01"),))] == 0
     assert samples[("nanoseek_capacity", ())] == engine.max_batch_size + 256
     assert {labels for name, labels in samples if name == "nanoseek_tokens_total"} == {
-        (("kind", k),) for k in ("prompt", "completion", "reasoning")}
+        (("kind", k),) for k in ("prompt", "completion", "reasoning")
+    }
     assert 'nanoseek_requests_total{path="/health"' not in second.state.metrics.render().decode()
 
 

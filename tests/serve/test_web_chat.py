@@ -13,8 +13,16 @@ import pytest
 from serve_support import MESSAGES, MODEL, engine_steps, expected_message, save_chat_model, serve_in_thread, wait_idle
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +112,11 @@ def test_chat_streams_the_reasoning_then_the_answer(page, server, engine, tmp_pa
         page.fill("#input", "and 5-2?")
         page.press("#input", "Enter")
     sent = request.value.post_data_json
-    assert sent["messages"] == [MESSAGES[0], {"role": "assistant", "content": answer},
-                                {"role": "user", "content": "and 5-2?"}]
+    assert sent["messages"] == [
+        MESSAGES[0],
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "and 5-2?"},
+    ]
     assert sent["stream"] is True and sent["max_reasoning_tokens"] == 10
     expect(page.locator(".msg.assistant .meta")).to_have_count(2, timeout=60_000)
     expect(page.locator(".msg.assistant").last.locator(".meta")).to_contain_text("tokens")

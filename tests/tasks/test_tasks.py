@@ -168,10 +168,28 @@ def test_math_sample_file():
     by_answer = {p.answer: p for p in task.sample(None)}
     assert set(by_answer) >= {"\\frac{11}{12}", "6", "5\\sqrt{2}", "(2,3)", "9\\pi", "0.1", "\\frac{1}{6}", "(4, 2)"}
     assert by_answer["(2,3)"].difficulty == 3 and by_answer["6"].meta["type"] == "Algebra"
-    right = {"\\frac{11}{12}": "\\frac{22}{24}", "5\\sqrt{2}": "\\sqrt{50}", "(2,3)": "(2, 3)", "9\\pi": "9 \\pi",
-             "0.1": "\\frac{1}{10}", "\\frac{1}{6}": "1/6", "(4, 2)": "(4,2)", "6": "6", "720": "720"}
-    wrong = {"\\frac{11}{12}": "0.91", "5\\sqrt{2}": "7.07", "(2,3)": "[2,3]", "9\\pi": "9", "0.1": "0.01",
-             "\\frac{1}{6}": "1/7", "(4, 2)": "(2,4)", "6": "x=7", "720": "360"}
+    right = {
+        "\\frac{11}{12}": "\\frac{22}{24}",
+        "5\\sqrt{2}": "\\sqrt{50}",
+        "(2,3)": "(2, 3)",
+        "9\\pi": "9 \\pi",
+        "0.1": "\\frac{1}{10}",
+        "\\frac{1}{6}": "1/6",
+        "(4, 2)": "(4,2)",
+        "6": "6",
+        "720": "720",
+    }
+    wrong = {
+        "\\frac{11}{12}": "0.91",
+        "5\\sqrt{2}": "7.07",
+        "(2,3)": "[2,3]",
+        "9\\pi": "9",
+        "0.1": "0.01",
+        "\\frac{1}{6}": "1/7",
+        "(4, 2)": "(2,4)",
+        "6": "x=7",
+        "720": "360",
+    }
     for truth, guess in right.items():
         assert task.reward(answer(guess), by_answer[truth]) == 1.0, (truth, guess)
     for truth, guess in wrong.items():

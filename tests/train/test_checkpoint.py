@@ -12,8 +12,19 @@ import torch
 from nanoseek.cli import main
 from nanoseek.errors import NanoseekError
 from nanoseek.train import checkpoint as ckpt
-from train_support import (FAST, SMALL_MODEL, data_args, env_one_thread, losses, make_data, nanoseek_cmd,
-                           run_cli, snapshot, train_here)
+
+from train_support import (
+    FAST,
+    SMALL_MODEL,
+    data_args,
+    env_one_thread,
+    losses,
+    make_data,
+    nanoseek_cmd,
+    run_cli,
+    snapshot,
+    train_here,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +61,9 @@ def test_sigkill_then_same_command_resumes_bit_for_bit(tmp_path, data):
     train_here(whole, overrides)  # uninterrupted, in this process (one thread, like the subprocesses)
 
     args = ["pretrain", "--out", str(killed), "--set", *overrides]
-    proc = subprocess.Popen(nanoseek_cmd(*args), env=env_one_thread(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        nanoseek_cmd(*args), env=env_one_thread(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = killed / "checkpoints" / "step-00000006"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -83,23 +95,41 @@ def _damage_model_file(out):
     f.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("damage, extra, message", [
-    (_damage_model_file, [], "corrupt checkpoint"),
-    (lambda out: (ckpt.list_checkpoints(out)[-1] / "trainer.json").write_text("{\"format\": 1, "), [],
-     "corrupt checkpoint metadata"),
-    (lambda out: (ckpt.list_checkpoints(out)[-1] / "optimizer.safetensors").unlink(), [], "missing"),
-    (None, ["model.hidden_size=32"], "different config: model.hidden_size 64 (checkpoint) vs 32"),
-    (None, ["lr=0.01"], "different config: lr"),
-])
-def test_bad_checkpoint_fails_cleanly_and_touches_nothing(tmp_path, data, finished, damage, extra, message,
-                                                         capsys):
+@pytest.mark.parametrize(
+    "damage, extra, message",
+    [
+        (_damage_model_file, [], "corrupt checkpoint"),
+        (
+            lambda out: (ckpt.list_checkpoints(out)[-1] / "trainer.json").write_text('{"format": 1, '),
+            [],
+            "corrupt checkpoint metadata",
+        ),
+        (lambda out: (ckpt.list_checkpoints(out)[-1] / "optimizer.safetensors").unlink(), [], "missing"),
+        (None, ["model.hidden_size=32"], "different config: model.hidden_size 64 (checkpoint) vs 32"),
+        (None, ["lr=0.01"], "different config: lr"),
+    ],
+)
+def test_bad_checkpoint_fails_cleanly_and_touches_nothing(tmp_path, data, finished, damage, extra, message, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     if damage:
         damage(out)
     before = snapshot(out)
-    code = main(["pretrain", "--out", str(out), "--resume", "--set", *data_args(data), *SMALL_MODEL, *FAST,
-                 "steps=9", "checkpoint_every=3", *extra])
+    code = main(
+        [
+            "pretrain",
+            "--out",
+            str(out),
+            "--resume",
+            "--set",
+            *data_args(data),
+            *SMALL_MODEL,
+            *FAST,
+            "steps=9",
+            "checkpoint_every=3",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -15,49 +15,66 @@ def write(tmp_path, text):
 
 
 def test_yaml_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, "steps: 50\nlr: 3e-4\ndata:\n  files: [a.jsonl]\nmodel:\n  preset: small\n"),
-                      ["seq_len=32", "data.tokenizer=123", "model.hidden_size=64", "lr=1e-3", "data.files=[b, c]"])
+    cfg = load_config(
+        write(tmp_path, "steps: 50\nlr: 3e-4\ndata:\n  files: [a.jsonl]\nmodel:\n  preset: small\n"),
+        ["seq_len=32", "data.tokenizer=123", "model.hidden_size=64", "lr=1e-3", "data.files=[b, c]"],
+    )
     assert cfg.steps == 50 and cfg.seq_len == 32 and cfg.lr == 1e-3
     assert cfg.data.files == ["b", "c"] and cfg.data.tokenizer == "123"
     mc = cfg.to_model_config()
     assert mc.hidden_size == 64 and mc.vocab_size == 4096  # the rest from the small preset
 
 
-@pytest.mark.parametrize("text, overrides, key", [
-    ("stepz: 5\n", [], "stepz"),
-    ("data:\n  filez: [a]\n", [], "data.filez"),
-    ("model:\n  hidden: 3\n", [], "model.hidden"),
-    ("steps: ten\n", [], "steps"),
-    ("steps: 1.5\n", [], "steps"),
-    ("tensorboard: 3\n", [], "tensorboard"),
-    ("data:\n  files: a.jsonl\n", [], "data.files"),
-    ("model:\n  hidden_size: wide\n", [], "model.hidden_size"),
-    ("", ["lr=fast"], "lr"),
-    ("", ["nope=1"], "nope"),
-    ("", ["data.nope=1"], "data.nope"),
-    ("", ["steps=0"], "steps"),
-    ("", ["precision=fp16"], "precision"),
-    ("", ["model.preset=huge"], "model.preset"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, key",
+    [
+        ("stepz: 5\n", [], "stepz"),
+        ("data:\n  filez: [a]\n", [], "data.filez"),
+        ("model:\n  hidden: 3\n", [], "model.hidden"),
+        ("steps: ten\n", [], "steps"),
+        ("steps: 1.5\n", [], "steps"),
+        ("tensorboard: 3\n", [], "tensorboard"),
+        ("data:\n  files: a.jsonl\n", [], "data.files"),
+        ("model:\n  hidden_size: wide\n", [], "model.hidden_size"),
+        ("", ["lr=fast"], "lr"),
+        ("", ["nope=1"], "nope"),
+        ("", ["data.nope=1"], "data.nope"),
+        ("", ["steps=0"], "steps"),
+        ("", ["precision=fp16"], "precision"),
+        ("", ["model.preset=huge"], "model.preset"),
+    ],
+)
 def test_errors_name_the_key(tmp_path, text, overrides, key):
     with pytest.raises(NanoseekError, match=f"'{key}'"):
         load_config(write(tmp_path, text), overrides)
 
 
-@pytest.mark.parametrize("text, overrides, message", [
-    ("lr: -1\n", [], "{path}: config key 'lr': must be at least 0, got -1"),
-    ("steps: ten\n", [], "{path}: config key 'steps' expects an integer, got 'ten'"),
-    ("data:\n  files: [a, 3]\n", [], "{path}: config key 'data.files[1]' expects a string, got 3"),
-    ("data:\n  filez: [a]\n", [],
-     "{path}: unknown config key 'data.filez' (known: files, messages_field, shuffle, text_field, tokenizer)"),
-    ("model:\n  hidden: 3\n", [], "{path}: unknown config key 'model.hidden' (a ModelConfig field or 'preset')"),
-    ("beta2: 1\nlr: -1\n", [], "{path}: config key 'lr': must be at least 0, got -1 (and 1 more)"),
-    ("", ["precision=fp16"], "--set precision=fp16: config key 'precision': must be one of 'fp32', 'bf16', 'fp8', "
-                             "got 'fp16'"),
-    ("steps: 5\n", ["steps.x=1"], "--set steps.x=1: config key 'steps' is not a section"),
-    ("decay_fraction: 0.8\n", ["tail_fraction=0.5"],
-     "{path}: config key 'decay_fraction': decay_fraction 0.8 and tail_fraction 0.5 add up to more than 1"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("lr: -1\n", [], "{path}: config key 'lr': must be at least 0, got -1"),
+        ("steps: ten\n", [], "{path}: config key 'steps' expects an integer, got 'ten'"),
+        ("data:\n  files: [a, 3]\n", [], "{path}: config key 'data.files[1]' expects a string, got 3"),
+        (
+            "data:\n  filez: [a]\n",
+            [],
+            "{path}: unknown config key 'data.filez' (known: files, messages_field, shuffle, text_field, tokenizer)",
+        ),
+        ("model:\n  hidden: 3\n", [], "{path}: unknown config key 'model.hidden' (a ModelConfig field or 'preset')"),
+        ("beta2: 1\nlr: -1\n", [], "{path}: config key 'lr': must be at least 0, got -1 (and 1 more)"),
+        (
+            "",
+            ["precision=fp16"],
+            "--set precision=fp16: config key 'precision': must be one of 'fp32', 'bf16', 'fp8', got 'fp16'",
+        ),
+        ("steps: 5\n", ["steps.x=1"], "--set steps.x=1: config key 'steps' is not a section"),
+        (
+            "decay_fraction: 0.8\n",
+            ["tail_fraction=0.5"],
+            "{path}: config key 'decay_fraction': decay_fraction 0.8 and tail_fraction 0.5 add up to more than 1",
+        ),
+    ],
+)
 def test_exact_one_line_messages(tmp_path, text, overrides, message):
     path = write(tmp_path, text)
     with pytest.raises(NanoseekError) as e:
@@ -91,13 +108,23 @@ def test_configs_built_in_python_fail_the_same_way():
 def test_save_and_load_round_trip(tmp_path):
     from nanoseek.train.grpo import GRPORunConfig
 
-    cfg = load_config(None, ["model.hidden_size=64", "data.files=[a.jsonl]", "data.tokenizer=7", "lr=3e-4",
-                             "micro_batch_size=4", "precision=bf16"])
+    cfg = load_config(
+        None,
+        [
+            "model.hidden_size=64",
+            "data.files=[a.jsonl]",
+            "data.tokenizer=7",
+            "lr=3e-4",
+            "micro_batch_size=4",
+            "precision=bf16",
+        ],
+    )
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and again.model == {"hidden_size": 64} and again.data.tokenizer == "7"
-    grpo = load_config(None, [f"init_from={tmp_path}", "task_options={max_len: 5}", "stop=[END]", "loss_type=dapo"],
-                       cls=GRPORunConfig)
+    grpo = load_config(
+        None, [f"init_from={tmp_path}", "task_options={max_len: 5}", "stop=[END]", "loss_type=dapo"], cls=GRPORunConfig
+    )
     save_config(grpo, tmp_path / "grpo.yaml")
     assert load_config(tmp_path / "grpo.yaml", cls=GRPORunConfig) == grpo
 
@@ -121,13 +148,15 @@ def test_sft_needs_init_from(tmp_path, capsys):
     code = main(["sft", "--config", str(path), "--out", str(tmp_path / "o")])
     assert code == 2 and capsys.readouterr().err.strip() == (
         f"error: {path}: config key 'init_from': SFT starts from a pretrained model directory (the hf/ folder that "
-        "`nanoseek pretrain` writes)")
+        "`nanoseek pretrain` writes)"
+    )
 
 
 def test_wsd_schedule_shape():
     total, lr, low = 100, 1e-3, 1e-4
-    lrs = [lr_at(s, total, lr, low, warmup=10, schedule="wsd", decay_fraction=0.3, tail_fraction=0.1)
-           for s in range(total)]
+    lrs = [
+        lr_at(s, total, lr, low, warmup=10, schedule="wsd", decay_fraction=0.3, tail_fraction=0.1) for s in range(total)
+    ]
     assert lrs[0] == pytest.approx(lr / 10) and lrs[9] == pytest.approx(lr)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # warm-up rises
     assert all(v == lr for v in lrs[10:60])  # constant
@@ -156,9 +185,19 @@ def test_shipped_configs_load_and_match_the_demo(name, tmp_path):
     overrides = [f"init_from={tmp_path}"] if name != "pretrain-tiny" else []  # they start from a pretrained model
     cfg = load_config(path, overrides, cls={"grpo-tiny": GRPORunConfig, "sft-tiny": SFTConfig}.get(name))
     if name == "pretrain-tiny":
-        assert (cfg.steps, cfg.batch_size, cfg.seq_len, cfg.document_mask) == \
-            (FULL.pretrain_steps, FULL.batch_size, FULL.seq_len, True)
+        assert (cfg.steps, cfg.batch_size, cfg.seq_len, cfg.document_mask) == (
+            FULL.pretrain_steps,
+            FULL.batch_size,
+            FULL.seq_len,
+            True,
+        )
     if name == "grpo-tiny":
         assert cfg.task == "chain" and cfg.task_options == dict(FULL.task_options)
-        assert (cfg.steps, cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.lr, cfg.loss_type) == \
-            (FULL.grpo_steps, FULL.prompts_per_step, FULL.group_size, FULL.max_new_tokens, FULL.grpo_lr, FULL.loss_type)
+        assert (cfg.steps, cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens, cfg.lr, cfg.loss_type) == (
+            FULL.grpo_steps,
+            FULL.prompts_per_step,
+            FULL.group_size,
+            FULL.max_new_tokens,
+            FULL.grpo_lr,
+            FULL.loss_type,
+        )

@@ -31,9 +31,13 @@ def single(tmp_path_factory, data):
 
 
 def torchrun(out, data, *extra):
-    r = subprocess.run(torchrun_cmd(2, "pretrain", "--out", str(out), "--set", *data_args(data), *SMALL_MODEL,
-                                    *FAST, *STEPS, *extra),
-                       capture_output=True, text=True, timeout=300, env=env_one_thread())
+    r = subprocess.run(
+        torchrun_cmd(2, "pretrain", "--out", str(out), "--set", *data_args(data), *SMALL_MODEL, *FAST, *STEPS, *extra),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env_one_thread(),
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 

@@ -42,7 +42,7 @@ def test_update_moves_probability_towards_rewarded_completions(tokenizer, loss_t
         x = torch.tensor([prompt[0] + ids])
         with torch.no_grad():
             lp, _ = trainer.logprobs(trainer.model, x)
-        return lp[0, len(prompt[0]) - 1:].sum().item()
+        return lp[0, len(prompt[0]) - 1 :].sum().item()
 
     before = seq_logp(good) - seq_logp(bad)
     trainer.update(prompt, group, group_advantages(rewards, loss_type), keep=[0])
@@ -53,9 +53,21 @@ def test_training_loop_logs_every_metric(tokenizer):
     trainer = make_trainer(tokenizer, beta=0.04, ref_refresh_every=1, mu=2)
     history = trainer.train(2)
     assert [m["step"] for m in history] == [1, 2]
-    for key in ("reward_mean", "reward_std", "all_equal_groups", "completion_len_mean", "completion_len_max",
-                "thinking_len_mean", "thinking_len_max", "kl", "clip_fraction", "entropy", "gen_seconds",
-                "train_seconds", "loss"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "all_equal_groups",
+        "completion_len_mean",
+        "completion_len_max",
+        "thinking_len_mean",
+        "thinking_len_max",
+        "kl",
+        "clip_fraction",
+        "entropy",
+        "gen_seconds",
+        "train_seconds",
+        "loss",
+    ):
         assert key in history[-1], key
     assert trainer.state_dict()["position"] == 4
 

@@ -44,7 +44,7 @@ def check_update_and_step(trainer, tokenizer, dtype):
         for ids in (good, bad):
             with torch.no_grad():
                 x, _ = trainer.logprobs(trainer.model, torch.tensor([prompt[0] + ids], device=device))
-            lp.append(x[0, len(prompt[0]) - 1:].float().sum().item())
+            lp.append(x[0, len(prompt[0]) - 1 :].float().sum().item())
         return lp[0] - lp[1]
 
     before = margin()
@@ -66,10 +66,14 @@ def test_run_config_device_and_dtype_keys(tmp_path):
     assert (ok.device, ok.dtype) == ("cpu", "bfloat16")
     fields = GRPORunConfig.model_fields
     assert (fields["device"].default, fields["dtype"].default) == ("auto", "float32")
-    cases = [({"dtype": "float16", "device": "cpu"},
-              "config key 'dtype': float16 runs on a GPU only; on the CPU use bfloat16 or float32"),
-             ({"dtype": "half"}, "config key 'dtype': must be one of 'float32', 'bfloat16', 'float16', got 'half'"),
-             ({"device": "gpu"}, "config key 'device': 'gpu' is not one of auto, cpu, cuda (or cuda:N)")]
+    cases = [
+        (
+            {"dtype": "float16", "device": "cpu"},
+            "config key 'dtype': float16 runs on a GPU only; on the CPU use bfloat16 or float32",
+        ),
+        ({"dtype": "half"}, "config key 'dtype': must be one of 'float32', 'bfloat16', 'float16', got 'half'"),
+        ({"device": "gpu"}, "config key 'device': 'gpu' is not one of auto, cpu, cuda (or cuda:N)"),
+    ]
     if not torch.cuda.is_available():
         cases.append(({"device": "cuda"}, "config key 'device': cuda was asked for, but torch sees no GPU"))
     for kw, message in cases:

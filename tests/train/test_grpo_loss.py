@@ -67,8 +67,9 @@ def test_dapo_variant_by_hand():
     # clip-higher: a ratio of 1.25 with a positive advantage is clipped at 1.2 but not at 1.28
     up = torch.log(torch.tensor([[1.25]]))
     sym, s1 = grpo_loss(up, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), loss_type="dapo", epsilon=0.2)
-    hi, s2 = grpo_loss(up, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), loss_type="dapo", epsilon=0.2,
-                       epsilon_high=0.28)
+    hi, s2 = grpo_loss(
+        up, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), loss_type="dapo", epsilon=0.2, epsilon_high=0.28
+    )
     assert sym.item() == pytest.approx(-1.2) and hi.item() == pytest.approx(-1.25)
     assert s1.clip_fraction == 1.0 and s2.clip_fraction == 0.0
 

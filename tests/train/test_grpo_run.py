@@ -13,6 +13,7 @@ from nanoseek.io.hf import save_pretrained
 from nanoseek.tasks import get
 from nanoseek.train.config import load_config
 from nanoseek.train.grpo import GRPORunConfig, run, task_prompts, task_rewards
+
 from train_support import make_data, run_cli
 
 
@@ -23,9 +24,15 @@ def base(tmp_path_factory):
     _, tok_dir = make_data(root / "data")
     tokenizer = Tokenizer.from_pretrained(tok_dir)
     torch.manual_seed(0)
-    config = ModelConfig.preset("tiny").replace(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-                                                intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32,
-                                                kv_lora_rank=32)
+    config = ModelConfig.preset("tiny").replace(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+    )
     model = Transformer(config).eval()
     # A random model never earns the task's rewards; one that often ends early earns DAPO's
     # overlong penalty unevenly, so its groups have advantages and GRPO has something to do.
@@ -37,9 +44,18 @@ def base(tmp_path_factory):
     return hf
 
 
-FAST = {"prompts": 40, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 12, "lr": 1e-2, "tensorboard": False,
-        "progress": False, "task_options": {"min_ops": 1, "max_ops": 2},
-        "rewards": {"accuracy": 1.0, "overlong": 1.0}, "overlong_buffer": 10}
+FAST = {
+    "prompts": 40,
+    "prompts_per_step": 2,
+    "group_size": 4,
+    "max_new_tokens": 12,
+    "lr": 1e-2,
+    "tensorboard": False,
+    "progress": False,
+    "task_options": {"min_ops": 1, "max_ops": 2},
+    "rewards": {"accuracy": 1.0, "overlong": 1.0},
+    "overlong_buffer": 10,
+}
 
 
 def config(base, **kw) -> GRPORunConfig:
@@ -62,8 +78,10 @@ def test_resume_is_exact(base, tmp_path):
     drop = ("gen_seconds", "train_seconds")
 
     def records(out):
-        return [{k: v for k, v in json.loads(line).items() if k not in drop}
-                for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in drop}
+            for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert records(tmp_path / "straight") == records(tmp_path / "split")
     assert [r["step"] for r in records(tmp_path / "split")] == [1, 2, 3, 4]
@@ -117,8 +135,16 @@ def test_config_errors_name_the_key(base, tmp_path):
 
 
 def test_cli_runs_and_fails_with_one_line(base, tmp_path):
-    sets = [f"init_from={base}", "steps=1", "prompts=8", "prompts_per_step=2", "group_size=2", "max_new_tokens=6",
-            "tensorboard=false", "progress=false"]
+    sets = [
+        f"init_from={base}",
+        "steps=1",
+        "prompts=8",
+        "prompts_per_step=2",
+        "group_size=2",
+        "max_new_tokens=6",
+        "tensorboard=false",
+        "progress=false",
+    ]
     done = run_cli("grpo", "--out", str(tmp_path / "cli"), "--set", *sets)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cli" / "hf" / "tokenizer.json").exists()

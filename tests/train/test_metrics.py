@@ -15,10 +15,23 @@ def write(path, records):
 
 
 def grpo_record(step, beta_kl=0.0, clip=0.0):
-    return {"step": step, "reward_mean": 0.5 + 0.1 * step, "reward_std": 0.3, "all_equal_groups": 0.25,
-            "completion_len_mean": 40.0 + step, "completion_len_max": 60, "thinking_len_mean": 20.0 + step,
-            "thinking_len_max": 30, "accuracy": 0.4 + 0.1 * step, "format": 0.9, "loss": 0.1,
-            "kl": beta_kl * step, "clip_fraction": clip, "entropy": 1.5, "groups_used": 4}
+    return {
+        "step": step,
+        "reward_mean": 0.5 + 0.1 * step,
+        "reward_std": 0.3,
+        "all_equal_groups": 0.25,
+        "completion_len_mean": 40.0 + step,
+        "completion_len_max": 60,
+        "thinking_len_mean": 20.0 + step,
+        "thinking_len_max": 30,
+        "accuracy": 0.4 + 0.1 * step,
+        "format": 0.9,
+        "loss": 0.1,
+        "kl": beta_kl * step,
+        "clip_fraction": clip,
+        "entropy": 1.5,
+        "groups_used": 4,
+    }
 
 
 def drawn(plots):
@@ -29,10 +42,13 @@ def drawn(plots):
 def test_grpo_without_kl_or_clipping_draws_neither(tmp_path):
     plots = plot_grpo(write(tmp_path / "metrics.jsonl", [grpo_record(s) for s in (1, 2, 3)]), tmp_path)
     assert drawn(plots) == {
-        "reward.png": [("Reward per GRPO step", None, ["reward"]),
-                       ("Shares per GRPO step", (0, 1), ["accuracy", "format rate", "groups with all-equal rewards"])],
-        "length.png": [("Response length per GRPO step", None,
-                        ["completion (mean)", "thinking (mean)", "thinking (max)"])],
+        "reward.png": [
+            ("Reward per GRPO step", None, ["reward"]),
+            ("Shares per GRPO step", (0, 1), ["accuracy", "format rate", "groups with all-equal rewards"]),
+        ],
+        "length.png": [
+            ("Response length per GRPO step", None, ["completion (mean)", "thinking (mean)", "thinking (max)"])
+        ],
         "kl_entropy.png": [("Policy entropy", None, ["entropy"])],
     }
     assert all((tmp_path / name).stat().st_size > 0 for name in drawn(plots))
@@ -44,15 +60,18 @@ def test_grpo_with_kl_and_clipping_draws_them_in_their_own_panels(tmp_path):
     for r in records:
         del r["format"]  # a task without a format reward
     plots = drawn(plot_grpo(write(tmp_path / "metrics.jsonl", records), tmp_path))
-    assert plots["kl_entropy.png"] == [("Policy entropy", None, ["entropy"]),
-                                       ("KL to the reference", None, ["KL (k3)"]),
-                                       ("PPO clip fraction", None, ["clipped"])]
+    assert plots["kl_entropy.png"] == [
+        ("Policy entropy", None, ["entropy"]),
+        ("KL to the reference", None, ["KL (k3)"]),
+        ("PPO clip fraction", None, ["clipped"]),
+    ]
     assert plots["reward.png"][1] == ("Shares per GRPO step", (0, 1), ["accuracy", "groups with all-equal rewards"])
 
 
 def test_pretraining_plots_label_the_mtp_layer_and_leave_out_what_did_not_run(tmp_path):
-    records = [{"step": s, "loss": 5.0 - s, "loss_mtp": [5.5 - s], "lr": 1e-3, "expert_load": [1.5, None]}
-               for s in (1, 2)]
+    records = [
+        {"step": s, "loss": 5.0 - s, "loss_mtp": [5.5 - s], "lr": 1e-3, "expert_load": [1.5, None]} for s in (1, 2)
+    ]
     plots = drawn(plot_metrics(write(tmp_path / "metrics.jsonl", records), tmp_path, moe_names=["layer 1", "MTP 1"]))
     assert plots == {
         "loss.png": [("Training loss", None, ["main (next token)", "MTP depth 1"])],

@@ -11,6 +11,7 @@ from nanoseek.io.hf import load_pretrained
 from nanoseek.train import pretrain
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import SpikeGuard
+
 from model_support import balance_by_hand, record_moe_inputs
 from train_support import FAST, SMALL_MODEL, data_args, make_data, train_here
 
@@ -23,10 +24,21 @@ def data(tmp_path_factory):
 def test_bias_update_lowers_expert_load_imbalance(tmp_path, data):
     """V3's auxiliary-loss-free balancing: with the bias step (and no balance loss) the max /
     mean expert load over the last steps is lower than without it."""
+
     def imbalance(gamma):
         out = tmp_path / f"gamma{gamma}"
-        train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=30", "checkpoint_every=100",
-                         "balance_alpha=0", f"bias_gamma={gamma}"])
+        train_here(
+            out,
+            [
+                *data_args(data),
+                *SMALL_MODEL,
+                *FAST,
+                "steps=30",
+                "checkpoint_every=100",
+                "balance_alpha=0",
+                f"bias_gamma={gamma}",
+            ],
+        )
         records = read_metrics(out / "metrics.jsonl")
         return sum(r["expert_load"][0] for r in records[-10:]) / 10
 
@@ -74,11 +86,21 @@ def test_spikes_skip_then_roll_back(tmp_path, data, monkeypatch):
 
 def test_outputs_and_hf_export(tmp_path, data):
     out = tmp_path / "run"
-    summary = train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=8", "checkpoint_every=4",
-                               "tensorboard=true", "log_every=2"])
+    summary = train_here(
+        out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=8", "checkpoint_every=4", "tensorboard=true", "log_every=2"]
+    )
     assert summary["loss_last"] < summary["loss_first"]
-    for name in ("metrics.jsonl", "config.yaml", "summary.json", "loss.png", "lr.png", "expert_load.png",
-                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):
+    for name in (
+        "metrics.jsonl",
+        "config.yaml",
+        "summary.json",
+        "loss.png",
+        "lr.png",
+        "expert_load.png",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.json",
+    ):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     record = read_metrics(out / "metrics.jsonl")[-1]
@@ -129,9 +151,17 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path, data):
     chats = tmp_path / "chats.jsonl"
     with open(chats, "w") as f:
         for a in range(1, 9):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"{a}+{a}"},
-                {"role": "assistant", "reasoning_content": f"{a}+{a}={2 * a}", "content": str(2 * a)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{a}+{a}"},
+                            {"role": "assistant", "reasoning_content": f"{a}+{a}={2 * a}", "content": str(2 * a)},
+                        ]
+                    }
+                )
+                + "\n"
+            )
 
     from nanoseek.train.config import load_config
     from nanoseek.train.distributed import Context
@@ -145,8 +175,20 @@ def test_sft_trains_on_assistant_tokens_only(tmp_path, data):
     assert "</think>" in trained and "<｜User｜>" not in trained
 
     out = tmp_path / "sft"
-    summary = train_here(out, [f"data.files=[{chats}]", f"init_from={base / 'hf'}", "steps=4", "batch_size=4",
-                               "log_every=1", "tensorboard=false", "progress=false", "warmup_steps=1"], stage="sft")
+    summary = train_here(
+        out,
+        [
+            f"data.files=[{chats}]",
+            f"init_from={base / 'hf'}",
+            "steps=4",
+            "batch_size=4",
+            "log_every=1",
+            "tensorboard=false",
+            "progress=false",
+            "warmup_steps=1",
+        ],
+        stage="sft",
+    )
     assert summary["steps"] == 4 and (out / "hf" / "tokenizer.json").exists()
     assert summary["loss_last"] < summary["loss_first"]
 
@@ -167,8 +209,17 @@ def test_document_mask_changes_the_loss_of_packed_rows_and_trains(tmp_path, data
     losses = {}
     for masked in (False, True):
         out = tmp_path / f"mask{masked}"
-        train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=8", "checkpoint_every=100",
-                         f"document_mask={str(masked).lower()}"])
+        train_here(
+            out,
+            [
+                *data_args(data),
+                *SMALL_MODEL,
+                *FAST,
+                "steps=8",
+                "checkpoint_every=100",
+                f"document_mask={str(masked).lower()}",
+            ],
+        )
         records = read_metrics(out / "metrics.jsonl")
         losses[masked] = [r["loss"] for r in records]
     assert losses[True][0] != pytest.approx(losses[False][0], rel=1e-4)

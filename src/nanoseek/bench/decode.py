@@ -87,9 +87,20 @@ def _best_of(repeats: int, *fns, device: torch.device | None = None):
     return outs, best
 
 
-def bench_decode(preset: str = "small", model_dir: str | None = None, batch_sizes=(1, 16), prompt_len: int = 32,
-                 new_tokens: int = 256, threads: int | None = None, speculative: bool = True, seed: int = 0,
-                 repeats: int = 3, fp8: bool = True, log=print, device: str | torch.device = "cpu") -> DecodeBench:
+def bench_decode(
+    preset: str = "small",
+    model_dir: str | None = None,
+    batch_sizes=(1, 16),
+    prompt_len: int = 32,
+    new_tokens: int = 256,
+    threads: int | None = None,
+    speculative: bool = True,
+    seed: int = 0,
+    repeats: int = 3,
+    fp8: bool = True,
+    log=print,
+    device: str | torch.device = "cpu",
+) -> DecodeBench:
     """Each timing is the best of `repeats` runs, the two tools taking turns, so that a busy
     machine slows neither more than the other. `fp8`: then FP8 against bf16 weights. Both
     tools run on `device`, in float32."""
@@ -116,13 +127,22 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
         model = place_model(Transformer(ModelConfig.preset(preset)).eval(), device)
     config = model.config
     if prompt_len + new_tokens > config.max_position_embeddings:
-        raise NanoseekError("--prompt-len + --new-tokens exceeds max_position_embeddings "
-                            f"{config.max_position_embeddings}")
+        raise NanoseekError(
+            f"--prompt-len + --new-tokens exceeds max_position_embeddings {config.max_position_embeddings}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
         hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
-    bench = DecodeBench(model_dir or preset, torch.get_num_threads(), prompt_len, new_tokens, repeats, str(device),
-                        hf.config._attn_implementation, str(getattr(hf.config, "_experts_implementation", "")))
+    bench = DecodeBench(
+        model_dir or preset,
+        torch.get_num_threads(),
+        prompt_len,
+        new_tokens,
+        repeats,
+        str(device),
+        hf.config._attn_implementation,
+        str(getattr(hf.config, "_experts_implementation", "")),
+    )
     c = config
     bench.mha_cache_bytes = c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * 4
     params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens)
@@ -131,8 +151,15 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
 
     def hf_generate(ids, n):
         with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                               min_new_tokens=n, pad_token_id=c.pad_token_id or 0, return_dict_in_generate=True)
+            return hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=c.pad_token_id or 0,
+                return_dict_in_generate=True,
+            )
 
     prompts_by_batch = {}
     for batch in batch_sizes:
@@ -145,9 +172,16 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
         if speculative and len(model.mtp):
             spec = Engine(model, max_batch_size=batch, max_seq_len=prompt_len + new_tokens + 1, speculative=True)
             fns.append(lambda: spec.generate(prompts, params))
-        _best_of(1, lambda: hf_generate(ids, 4), *[  # warm up
-            (lambda e=e: e.generate(prompts, SamplingParams(temperature=0, max_tokens=4, min_tokens=4)))
-            for e in (engine, spec) if e is not None], device=device)
+        _best_of(
+            1,
+            lambda: hf_generate(ids, 4),
+            *[  # warm up
+                (lambda e=e: e.generate(prompts, SamplingParams(temperature=0, max_tokens=4, min_tokens=4)))
+                for e in (engine, spec)
+                if e is not None
+            ],
+            device=device,
+        )
         if spec is not None:
             spec.drafter.stats.drafted = spec.drafter.stats.accepted = 0
         outs, secs = _best_of(repeats, *fns, device=device)
@@ -160,18 +194,22 @@ def bench_decode(preset: str = "small", model_dir: str | None = None, batch_size
             result.spec_tokens_per_s = batch * new_tokens / secs[2]
             result.acceptance_rate = spec.drafter.stats.acceptance_rate
             result.same_tokens = same and [o.outputs[0].token_ids for o in outs[2]] == [
-                o.outputs[0].token_ids for o in ours]
+                o.outputs[0].token_ids for o in ours
+            ]
         bench.results.append(result)
-        log(f"batch {batch}: transformers {result.hf_tokens_per_s:.1f} tok/s, nanoseek {result.ours_tokens_per_s:.1f} "
-            f"tok/s ({result.ratio:.1f}x)")
+        log(
+            f"batch {batch}: transformers {result.hf_tokens_per_s:.1f} tok/s, nanoseek {result.ours_tokens_per_s:.1f} "
+            f"tok/s ({result.ratio:.1f}x)"
+        )
     if fp8:
         del hf
         bench.fp8_memory, bench.fp8_results = fp8_against_bf16(model, prompts_by_batch, params, repeats, log)
     return bench
 
 
-def fp8_against_bf16(model, prompts_by_batch: dict[int, list[list[int]]], params, repeats: int, log=print
-                     ) -> tuple[WeightMemory, list[FP8Result]]:
+def fp8_against_bf16(
+    model, prompts_by_batch: dict[int, list[list[int]]], params, repeats: int, log=print
+) -> tuple[WeightMemory, list[FP8Result]]:
     """The engine on `model` in bf16, and on the same bf16 model with its attention and expert
     linears in FP8 (`to_fp8_weights`), taking turns on the same prompts."""
     from nanoseek.device import model_device, place_model
@@ -184,8 +222,10 @@ def fp8_against_bf16(model, prompts_by_batch: dict[int, list[list[int]]], params
     fp8 = copy.deepcopy(bf16)
     to_fp8_weights(fp8)
     memory = WeightMemory.compare(bf16, fp8)
-    log(f"FP8 weights: linears {memory.fp8_linears:,} vs {memory.bf16_linears:,} bytes in bf16 "
-        f"({memory.linears_ratio:.2f}), whole model {memory.model_ratio:.2f}")
+    log(
+        f"FP8 weights: linears {memory.fp8_linears:,} vs {memory.bf16_linears:,} bytes in bf16 "
+        f"({memory.linears_ratio:.2f}), whole model {memory.model_ratio:.2f}"
+    )
     warm_up = SamplingParams(temperature=0, max_tokens=4, min_tokens=4)
     results = []
     for batch, prompts in prompts_by_batch.items():
@@ -195,8 +235,10 @@ def fp8_against_bf16(model, prompts_by_batch: dict[int, list[list[int]]], params
         _, secs = _best_of(repeats, *[(lambda e=e: e.generate(prompts, params)) for e in engines], device=device)
         tokens = batch * params.max_tokens
         results.append(FP8Result(batch, tokens / secs[0], tokens / secs[1]))
-        log(f"batch {batch}: bf16 weights {results[-1].bf16_tokens_per_s:.1f} tok/s, FP8 weights "
-            f"{results[-1].fp8_tokens_per_s:.1f} tok/s ({results[-1].ratio:.2f}x)")
+        log(
+            f"batch {batch}: bf16 weights {results[-1].bf16_tokens_per_s:.1f} tok/s, FP8 weights "
+            f"{results[-1].fp8_tokens_per_s:.1f} tok/s ({results[-1].ratio:.2f}x)"
+        )
     return memory, results
 
 
@@ -205,31 +247,56 @@ def print_bench(bench: DecodeBench, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"decode: {bench.preset}, prompt {bench.prompt_len} + {bench.new_tokens} new tokens, "
-                        f"greedy, {bench.device}" + (f", {bench.threads} thread(s)" if bench.device == "cpu" else "")
-                        + f", best of {bench.repeats}")
-    for col in ("batch", "transformers tok/s", "nanoseek tok/s", "speed-up", "nanoseek+MTP tok/s",
-                "MTP acceptance", "same tokens"):
+    table = Table(
+        title=f"decode: {bench.preset}, prompt {bench.prompt_len} + {bench.new_tokens} new tokens, "
+        f"greedy, {bench.device}"
+        + (f", {bench.threads} thread(s)" if bench.device == "cpu" else "")
+        + f", best of {bench.repeats}"
+    )
+    for col in (
+        "batch",
+        "transformers tok/s",
+        "nanoseek tok/s",
+        "speed-up",
+        "nanoseek+MTP tok/s",
+        "MTP acceptance",
+        "same tokens",
+    ):
         table.add_column(col, justify="right")
     for r in bench.results:
-        table.add_row(str(r.batch), f"{r.hf_tokens_per_s:.1f}", f"{r.ours_tokens_per_s:.1f}", f"{r.ratio:.2f}x",
-                      "-" if r.spec_tokens_per_s is None else f"{r.spec_tokens_per_s:.1f}",
-                      "-" if r.acceptance_rate is None else f"{r.acceptance_rate:.0%}",
-                      "yes" if r.same_tokens else "NO")
-    table.caption = (f"transformers {_hf_version()}: attention '{bench.attn_implementation}', experts "
-                     f"'{bench.experts_implementation}'")
+        table.add_row(
+            str(r.batch),
+            f"{r.hf_tokens_per_s:.1f}",
+            f"{r.ours_tokens_per_s:.1f}",
+            f"{r.ratio:.2f}x",
+            "-" if r.spec_tokens_per_s is None else f"{r.spec_tokens_per_s:.1f}",
+            "-" if r.acceptance_rate is None else f"{r.acceptance_rate:.0%}",
+            "yes" if r.same_tokens else "NO",
+        )
+    table.caption = (
+        f"transformers {_hf_version()}: attention '{bench.attn_implementation}', experts "
+        f"'{bench.experts_implementation}'"
+    )
     console.print(table)
     cache = Table(title="KV cache bytes per token (all layers, float32)")
     for col in ("cache", "bytes / token", "vs nanoseek"):
         cache.add_column(col, justify="right")
     ours = bench.ours_cache_bytes
     cache.add_row("nanoseek: MLA latent c_KV + k_pe", f"{ours:,}", "1.0x")
-    cache.add_row("transformers: measured from its DynamicCache", f"{bench.hf_cache_bytes:,.0f}",
-                  f"{bench.hf_cache_bytes / ours:.1f}x")
-    cache.add_row("standard attention: per-head keys and values", f"{bench.mha_cache_bytes:,}",
-                  f"{bench.mha_cache_bytes / ours:.1f}x")
-    cache.caption = ("transformers 5 caches the same compressed latent, but re-expands all of it through "
-                     "kv_b_proj at every step; nanoseek attends over it with the absorbed weights")
+    cache.add_row(
+        "transformers: measured from its DynamicCache",
+        f"{bench.hf_cache_bytes:,.0f}",
+        f"{bench.hf_cache_bytes / ours:.1f}x",
+    )
+    cache.add_row(
+        "standard attention: per-head keys and values",
+        f"{bench.mha_cache_bytes:,}",
+        f"{bench.mha_cache_bytes / ours:.1f}x",
+    )
+    cache.caption = (
+        "transformers 5 caches the same compressed latent, but re-expands all of it through "
+        "kv_b_proj at every step; nanoseek attends over it with the absorbed weights"
+    )
     console.print(cache)
     if bench.fp8_memory is not None:
         print_fp8(bench, console)
@@ -242,8 +309,9 @@ def print_fp8(bench: DecodeBench, console) -> None:
     memory = Table(title="weight bytes: FP8 (E4M3 + a float32 scale per 128x128 block) vs bf16")
     for col in ("weights", "bf16", "FP8", "FP8 / bf16"):
         memory.add_column(col, justify="right")
-    memory.add_row("attention and expert linears", f"{m.bf16_linears:,}", f"{m.fp8_linears:,}",
-                   f"{m.linears_ratio:.2f}")
+    memory.add_row(
+        "attention and expert linears", f"{m.bf16_linears:,}", f"{m.fp8_linears:,}", f"{m.linears_ratio:.2f}"
+    )
     memory.add_row("whole model", f"{m.bf16_model:,}", f"{m.fp8_model:,}", f"{m.model_ratio:.2f}")
     memory.caption = "kv_b_proj, embedding, output head, MoE gate, MTP eh_proj and norms stay bf16"
     console.print(memory)
@@ -252,8 +320,10 @@ def print_fp8(bench: DecodeBench, console) -> None:
         speed.add_column(col, justify="right")
     for r in bench.fp8_results:
         speed.add_row(str(r.batch), f"{r.bf16_tokens_per_s:.1f}", f"{r.fp8_tokens_per_s:.1f}", f"{r.ratio:.2f}x")
-    speed.caption = ("the engine calls the FP8 linears rather than folding them; each dequantises its weight "
-                     "per block inside the matmul (a GPU with blockwise scaled_mm runs an FP8 matmul)")
+    speed.caption = (
+        "the engine calls the FP8 linears rather than folding them; each dequantises its weight "
+        "per block inside the matmul (a GPU with blockwise scaled_mm runs an FP8 matmul)"
+    )
     console.print(speed)
 
 
@@ -265,25 +335,37 @@ def _hf_version() -> str:
 
 # ---- `nanoseek bench decode` (registered by nanoseek.bench) ------------------------------
 def add_arguments(p) -> None:
-    p.description = ("Greedy decoding of random prompts by the engine and by transformers' generate on the same "
-                     "weights, in one run: tokens/s and KV-cache bytes per token. Then the engine with FP8 "
-                     "weights against bf16 weights on the same prompts: weight bytes and tokens/s.")
+    p.description = (
+        "Greedy decoding of random prompts by the engine and by transformers' generate on the same "
+        "weights, in one run: tokens/s and KV-cache bytes per token. Then the engine with FP8 "
+        "weights against bf16 weights on the same prompts: weight bytes and tokens/s."
+    )
     p.add_argument("--preset", default="small", help="model preset with random weights (default small)")
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory instead of a preset")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence (default 256)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for both (default 1: small decode steps are bound by dispatch, and on a "
-                        "busy machine extra threads wait on each other; 0 keeps torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for both (default 1: small decode steps are bound by dispatch, and on a "
+        "busy machine extra threads wait on each other; 0 keeps torch's default)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each, the best kept (default 3)")
     p.add_argument("--no-speculative", action="store_true", help="skip the MTP speculative run")
-    p.add_argument("--no-fp8", action="store_true",
-                   help="skip the FP8-vs-bf16 weights runs (the engine with E4M3 weights and 128x128 block scales, "
-                        "kept FP8 in memory, against the same weights in bf16)")
+    p.add_argument(
+        "--no-fp8",
+        action="store_true",
+        help="skip the FP8-vs-bf16 weights runs (the engine with E4M3 weights and 128x128 block scales, "
+        "kept FP8 in memory, against the same weights in bf16)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu",
-                   help="where both tools run: cpu, cuda or auto (default cpu, where the README's numbers come from)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where both tools run: cpu, cuda or auto (default cpu, where the README's numbers come from)",
+    )
 
 
 def main(args) -> int:
@@ -293,7 +375,18 @@ def main(args) -> int:
         raise NanoseekError(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers") from None
     if not sizes or min(sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise NanoseekError("--batch-sizes, --prompt-len, --new-tokens and --repeats must be positive")
-    bench = bench_decode(args.preset, args.model, sizes, args.prompt_len, args.new_tokens, args.threads or None,
-                         not args.no_speculative, args.seed, args.repeats, not args.no_fp8, device=args.device)
+    bench = bench_decode(
+        args.preset,
+        args.model,
+        sizes,
+        args.prompt_len,
+        args.new_tokens,
+        args.threads or None,
+        not args.no_speculative,
+        args.seed,
+        args.repeats,
+        not args.no_fp8,
+        device=args.device,
+    )
     print_bench(bench)
     return 0

@@ -60,7 +60,7 @@ class StepTimes:
             return None
         order = sorted(range(len(self.seconds)), key=self.seconds.__getitem__)
         n = len(order)
-        return statistics.mean(self.gen_seconds[i] for i in order[(n - 1) // 2: n // 2 + 1])
+        return statistics.mean(self.gen_seconds[i] for i in order[(n - 1) // 2 : n // 2 + 1])
 
 
 @dataclass
@@ -85,12 +85,32 @@ class GRPOBench:
         return None
 
     def as_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("preset", "prompts", "group", "new_tokens", "prompt_tokens", "threads",
-                                             "steps", "warmup", "beta", "trl_version", "same_prompt_ids", "ratio")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "preset",
+                "prompts",
+                "group",
+                "new_tokens",
+                "prompt_tokens",
+                "threads",
+                "steps",
+                "warmup",
+                "beta",
+                "trl_version",
+                "same_prompt_ids",
+                "ratio",
+            )
+        }
         for name, t in self.tools.items():
-            out[name] = {"seconds_per_step": t.median, "gen_seconds": t.median_gen, "step_seconds": t.seconds,
-                         "completion_tokens": t.tokens, "completion_len_min": t.shortest,
-                         "completion_len_max": t.longest}
+            out[name] = {
+                "seconds_per_step": t.median,
+                "gen_seconds": t.median_gen,
+                "step_seconds": t.seconds,
+                "completion_tokens": t.tokens,
+                "completion_len_min": t.shortest,
+                "completion_len_max": t.longest,
+            }
         return out
 
 
@@ -109,11 +129,13 @@ def write_checkpoint(directory: str | Path, preset: str = "small", seed: int = 0
     from nanoseek.tasks import get
 
     config = ModelConfig.preset(preset)
-    tokenizer = train_tokenizer((text for _, text in corpus(get("arith"), 300, seed=seed)),
-                                vocab_size=config.vocab_size)
+    tokenizer = train_tokenizer(
+        (text for _, text in corpus(get("arith"), 300, seed=seed)), vocab_size=config.vocab_size
+    )
     if tokenizer.vocab_size > config.vocab_size:
-        raise NanoseekError(f"preset {preset!r}: vocab_size {config.vocab_size} is below the tokenizer's "
-                            f"{tokenizer.vocab_size}")
+        raise NanoseekError(
+            f"preset {preset!r}: vocab_size {config.vocab_size} is below the tokenizer's {tokenizer.vocab_size}"
+        )
     torch.manual_seed(seed)
     save_pretrained(Transformer(config), directory)
     tokenizer.save_pretrained(directory)
@@ -127,19 +149,37 @@ def arith_prompts(n: int, seed: int = 0) -> list[str]:
     return [r1_zero_prompt(p.prompt) for p in get("arith").sample(n, split="train", seed=seed)]
 
 
-def nanoseek_trainer(directory, prompts: list[str], group: int, new_tokens: int, beta: float, lr: float,
-                     seed: int = 0):
+def nanoseek_trainer(directory, prompts: list[str], group: int, new_tokens: int, beta: float, lr: float, seed: int = 0):
     """nanoseek's GRPOTrainer on the checkpoint; its `step()` is what gets timed."""
     from nanoseek.train.grpo import GRPOConfig, GRPOTrainer
 
-    config = GRPOConfig(group_size=group, prompts_per_step=len(prompts), max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, temperature=1.0, lr=lr, beta=beta, mu=1, loss_type="grpo",
-                        micro_batch_size=group * len(prompts), seed=seed)
+    config = GRPOConfig(
+        group_size=group,
+        prompts_per_step=len(prompts),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        temperature=1.0,
+        lr=lr,
+        beta=beta,
+        mu=1,
+        loss_type="grpo",
+        micro_batch_size=group * len(prompts),
+        seed=seed,
+    )
     return GRPOTrainer(str(directory), None, digit_share_reward, prompts, config)
 
 
-def trl_trainer(directory, prompts: list[str], group: int, new_tokens: int, beta: float, lr: float,
-                max_steps: int, seed: int = 0, callbacks=()):
+def trl_trainer(
+    directory,
+    prompts: list[str],
+    group: int,
+    new_tokens: int,
+    beta: float,
+    lr: float,
+    max_steps: int,
+    seed: int = 0,
+    callbacks=(),
+):
     """TRL's GRPOTrainer set up for the same step: no vLLM, CPU, fp32, one generation batch of
     prompts x group completions per optimizer step, no gradient checkpointing, no logging."""
     import datasets
@@ -151,19 +191,51 @@ def trl_trainer(directory, prompts: list[str], group: int, new_tokens: int, beta
     datasets.disable_progress_bars()
     n = group * len(prompts)
     args = GRPOConfig(
-        output_dir=str(Path(directory) / "trl"), use_cpu=True, bf16=False, fp16=False,
-        model_init_kwargs={"dtype": torch.float32}, gradient_checkpointing=False,
-        per_device_train_batch_size=n, gradient_accumulation_steps=1, generation_batch_size=n,
-        num_generations=group, num_iterations=1, max_completion_length=new_tokens,
-        generation_kwargs={"min_new_tokens": new_tokens}, temperature=1.0, top_p=1.0, top_k=0,
-        beta=beta, loss_type="grpo", scale_rewards="group", epsilon=0.2,
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, max_steps=max_steps, seed=seed,
-        use_vllm=False, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, log_completions=False, dataloader_pin_memory=False,
+        output_dir=str(Path(directory) / "trl"),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        model_init_kwargs={"dtype": torch.float32},
+        gradient_checkpointing=False,
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        generation_batch_size=n,
+        num_generations=group,
+        num_iterations=1,
+        max_completion_length=new_tokens,
+        generation_kwargs={"min_new_tokens": new_tokens},
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=beta,
+        loss_type="grpo",
+        scale_rewards="group",
+        epsilon=0.2,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        max_steps=max_steps,
+        seed=seed,
+        use_vllm=False,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_pin_memory=False,
     )
-    return GRPOTrainer(model=str(directory), reward_funcs=digit_share_reward, args=args,
-                       train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), callbacks=list(callbacks))
+    return GRPOTrainer(
+        model=str(directory),
+        reward_funcs=digit_share_reward,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+        callbacks=list(callbacks),
+    )
 
 
 def _timed_method(obj, name: str, clock: dict) -> bool:
@@ -179,28 +251,53 @@ def _timed_method(obj, name: str, clock: dict) -> bool:
             return method(*args, **kwargs)
         finally:
             clock["seconds"] += time.perf_counter() - t
+
     setattr(obj, name, timed)
     return True
 
 
-def bench_grpo(preset: str = "small", prompts: int = 8, group: int = 8, new_tokens: int = 64, steps: int = 3,
-               warmup: int = 1, beta: float = 0.04, lr: float = 1e-5, threads: int | None = None,
-               with_trl: bool = True, seed: int = 0, log=print) -> GRPOBench:
+def bench_grpo(
+    preset: str = "small",
+    prompts: int = 8,
+    group: int = 8,
+    new_tokens: int = 64,
+    steps: int = 3,
+    warmup: int = 1,
+    beta: float = 0.04,
+    lr: float = 1e-5,
+    threads: int | None = None,
+    with_trl: bool = True,
+    seed: int = 0,
+    log=print,
+) -> GRPOBench:
     if prompts < 1 or group < 2 or new_tokens < 1 or steps < 1 or warmup < 0:
-        raise NanoseekError("--prompts, --new-tokens and --steps must be positive, --group at least 2, "
-                            "--warmup at least 0")
+        raise NanoseekError(
+            "--prompts, --new-tokens and --steps must be positive, --group at least 2, --warmup at least 0"
+        )
     trl = None
     if with_trl:
         try:
             import trl
         except ImportError:
-            raise NanoseekError("bench grpo compares with TRL's GRPOTrainer: pip install 'nanoseek[bench]' "
-                                "(or run it with --only nanoseek)") from None
+            raise NanoseekError(
+                "bench grpo compares with TRL's GRPOTrainer: pip install 'nanoseek[bench]' "
+                "(or run it with --only nanoseek)"
+            ) from None
     if threads:
         torch.set_num_threads(threads)
     texts = arith_prompts(prompts, seed)
-    bench = GRPOBench(preset, prompts, group, new_tokens, 0.0, torch.get_num_threads(), steps, warmup, beta,
-                      trl_version=getattr(trl, "__version__", ""))
+    bench = GRPOBench(
+        preset,
+        prompts,
+        group,
+        new_tokens,
+        0.0,
+        torch.get_num_threads(),
+        steps,
+        warmup,
+        beta,
+        trl_version=getattr(trl, "__version__", ""),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, preset, seed)
         ours = nanoseek_trainer(tmp, texts, group, new_tokens, beta, lr, seed)
@@ -213,6 +310,7 @@ def bench_grpo(preset: str = "small", prompts: int = 8, group: int = 8, new_toke
             seen["lengths"] = [len(o.token_ids) for g in completions for o in g]
             seen["prompt_ids"] += [ids for ids in prompt_ids if ids not in seen["prompt_ids"]]
             return prompt_ids, completions
+
         ours.rollout = recording_rollout
 
         def nanoseek_step(i: int) -> None:
@@ -222,8 +320,10 @@ def bench_grpo(preset: str = "small", prompts: int = 8, group: int = 8, new_toke
             if i >= warmup:
                 n = seen["lengths"]
                 times.record(seconds, m["gen_seconds"], sum(n), min(n), max(n))
-            log(f"nanoseek step {i + 1}: {seconds:.2f} s (generation {m['gen_seconds']:.2f} s)"
-                + ("" if i >= warmup else ", warmup"))
+            log(
+                f"nanoseek step {i + 1}: {seconds:.2f} s (generation {m['gen_seconds']:.2f} s)"
+                + ("" if i >= warmup else ", warmup")
+            )
 
         if trl is None:
             for i in range(warmup + steps):
@@ -255,15 +355,18 @@ def _run_trl(bench: GRPOBench, directory, texts, beta, lr, seed, between, log):
                 m = _trl_lengths(theirs)
                 gen = clock["seconds"] if clock["timed"] else None
                 times.record(seconds, gen, round(m["mean"] * n), int(m["min"]), int(m["max"]))
-            log(f"trl step {i + 1}: {seconds:.2f} s (generation {clock['seconds']:.2f} s)"
-                + ("" if i >= bench.warmup else ", warmup"))
+            log(
+                f"trl step {i + 1}: {seconds:.2f} s (generation {clock['seconds']:.2f} s)"
+                + ("" if i >= bench.warmup else ", warmup")
+            )
             between(i)
             self.start, clock["seconds"] = time.perf_counter(), 0.0
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = trl_trainer(directory, texts, bench.group, bench.new_tokens, beta, lr, bench.warmup + bench.steps,
-                             seed, [Turns()])
+        theirs = trl_trainer(
+            directory, texts, bench.group, bench.new_tokens, beta, lr, bench.warmup + bench.steps, seed, [Turns()]
+        )
         theirs.remove_callback(PrinterCallback)  # it prints the end-of-training summary
         clock["timed"] = _timed_method(theirs, "_generate", clock)
         _timed_method(theirs, "_calculate_rewards", clock)
@@ -279,8 +382,10 @@ def _trl_lengths(trainer) -> dict[str, float]:
     except (KeyError, IndexError):
         import trl
 
-        raise NanoseekError(f"TRL {trl.__version__} keeps no completions/*_length metrics: bench grpo reads them "
-                            "to check the forced length (written against TRL 1.16)") from None
+        raise NanoseekError(
+            f"TRL {trl.__version__} keeps no completions/*_length metrics: bench grpo reads them "
+            "to check the forced length (written against TRL 1.16)"
+        ) from None
 
 
 def print_bench(bench: GRPOBench, console=None) -> None:
@@ -288,9 +393,11 @@ def print_bench(bench: GRPOBench, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"GRPO step: {bench.preset}, {bench.prompts} prompts x {bench.group} completions x "
-                        f"{bench.new_tokens} tokens, beta {bench.beta:g}, fp32, {bench.threads} thread(s), median of "
-                        f"{bench.steps} after {bench.warmup} warmup")
+    table = Table(
+        title=f"GRPO step: {bench.preset}, {bench.prompts} prompts x {bench.group} completions x "
+        f"{bench.new_tokens} tokens, beta {bench.beta:g}, fp32, {bench.threads} thread(s), median of "
+        f"{bench.steps} after {bench.warmup} warmup"
+    )
     for col in ("tool", "s / step", "generation s", "rest s", "completion tokens", "speed-up"):
         table.add_column(col, justify="right")
     base = bench.tools["trl"].median if "trl" in bench.tools else None
@@ -299,13 +406,21 @@ def print_bench(bench: GRPOBench, console=None) -> None:
         if t is None:
             continue
         gen = t.median_gen
-        table.add_row(label, f"{t.median:.2f}", "-" if gen is None else f"{gen:.2f}",
-                      "-" if gen is None else f"{t.median - gen:.2f}", f"{t.tokens[-1]:,}",
-                      "-" if base is None else f"{base / t.median:.2f}x")
-    table.caption = (f"generation: sampling, decoding and reward; rest: reference log-probs, forward, backward, "
-                     f"AdamW; prompts of {bench.prompt_tokens:.1f} tokens on average"
-                     + {None: "", True: ", the same ids for both", False: ", [red]NOT the same ids for both[/red]"}[
-                         bench.same_prompt_ids])
+        table.add_row(
+            label,
+            f"{t.median:.2f}",
+            "-" if gen is None else f"{gen:.2f}",
+            "-" if gen is None else f"{t.median - gen:.2f}",
+            f"{t.tokens[-1]:,}",
+            "-" if base is None else f"{base / t.median:.2f}x",
+        )
+    table.caption = (
+        f"generation: sampling, decoding and reward; rest: reference log-probs, forward, backward, "
+        f"AdamW; prompts of {bench.prompt_tokens:.1f} tokens on average"
+        + {None: "", True: ", the same ids for both", False: ", [red]NOT the same ids for both[/red]"}[
+            bench.same_prompt_ids
+        ]
+    )
     console.print(table)
     if bench.ratio is not None:
         console.print(f"nanoseek / TRL: [bold]{bench.ratio:.2f}x[/bold] faster per GRPO step")
@@ -313,8 +428,10 @@ def print_bench(bench: GRPOBench, console=None) -> None:
 
 # ---- `nanoseek bench grpo` (registered by nanoseek.bench) --------------------------------
 def add_arguments(p) -> None:
-    p.description = ("One GRPO step (sample, reward, KL to a reference, update) by nanoseek and by TRL's GRPOTrainer "
-                     "on the same checkpoint and prompts, in one run: seconds per step and the ratio.")
+    p.description = (
+        "One GRPO step (sample, reward, KL to a reference, update) by nanoseek and by TRL's GRPOTrainer "
+        "on the same checkpoint and prompts, in one run: seconds per step and the ratio."
+    )
     p.add_argument("--preset", default="small", help="model preset with random weights (default small)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step (default 8)")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (default 8)")
@@ -330,8 +447,19 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    bench = bench_grpo(args.preset, args.prompts, args.group, args.new_tokens, args.steps, args.warmup, args.beta,
-                       args.lr, args.threads, not args.only, args.seed)
+    bench = bench_grpo(
+        args.preset,
+        args.prompts,
+        args.group,
+        args.new_tokens,
+        args.steps,
+        args.warmup,
+        args.beta,
+        args.lr,
+        args.threads,
+        not args.only,
+        args.seed,
+    )
     print_bench(bench)
     if args.json:
         Path(args.json).write_text(json.dumps(bench.as_dict(), indent=1) + "\n")

@@ -27,8 +27,11 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per tool first (default 2)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    p.add_argument("--device", default="cpu",
-                   help="where both tools train: cpu, cuda or auto (default cpu, where the README's numbers come from)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where both tools train: cpu, cuda or auto (default cpu, where the README's numbers come from)",
+    )
 
 
 def training_flops_per_token(config, seq: int) -> float:
@@ -88,6 +91,7 @@ def nanoseek_step(config, state_dict, device: torch.device = CPU):
         clip_grad_norm(params, 1.0, ctx)
         opt.step()
         return (main / y.numel()).item()
+
     return step
 
 
@@ -108,6 +112,7 @@ def transformers_step(path, device: torch.device = CPU):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         return loss.item()
+
     return step, type(model).__name__
 
 
@@ -142,8 +147,10 @@ def main(args) -> int:
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    console.print(f"bench train: preset {args.preset}, batch {args.batch} x {args.seq} tokens, fp32, "
-                  f"{where}; nanoseek vs transformers {hf_name}, alternating steps")
+    console.print(
+        f"bench train: preset {args.preset}, batch {args.batch} x {args.seq} tokens, fp32, "
+        f"{where}; nanoseek vs transformers {hf_name}, alternating steps"
+    )
     times = {"nanoseek": [], "transformers": []}
     first = {}
     for i in range(args.warmup + args.steps):
@@ -157,9 +164,16 @@ def main(args) -> int:
     peak = measured_peak_flops(device=device)
     flops = training_flops_per_token(config, args.seq)
     n_tokens = args.batch * args.seq
-    result = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
-              "device": str(device),
-              "peak_matmul_gflops": peak / 1e9, "train_flops_per_token": flops, "first_loss": first}
+    result = {
+        "preset": args.preset,
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "peak_matmul_gflops": peak / 1e9,
+        "train_flops_per_token": flops,
+        "first_loss": first,
+    }
     table = Table(title="training throughput (median step)")
     for col in ("tool", "ms / step", "tokens / s", "MFU"):
         table.add_column(col, justify="right")
@@ -169,9 +183,11 @@ def main(args) -> int:
         table.add_row(name, f"{1000 * sec:.1f}", f"{n_tokens / sec:,.0f}", f"{100 * result[name]['mfu']:.1f}%")
     result["ratio"] = result["nanoseek"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     console.print(table)
-    console.print(f"nanoseek / transformers: [bold]{result['ratio']:.2f}x[/bold]; nanoseek MFU "
-                  f"{100 * result['nanoseek']['mfu']:.1f}% of a measured fp32 matmul peak of {peak / 1e9:.1f} GFLOP/s "
-                  f"({flops / 1e6:.1f} MFLOP per token)")
+    console.print(
+        f"nanoseek / transformers: [bold]{result['ratio']:.2f}x[/bold]; nanoseek MFU "
+        f"{100 * result['nanoseek']['mfu']:.1f}% of a measured fp32 matmul peak of {peak / 1e9:.1f} GFLOP/s "
+        f"({flops / 1e6:.1f} MFLOP per token)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

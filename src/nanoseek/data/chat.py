@@ -56,7 +56,7 @@ def r1_zero_prompt(prompt: str, preamble: bool = True) -> str:
     """The R1-Zero prompt for one question: plain text, encoded with bos=True like the corpus
     documents. Without the preamble it starts at "User:" (the short form of corpus documents)."""
     text = R1_ZERO_TEMPLATE.format(prompt=prompt)
-    return text if preamble else text[len(R1_ZERO_PREAMBLE):]
+    return text if preamble else text[len(R1_ZERO_PREAMBLE) :]
 
 
 def _assistant_parts(message: dict) -> tuple[str, str]:
@@ -72,7 +72,7 @@ def _assistant_parts(message: dict) -> tuple[str, str]:
             reasoning, content = content.rsplit(END_THINK, 1)
             reasoning = reasoning.strip()
             if reasoning.startswith(THINK):
-                reasoning = reasoning[len(THINK):]
+                reasoning = reasoning[len(THINK) :]
     return reasoning.strip(), content.strip()
 
 
@@ -87,8 +87,9 @@ def check_prompt_format(name: str, where: str = "prompt format") -> str:
     return name
 
 
-def chat_segments(messages: list[dict], add_generation_prompt: bool = True, prompt_format: str = "chat"
-                  ) -> list[tuple[str, bool]]:
+def chat_segments(
+    messages: list[dict], add_generation_prompt: bool = True, prompt_format: str = "chat"
+) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, is_assistant_output) pieces; `format_chat` joins them.
 
     An assistant piece is what the model generates after the generation prompt: in the chat
@@ -143,7 +144,7 @@ def prompt_template(prompt_format: str) -> str:
     """The prompt of one question, with a {prompt} field (what GRPO and the evaluation fill);
     without BOS, which the engine and GRPO add."""
     text = format_chat([{"role": "user", "content": "{prompt}"}], prompt_format=prompt_format)
-    return text[len(BOS):]
+    return text[len(BOS) :]
 
 
 def template_format(template: str) -> str | None:
@@ -167,7 +168,10 @@ _JINJA_ASSISTANT_PARTS = [
     "{%- set parts = content.split(" + _jinja(END_THINK) + ") -%}",
     "{%- set reasoning = parts[:-1] | join(" + _jinja(END_THINK) + ") | trim -%}",
     "{%- set content = parts[-1] -%}",
-    "{%- if reasoning.startswith(" + _jinja(THINK) + ") -%}{%- set reasoning = reasoning[" + str(len(THINK))
+    "{%- if reasoning.startswith("
+    + _jinja(THINK)
+    + ") -%}{%- set reasoning = reasoning["
+    + str(len(THINK))
     + ":] -%}{%- endif -%}",
     "{%- else -%}",
     "{%- set reasoning = '' -%}",
@@ -179,38 +183,54 @@ _JINJA_UNKNOWN_ROLE = [
     "{%- endif -%}",
 ]
 
-CHAT_TEMPLATE = "".join([
-    "{%- set ns = namespace(system='') -%}",
-    "{%- for m in messages if m['role'] == 'system' -%}",
-    "{%- set ns.system = ns.system + ('\\n\\n' if loop.index0 > 0 else '') + (m['content'] or '') -%}",
-    "{%- endfor -%}",
-    "{{- " + _jinja(BOS) + " + ns.system -}}",
-    "{%- for m in messages -%}",
-    "{%- if m['role'] == 'user' -%}",
-    "{{- " + _jinja(USER) + " + (m['content'] or '') -}}",
-    "{%- elif m['role'] == 'assistant' -%}",
-    *_JINJA_ASSISTANT_PARTS,
-    "{{- " + _jinja(GENERATION_PROMPT) + " + (reasoning | trim) + " + _jinja("\n" + END_THINK + "\n\n")
-    + " + (content | trim) + " + _jinja(EOS) + " -}}",
-    *_JINJA_UNKNOWN_ROLE,
-    "{%- endfor -%}",
-    "{%- if add_generation_prompt -%}{{- " + _jinja(GENERATION_PROMPT) + " -}}{%- endif -%}",
-])
+CHAT_TEMPLATE = "".join(
+    [
+        "{%- set ns = namespace(system='') -%}",
+        "{%- for m in messages if m['role'] == 'system' -%}",
+        "{%- set ns.system = ns.system + ('\\n\\n' if loop.index0 > 0 else '') + (m['content'] or '') -%}",
+        "{%- endfor -%}",
+        "{{- " + _jinja(BOS) + " + ns.system -}}",
+        "{%- for m in messages -%}",
+        "{%- if m['role'] == 'user' -%}",
+        "{{- " + _jinja(USER) + " + (m['content'] or '') -}}",
+        "{%- elif m['role'] == 'assistant' -%}",
+        *_JINJA_ASSISTANT_PARTS,
+        "{{- "
+        + _jinja(GENERATION_PROMPT)
+        + " + (reasoning | trim) + "
+        + _jinja("\n" + END_THINK + "\n\n")
+        + " + (content | trim) + "
+        + _jinja(EOS)
+        + " -}}",
+        *_JINJA_UNKNOWN_ROLE,
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- " + _jinja(GENERATION_PROMPT) + " -}}{%- endif -%}",
+    ]
+)
 
-R1_ZERO_CHAT_TEMPLATE = "".join([
-    "{{- " + _jinja(BOS + R1_ZERO_PREAMBLE) + " -}}",
-    "{%- for m in messages if m['role'] == 'system' -%}{{- (m['content'] or '') + '\\n' -}}{%- endfor -%}",
-    "{%- for m in messages -%}",
-    "{%- if m['role'] == 'user' -%}",
-    "{{- " + _jinja(R1_ZERO_USER) + " + (m['content'] or '') + '\\n' -}}",
-    "{%- elif m['role'] == 'assistant' -%}",
-    *_JINJA_ASSISTANT_PARTS,
-    "{{- " + _jinja(R1_ZERO_ASSISTANT + " " + THINK) + " + (reasoning | trim) + " + _jinja(END_THINK + " " + ANSWER)
-    + " + (content | trim) + " + _jinja(END_ANSWER) + " + (" + _jinja(EOS) + " if loop.last else '\\n') -}}",
-    *_JINJA_UNKNOWN_ROLE,
-    "{%- endfor -%}",
-    "{%- if add_generation_prompt -%}{{- " + _jinja(R1_ZERO_ASSISTANT) + " -}}{%- endif -%}",
-])
+R1_ZERO_CHAT_TEMPLATE = "".join(
+    [
+        "{{- " + _jinja(BOS + R1_ZERO_PREAMBLE) + " -}}",
+        "{%- for m in messages if m['role'] == 'system' -%}{{- (m['content'] or '') + '\\n' -}}{%- endfor -%}",
+        "{%- for m in messages -%}",
+        "{%- if m['role'] == 'user' -%}",
+        "{{- " + _jinja(R1_ZERO_USER) + " + (m['content'] or '') + '\\n' -}}",
+        "{%- elif m['role'] == 'assistant' -%}",
+        *_JINJA_ASSISTANT_PARTS,
+        "{{- "
+        + _jinja(R1_ZERO_ASSISTANT + " " + THINK)
+        + " + (reasoning | trim) + "
+        + _jinja(END_THINK + " " + ANSWER)
+        + " + (content | trim) + "
+        + _jinja(END_ANSWER)
+        + " + ("
+        + _jinja(EOS)
+        + " if loop.last else '\\n') -}}",
+        *_JINJA_UNKNOWN_ROLE,
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- " + _jinja(R1_ZERO_ASSISTANT) + " -}}{%- endif -%}",
+    ]
+)
 
 CHAT_TEMPLATES = {"chat": CHAT_TEMPLATE, "r1-zero": R1_ZERO_CHAT_TEMPLATE}
 

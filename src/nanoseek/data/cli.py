@@ -18,45 +18,74 @@ TASK_FLAGS = {
 def register(subparsers) -> None:
     tok = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
-    train = tok_sub.add_parser("train", help="train on text, jsonl or parquet files",
-                               description="Train a byte-level BPE (digits one per token) with DeepSeek's special "
-                                           "tokens; writes tokenizer.json and tokenizer_config.json (with the chat "
-                                           "template) that transformers.AutoTokenizer loads.")
-    train.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                       help=".txt/.md (documents split at blank lines), .jsonl or .parquet files, or directories")
-    train.add_argument("--vocab-size", type=int, default=1024, help="vocabulary size, special tokens included (default 1024)")
+    train = tok_sub.add_parser(
+        "train",
+        help="train on text, jsonl or parquet files",
+        description="Train a byte-level BPE (digits one per token) with DeepSeek's special "
+        "tokens; writes tokenizer.json and tokenizer_config.json (with the chat "
+        "template) that transformers.AutoTokenizer loads.",
+    )
+    train.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help=".txt/.md (documents split at blank lines), .jsonl or .parquet files, or directories",
+    )
+    train.add_argument(
+        "--vocab-size", type=int, default=1024, help="vocabulary size, special tokens included (default 1024)"
+    )
     train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge (default 2)")
-    train.add_argument("--split-punctuation", action="store_true",
-                       help="one token per punctuation mark, as for digits (the chain task: '=-2' is '=', '-', '2')")
-    train.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet rows (default text)")
-    train.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
-                       help="the prompt format of the models trained with it, saved in tokenizer_config.json for "
-                            "chat, serve and generate: r1-zero for the `data corpus` documents (default chat)")
+    train.add_argument(
+        "--split-punctuation",
+        action="store_true",
+        help="one token per punctuation mark, as for digits (the chain task: '=-2' is '=', '-', '2')",
+    )
+    train.add_argument(
+        "--text-field", default="text", help="field holding the text in jsonl/parquet rows (default text)"
+    )
+    train.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        default="chat",
+        help="the prompt format of the models trained with it, saved in tokenizer_config.json for "
+        "chat, serve and generate: r1-zero for the `data corpus` documents (default chat)",
+    )
     train.add_argument("--out", required=True, metavar="DIR", help="directory to write")
     train.set_defaults(func=cmd_tokenizer_train)
     tok.set_defaults(func=lambda args: _usage(tok))
 
     data = subparsers.add_parser("data", help="make training data")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
-    corpus = data_sub.add_parser("corpus", help="write a synthetic pretraining corpus for a task",
-                                 description="Problems in the R1-Zero template with worked, direct and terse "
-                                             "solutions, plus plain lines of single steps (see nanoseek.data.corpus).")
+    corpus = data_sub.add_parser(
+        "corpus",
+        help="write a synthetic pretraining corpus for a task",
+        description="Problems in the R1-Zero template with worked, direct and terse "
+        "solutions, plus plain lines of single steps (see nanoseek.data.corpus).",
+    )
     corpus.add_argument("--task", default="arith", choices=sorted(TASK_FLAGS), help="task (default arith)")
     corpus.add_argument("--out", required=True, metavar="FILE", help="output .jsonl (text, kind) or .txt")
     corpus.add_argument("--docs", type=int, default=20000, help="number of documents (default 20000)")
     corpus.add_argument("--seed", type=int, default=0)
     for kind, share in (("worked", 0.5), ("direct", 0.3), ("terse", 0.1), ("plain", 0.1), ("recall", 0.0)):
         corpus.add_argument(f"--{kind}", type=float, default=share, help=f"share of {kind} documents (default {share})")
-    corpus.add_argument("--preamble", type=float, default=1.0,
-                        help="share of problem documents that start with the R1-Zero preamble; the others start "
-                             "at 'User:' (default 1.0)")
+    corpus.add_argument(
+        "--preamble",
+        type=float,
+        default=1.0,
+        help="share of problem documents that start with the R1-Zero preamble; the others start "
+        "at 'User:' (default 1.0)",
+    )
     _task_arguments(corpus)
     corpus.set_defaults(func=cmd_data_corpus)
 
-    chats = data_sub.add_parser("chats", help="write SFT conversations: a task's problems with worked solutions",
-                                description="jsonl rows {messages: [user, assistant]} for `nanoseek sft`: the "
-                                            "assistant's content is the answer and its reasoning_content the worked "
-                                            "solution (train split only).")
+    chats = data_sub.add_parser(
+        "chats",
+        help="write SFT conversations: a task's problems with worked solutions",
+        description="jsonl rows {messages: [user, assistant]} for `nanoseek sft`: the "
+        "assistant's content is the answer and its reasoning_content the worked "
+        "solution (train split only).",
+    )
     chats.add_argument("--task", default="arith", choices=sorted(TASK_FLAGS), help="task (default arith)")
     chats.add_argument("--out", required=True, metavar="FILE", help="output .jsonl")
     chats.add_argument("--conversations", type=int, default=2000, help="number of conversations (default 2000)")
@@ -96,11 +125,14 @@ def cmd_tokenizer_train(args) -> int:
     from nanoseek.data.tokenizer import train_tokenizer
 
     texts = iter_documents(args.input, args.text_field)
-    tokenizer = train_tokenizer(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                                split_punctuation=args.split_punctuation)
+    tokenizer = train_tokenizer(
+        texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency, split_punctuation=args.split_punctuation
+    )
     out = tokenizer.save_pretrained(args.out, prompt_format=args.prompt_format)
-    print(f"wrote {out}/tokenizer.json and tokenizer_config.json: {tokenizer.vocab_size} tokens, "
-          f"{args.prompt_format} prompt format")
+    print(
+        f"wrote {out}/tokenizer.json and tokenizer_config.json: {tokenizer.vocab_size} tokens, "
+        f"{args.prompt_format} prompt format"
+    )
     return 0
 
 
@@ -109,7 +141,9 @@ def _task(args):
     from nanoseek import tasks
 
     chosen = {k: getattr(args, k) for k in TASK_FLAGS[args.task] if getattr(args, k) is not None}
-    others = [k for name, flags in TASK_FLAGS.items() if name != args.task for k in flags if getattr(args, k) is not None]
+    others = [
+        k for name, flags in TASK_FLAGS.items() if name != args.task for k in flags if getattr(args, k) is not None
+    ]
     if others:
         raise NanoseekError(f"--{others[0].replace('_', '-')} is an option of another task than {args.task}")
     return tasks.get(args.task, **chosen)
@@ -124,8 +158,7 @@ def cmd_data_corpus(args) -> int:
     mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain", "recall")}
     mix = {k: v for k, v in mix.items() if v}
     counts = write_corpus(args.out, corpus(task, args.docs, seed=args.seed, mix=mix, preamble=args.preamble))
-    print(f"wrote {sum(counts.values())} documents to {args.out}: "
-          + ", ".join(f"{counts[k]} {k}" for k in mix))
+    print(f"wrote {sum(counts.values())} documents to {args.out}: " + ", ".join(f"{counts[k]} {k}" for k in mix))
     return 0
 
 

@@ -58,8 +58,14 @@ def terse(steps: list[Step]) -> list[str]:
     return out
 
 
-def document(kind: str, problem: Problem, task: Task, extra: Sequence[Problem] = (), preamble: bool = True,
-             rng: random.Random | None = None) -> str:
+def document(
+    kind: str,
+    problem: Problem,
+    task: Task,
+    extra: Sequence[Problem] = (),
+    preamble: bool = True,
+    rng: random.Random | None = None,
+) -> str:
     if kind == "plain":
         return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
     if kind == "recall":
@@ -86,8 +92,9 @@ def _counts(n: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def corpus(task: Task, n_docs: int, seed: int = 0, mix: dict[str, float] | None = None,
-           preamble: float = 1.0) -> Iterator[tuple[str, str]]:
+def corpus(
+    task: Task, n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, preamble: float = 1.0
+) -> Iterator[tuple[str, str]]:
     """(kind, text) for n_docs documents in a seeded order. `preamble` is the share of chat
     documents that carry the R1-Zero preamble; the others start at "User:" (the preamble is a
     fifth of a document's tokens, learnt after a few hundred copies)."""
@@ -131,6 +138,9 @@ def worked_conversations(task: Task, n: int, seed: int = 0) -> Iterator[dict]:
     `reasoning_content`]}, from the task's train split. SFTDataset renders them in the model's
     prompt format; in the R1-Zero format a row is exactly a worked corpus document."""
     for problem in task.sample(n, split="train", seed=seed):
-        yield {"messages": [{"role": "user", "content": problem.prompt},
-                            {"role": "assistant", "content": problem.answer,
-                             "reasoning_content": task.worked(problem)}]}
+        yield {
+            "messages": [
+                {"role": "user", "content": problem.prompt},
+                {"role": "assistant", "content": problem.answer, "reasoning_content": task.worked(problem)},
+            ]
+        }

@@ -174,7 +174,7 @@ class ReasoningSplitter:
         if not getattr(self, part):
             piece = piece.lstrip()
         kept = piece.rstrip()
-        self._held = piece[len(kept):]
+        self._held = piece[len(kept) :]
         if kept:
             setattr(self, part, getattr(self, part) + kept)
             out[part] += kept

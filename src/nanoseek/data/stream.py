@@ -32,7 +32,9 @@ def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
             files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES | ROW_SUFFIXES)
         elif p.is_file():
             if p.suffix not in TEXT_SUFFIXES | ROW_SUFFIXES:
-                raise NanoseekError(f"{p}: unknown file type {p.suffix!r} (expected .txt, .md, .jsonl, .json or .parquet)")
+                raise NanoseekError(
+                    f"{p}: unknown file type {p.suffix!r} (expected .txt, .md, .jsonl, .json or .parquet)"
+                )
             files.append(p)
         else:
             raise NanoseekError(f"{p}: no such file or directory")
@@ -98,9 +100,20 @@ class PackedStream:
     every rank reads the stream and keeps every world_size-th row.
     """
 
-    def __init__(self, paths, tokenizer: Tokenizer, seq_len: int, batch_size: int = 1, seed: int = 0,
-                 text_field: str = "text", shuffle: bool = True, loop: bool = True,
-                 rank: int = 0, world_size: int = 1, shuffle_block: int = 1024):
+    def __init__(
+        self,
+        paths,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        batch_size: int = 1,
+        seed: int = 0,
+        text_field: str = "text",
+        shuffle: bool = True,
+        loop: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_block: int = 1024,
+    ):
         if seq_len < 1 or batch_size < 1:
             raise NanoseekError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
         if not 0 <= rank < world_size:
@@ -172,7 +185,7 @@ class PackedStream:
                     return None
             if self._pos >= len(self._ids) and not self._advance(keep_pos=False):
                 return None
-            take = self._ids[self._pos:self._pos + n - len(out)]
+            take = self._ids[self._pos : self._pos + n - len(out)]
             out += take
             self._pos += len(take)
         return out
@@ -212,14 +225,20 @@ class SFTDataset:
     output, which is how the engine sees them: the prompt's ids, then generated ids.
     """
 
-    def __init__(self, conversations: Iterable[list[dict]] | str | Path | list[str | Path], tokenizer: Tokenizer,
-                 max_len: int | None = None, messages_field: str = "messages"):
+    def __init__(
+        self,
+        conversations: Iterable[list[dict]] | str | Path | list[str | Path],
+        tokenizer: Tokenizer,
+        max_len: int | None = None,
+        messages_field: str = "messages",
+    ):
         """`conversations`: lists of messages, or .jsonl/.parquet files (or directories) with a
         `messages_field` list in each record."""
         items = [conversations] if isinstance(conversations, (str, Path)) else list(conversations)
         if items and all(isinstance(c, (str, Path)) for c in items):
-            items = [self._messages(row, path, messages_field)
-                     for path in expand_paths(items) for row in read_rows(path)]
+            items = [
+                self._messages(row, path, messages_field) for path in expand_paths(items) for row in read_rows(path)
+            ]
         self.conversations = items
         self.tokenizer, self.max_len = tokenizer, max_len
 
@@ -242,7 +261,7 @@ class SFTDataset:
             ids += piece
             mask += [int(trained)] * len(piece)
         if self.max_len is not None:
-            ids, mask = ids[:self.max_len], mask[:self.max_len]
+            ids, mask = ids[: self.max_len], mask[: self.max_len]
         return ids, mask
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,10 +279,12 @@ class SFTDataset:
             y[b, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), target, IGNORE_INDEX)
         return x, y
 
-    def batches(self, batch_size: int, seed: int = 0, shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, seed: int = 0, shuffle: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of collated batches, in an order fixed by the seed."""
         order = list(range(len(self)))
         if shuffle:
             random.Random(seed).shuffle(order)
         for s in range(0, len(order), batch_size):
-            yield self.collate([self[i] for i in order[s:s + batch_size]])
+            yield self.collate([self[i] for i in order[s : s + batch_size]])

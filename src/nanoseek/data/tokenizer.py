@@ -20,34 +20,58 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from nanoseek.data.chat import (
-    ANSWER, ASSISTANT, BOS, CHAT_TEMPLATES, END_ANSWER, END_THINK, EOS, PAD, THINK, USER, chat_segments,
-    check_prompt_format, format_chat, prompt_template,
+    ANSWER,
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATES,
+    END_ANSWER,
+    END_THINK,
+    EOS,
+    PAD,
+    THINK,
+    USER,
+    chat_segments,
+    check_prompt_format,
+    format_chat,
+    prompt_template,
 )
 from nanoseek.errors import NanoseekError
 
 # Order fixes the ids: BOS 0, EOS 1, PAD 2 as in DeepSeek-V3 (and ModelConfig's defaults).
 SPECIAL_TOKENS: dict[str, str] = {
-    "bos": BOS, "eos": EOS, "pad": PAD, "user": USER, "assistant": ASSISTANT,
-    "think": THINK, "end_think": END_THINK, "answer": ANSWER, "end_answer": END_ANSWER,
+    "bos": BOS,
+    "eos": EOS,
+    "pad": PAD,
+    "user": USER,
+    "assistant": ASSISTANT,
+    "think": THINK,
+    "end_think": END_THINK,
+    "answer": ANSWER,
+    "end_answer": END_ANSWER,
 }
 N_BYTES = 256
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2,
-                    split_punctuation: bool = False) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2, split_punctuation: bool = False
+) -> Tokenizer:
     """Train a byte-level BPE on `texts`. Digits are split one per token, so that arithmetic
     stays learnable with a vocabulary of a few hundred entries; `split_punctuation` does the
     same for punctuation, so that "c=-4" and "c=4" share the tokens "c" and "=" (a value
     is then looked up by copying what follows "c=", instead of choosing between "=" and "=-")."""
     smallest = N_BYTES + len(SPECIAL_TOKENS)
     if vocab_size < smallest:
-        raise NanoseekError(f"--vocab-size {vocab_size}: must be at least {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+        raise NanoseekError(
+            f"--vocab-size {vocab_size}: must be at least {smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
     tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        *([pre_tokenizers.Punctuation("isolated")] if split_punctuation else []),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            *([pre_tokenizers.Punctuation("isolated")] if split_punctuation else []),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -60,7 +84,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency:
     bos_id = tok.token_to_id(BOS)
     # Like DeepSeek's tokenizer.json: `transformers` adds BOS when asked for special tokens.
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, bos_id)],
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B:1",
+        special_tokens=[(BOS, bos_id)],
     )
     return Tokenizer(tok)
 
@@ -77,14 +103,23 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, config: dict | None = None, where: str = "tokenizer"):
         self.backend = backend
-        self.config = dict(config) if config is not None else {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
-            "clean_up_tokenization_spaces": False,
-            "prompt_format": "chat", "chat_template": CHAT_TEMPLATES["chat"],
-        }
-        self.prompt_format = check_prompt_format(self.config.get("prompt_format", "chat"),
-                                                 f"{where}: key 'prompt_format'")
+        self.config = (
+            dict(config)
+            if config is not None
+            else {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "pad_token": PAD,
+                "unk_token": None,
+                "clean_up_tokenization_spaces": False,
+                "prompt_format": "chat",
+                "chat_template": CHAT_TEMPLATES["chat"],
+            }
+        )
+        self.prompt_format = check_prompt_format(
+            self.config.get("prompt_format", "chat"), f"{where}: key 'prompt_format'"
+        )
         strings = dict(SPECIAL_TOKENS)
         for name in ("bos", "eos", "pad"):
             strings[name] = _token_string(self.config.get(f"{name}_token")) or strings[name]
@@ -183,5 +218,7 @@ class Tokenizer:
         return self.backend.id_to_token(id)
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, "
-                f"prompt_format={self.prompt_format!r})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, "
+            f"prompt_format={self.prompt_format!r})"
+        )

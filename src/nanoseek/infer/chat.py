@@ -64,8 +64,9 @@ class ChatSession:
         if output is not None and output.finish_reason == "length":
             note += ", cut at the token limit"
         console.print(f"\n[dim]({note})[/dim]")
-        final_reasoning, final_answer = ("".join(reasoning), "".join(answer)) if output is None else (
-            output.reasoning, output.answer)
+        final_reasoning, final_answer = (
+            ("".join(reasoning), "".join(answer)) if output is None else (output.reasoning, output.answer)
+        )
         self.messages = messages + [{"role": "assistant", "content": final_answer}]
         return final_reasoning, final_answer
 
@@ -75,8 +76,7 @@ class ChatSession:
             console.print(f"\n[dim]thought for {time.perf_counter() - since:.1f}s[/dim]\n")
 
 
-def run_chat(engine: Engine, params: SamplingParams, system: str | None = None, console=None,
-             read=input) -> int:
+def run_chat(engine: Engine, params: SamplingParams, system: str | None = None, console=None, read=input) -> int:
     from rich.console import Console
 
     console = console or Console()

@@ -11,16 +11,27 @@ from nanoseek.errors import NanoseekError
 
 
 def register(subparsers) -> None:
-    gen = subparsers.add_parser("generate", help="generate completions with the inference engine",
-                                description="Greedy by default (--temperature 0); prints the reasoning and the "
-                                            "answer of each completion, or JSON lines with --json.")
+    gen = subparsers.add_parser(
+        "generate",
+        help="generate completions with the inference engine",
+        description="Greedy by default (--temperature 0); prints the reasoning and the "
+        "answer of each completion, or JSON lines with --json.",
+    )
     gen.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF format + tokenizer.json)")
     gen.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
-    gen.add_argument("--prompt-ids", action="append", metavar="IDS",
-                     help="a prompt as comma-separated token ids (repeat for several)")
-    gen.add_argument("--format", choices=("model", "chat", "r1-zero", "raw"), default="model",
-                     help="wrap each --prompt as a user turn in the model's own prompt format (default: model, the "
-                          "format its tokenizer_config.json names), in the chat or the R1-Zero format, or not (raw)")
+    gen.add_argument(
+        "--prompt-ids",
+        action="append",
+        metavar="IDS",
+        help="a prompt as comma-separated token ids (repeat for several)",
+    )
+    gen.add_argument(
+        "--format",
+        choices=("model", "chat", "r1-zero", "raw"),
+        default="model",
+        help="wrap each --prompt as a user turn in the model's own prompt format (default: model, the "
+        "format its tokenizer_config.json names), in the chat or the R1-Zero format, or not (raw)",
+    )
     _sampling_args(gen, temperature=0.0, max_tokens=256)
     add_device_arguments(gen)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -41,8 +52,9 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: i
     g.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
     g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens,
-                   help=f"most tokens per completion (default {max_tokens})")
+    g.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"most tokens per completion (default {max_tokens})"
+    )
     g.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
     g.add_argument("--stop", action="append", metavar="TEXT", help="a stop string (repeat for several)")
     g.add_argument("-n", "--n", type=int, default=1, help="completions per prompt (default 1)")
@@ -55,17 +67,31 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: i
 def _params(args):
     from nanoseek.infer.sampling import SamplingParams
 
-    return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          max_tokens=args.max_tokens, min_tokens=args.min_tokens, stop=args.stop, seed=args.seed,
-                          max_thinking_tokens=args.max_thinking_tokens)
+    return SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        stop=args.stop,
+        seed=args.seed,
+        max_thinking_tokens=args.max_thinking_tokens,
+    )
 
 
 def _engine(args, max_batch_size: int):
     from nanoseek.infer.engine import Engine
 
     device, dtype = device_arguments(args)
-    return Engine.from_pretrained(args.model, device=device, dtype=dtype, max_batch_size=max_batch_size,
-                                  max_seq_len=args.max_seq_len, speculative=args.speculative)
+    return Engine.from_pretrained(
+        args.model,
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        max_seq_len=args.max_seq_len,
+        speculative=args.speculative,
+    )
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -89,8 +115,10 @@ def cmd_generate(args) -> int:
         raise NanoseekError(f"{args.model}: no tokenizer.json, so only --prompt-ids prompts work")
     if args.format != "raw" and engine.tokenizer is not None:  # without one every prompt is token ids
         fmt = engine.tokenizer.prompt_format if args.format == "model" else args.format
-        prompts = [format_chat([{"role": "user", "content": p}], prompt_format=fmt) if isinstance(p, str) else p
-                   for p in prompts]
+        prompts = [
+            format_chat([{"role": "user", "content": p}], prompt_format=fmt) if isinstance(p, str) else p
+            for p in prompts
+        ]
     results = engine.generate(prompts, params)
     if args.json:
         for r in results:
@@ -108,8 +136,7 @@ def cmd_generate(args) -> int:
                     console.print("thinking", style="bold dim")
                     console.print(out.reasoning, style="dim", markup=False, highlight=False)
                     console.print()
-                console.print(out.answer if (out.reasoning or out.answer) else out.text, markup=False,
-                              highlight=False)
+                console.print(out.answer if (out.reasoning or out.answer) else out.text, markup=False, highlight=False)
     stats = engine.speculative_stats
     if stats is not None and not args.json:
         print(f"MTP drafts accepted: {stats.accepted}/{stats.drafted} ({stats.acceptance_rate:.0%})")

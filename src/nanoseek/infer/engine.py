@@ -29,8 +29,8 @@ from nanoseek.data.chat import BOS
 from nanoseek.data.reasoning import ReasoningSplitter, span_tokens, split_reasoning
 from nanoseek.device import model_device, model_dtype, place_model, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
 from nanoseek.infer.runner import DecodeRunner, latent_cache_views
+from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
 from nanoseek.infer.speculative import MTPDrafter, SpeculativeStats
 from nanoseek.model import Transformer
 
@@ -81,8 +81,9 @@ class StreamEvent:
 # Requests and their sequences.
 # ---------------------------------------------------------------------------------------
 class Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 think_opened: bool):
+    def __init__(
+        self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, think_opened: bool
+    ):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.think_opened = think_opened  # the prompt ends inside <think>, as the chat template's does
         self.sequences = [Sequence(self, i) for i in range(params.n)]
@@ -128,9 +129,18 @@ Prompt = str | list[int] | dict
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer=None, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 speculative: bool = False, eos_token_id: int | None = None, folded: bool = True,
-                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        speculative: bool = False,
+        eos_token_id: int | None = None,
+        folded: bool = True,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ):
         """`tokenizer`: a nanoseek.data.Tokenizer, needed for string prompts, text, stop strings
         and the thinking budget; token-id prompts work without one. `folded`: decode with the
         runner's folded weights (the fast path); False runs the model's own forward.
@@ -146,19 +156,29 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
         if max_batch_size < 1 or self.max_seq_len < 2:
-            raise NanoseekError(f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} "
-                                "must be at least 1 and 2")
+            raise NanoseekError(
+                f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} must be at least 1 and 2"
+            )
         self.dtype, self.device = model_dtype(model), model_device(model)
         # One spare position: a speculative step writes its draft one past the last token.
         span = self.max_seq_len + 1
-        self.latents = torch.zeros(config.num_hidden_layers, max_batch_size, span,
-                                   config.kv_lora_rank + config.qk_rope_head_dim, dtype=self.dtype, device=self.device)
+        self.latents = torch.zeros(
+            config.num_hidden_layers,
+            max_batch_size,
+            span,
+            config.kv_lora_rank + config.qk_rope_head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
         self.cache = latent_cache_views(self.latents, config.kv_lora_rank)
         self.runner = DecodeRunner(model, span) if folded else None
         self.drafter = MTPDrafter(model, max_batch_size, span, self.dtype, self.device) if speculative else None
         ids = tokenizer.special_ids if tokenizer is not None else {}
-        self.eos_id = eos_token_id if eos_token_id is not None else (
-            ids.get("eos") if tokenizer is not None else config.eos_token_id)
+        self.eos_id = (
+            eos_token_id
+            if eos_token_id is not None
+            else (ids.get("eos") if tokenizer is not None else config.eos_token_id)
+        )
         self.think_id, self.end_think_id = ids.get("think"), ids.get("end_think")
         self.pad_id = 0
         self.free_slots = list(range(max_batch_size))  # a heap: the lowest rows first, so that the
@@ -169,16 +189,22 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, **kwargs) -> "Engine":
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        **kwargs,
+    ) -> Engine:
         """A Hugging Face checkpoint directory, with its tokenizer.json when it has one, loaded
         straight onto `device` (None: the CPU) in `dtype` (None: float32)."""
         from nanoseek.io.hf import load_pretrained
 
         directory = Path(directory)
         target = resolve_device(device or "cpu", "Engine device")
-        model = load_pretrained(directory, dtype=resolve_dtype(dtype, target, "Engine dtype") or torch.float32,
-                                device=target)
+        model = load_pretrained(
+            directory, dtype=resolve_dtype(dtype, target, "Engine dtype") or torch.float32, device=target
+        )
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
             from nanoseek.data.tokenizer import Tokenizer
@@ -196,8 +222,9 @@ class Engine:
         return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * self.latents.element_size()
 
     # ---- the public API ------------------------------------------------------------
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None
-                 ) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None
+    ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order, each with `n` completions."""
         requests = self._add_all(prompts, sampling_params)
         try:
@@ -209,8 +236,9 @@ class Engine:
             raise
         return [self._output(r) for r in requests]
 
-    def stream(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None
-               ) -> Iterator[StreamEvent]:
+    def stream(
+        self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list | None = None
+    ) -> Iterator[StreamEvent]:
         """Yield each token as it is made; the prompts' requests run batched together with
         whatever else the engine holds. Closing the iterator aborts what is left of them."""
         requests = self._add_all(prompts, sampling_params)
@@ -224,8 +252,9 @@ class Engine:
             for r in requests:
                 self.abort(r.request_id)
 
-    def chat(self, conversations: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
-             ) -> list[RequestOutput]:
+    def chat(
+        self, conversations: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None
+    ) -> list[RequestOutput]:
         """Generate the assistant's reply to one conversation (a list of messages) or several,
         rendered in the prompt format the model was trained with (its tokenizer's)."""
         single = conversations and isinstance(conversations[0], dict)
@@ -234,8 +263,9 @@ class Engine:
             raise NanoseekError("chat needs a tokenizer (its prompt format)")
         return self.generate([self.tokenizer.format_chat(c) for c in convs], sampling_params)
 
-    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Queue a request; it joins the batch at the next `step`."""
         return self._add(prompt, sampling_params or SamplingParams(), request_id).request_id
 
@@ -284,7 +314,8 @@ class Engine:
     # ---- requests --------------------------------------------------------------------
     def _add_all(self, prompts, sampling_params) -> list[Request]:
         single = isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts))
+            isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts)
+        )
         prompts = [prompts] if single else list(prompts)
         if not prompts:
             raise NanoseekError("generate: no prompts given")
@@ -353,8 +384,13 @@ class Engine:
             self.running.remove(seq)
 
     def _output(self, request: Request) -> RequestOutput:
-        return RequestOutput(request.request_id, request.prompt, request.prompt_ids,
-                             [self._completion(s) for s in request.sequences], request.finished)
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            request.prompt_ids,
+            [self._completion(s) for s in request.sequences],
+            request.finished,
+        )
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
         reasoning = answer = ""
@@ -364,8 +400,16 @@ class Engine:
             reasoning, answer = split.reasoning, split.answer
             # a stop string cuts the text after the last token's end was noted
             reasoning_tokens = span_tokens([min(e, len(seq.text)) for e in seq.token_ends], split.span)
-        return CompletionOutput(seq.index, seq.text, list(seq.token_ids), seq.finish_reason, seq.stop_reason,
-                                reasoning, answer, reasoning_tokens)
+        return CompletionOutput(
+            seq.index,
+            seq.text,
+            list(seq.token_ids),
+            seq.finish_reason,
+            seq.stop_reason,
+            reasoning,
+            answer,
+            reasoning_tokens,
+        )
 
     # ---- the forward passes --------------------------------------------------------
     def _prefill(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
@@ -379,8 +423,11 @@ class Engine:
                 reps.append(seq)
         lengths = [len(s.request.prompt_ids) for s in reps]
         width = max(lengths)
-        ids = torch.tensor([s.request.prompt_ids + [self.pad_id] * (width - n) for s, n in zip(reps, lengths)],
-                           dtype=torch.long, device=self.device)
+        ids = torch.tensor(
+            [s.request.prompt_ids + [self.pad_id] * (width - n) for s, n in zip(reps, lengths)],
+            dtype=torch.long,
+            device=self.device,
+        )
         positions = torch.arange(width, device=self.device).expand(len(reps), width)
         rows = torch.tensor([s.slot for s in reps], device=self.device)
         training = self.model.training
@@ -405,8 +452,13 @@ class Engine:
         if self.drafter is not None:
             next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[which]
             next_ids[torch.arange(len(seqs), device=self.device), last] = torch.tensor(tokens, device=self.device)
-            drafts = self.drafter.prefill(hidden[which], next_ids, positions[which],
-                                        torch.tensor([s.slot for s in seqs], device=self.device), last)
+            drafts = self.drafter.prefill(
+                hidden[which],
+                next_ids,
+                positions[which],
+                torch.tensor([s.slot for s in seqs], device=self.device),
+                last,
+            )
             for seq, d in zip(seqs, drafts):
                 seq.draft = d
 
@@ -450,8 +502,16 @@ class Engine:
             return
         next_ids = torch.tensor([[first[i], second.get(i, first[i])] for i in live], device=self.device)
         take = torch.tensor([int(i in second) for i in live], device=self.device)
-        new = self.drafter.extend(self.runner, hidden[live], next_ids, positions[live], rows[live],
-                                  [slots[i] for i in live], [starts[i] for i in live], take)
+        new = self.drafter.extend(
+            self.runner,
+            hidden[live],
+            next_ids,
+            positions[live],
+            rows[live],
+            [slots[i] for i in live],
+            [starts[i] for i in live],
+            take,
+        )
         for i, d in zip(live, new):
             seqs[i].draft = d
 
@@ -465,8 +525,10 @@ class Engine:
                 cols += stop
         if rows:
             dev = logits.device
-            logits = logits.index_put((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
-                                      torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
+            logits = logits.index_put(
+                (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                torch.tensor(float("-inf"), dtype=logits.dtype, device=dev),
+            )
         tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for i, s in enumerate(seqs):
             budget = s.params.max_thinking_tokens
@@ -510,11 +572,11 @@ class Engine:
     def _detokenize(self, seq: Sequence, flush: bool = False) -> None:
         decode = self.tokenizer.decode
         ids = seq.token_ids
-        before = decode(ids[seq.prefix:seq.read])
-        after = decode(ids[seq.prefix:])
+        before = decode(ids[seq.prefix : seq.read])
+        after = decode(ids[seq.prefix :])
         # A token may end inside a UTF-8 character: wait for the rest before showing it.
         if len(after) > len(before) and (flush or not after.endswith("\ufffd")):
-            seq.text += after[len(before):]
+            seq.text += after[len(before) :]
             seq.prefix, seq.read = seq.read, len(ids)
 
     def _check_stop_strings(self, seq: Sequence, checked: int) -> None:
@@ -533,10 +595,8 @@ class Engine:
             shown = seq.text
             if not seq.finished and seq.params.stop:  # hold back what could begin a stop string
                 shown = shown[: max(seq.sent, len(shown) - max(map(len, seq.params.stop)) + 1)]
-            text = shown[seq.sent:]
+            text = shown[seq.sent :]
             seq.sent = len(shown)
             reasoning, answer = seq.splitter.feed(text, final=seq.finished)
         output = self._completion(seq) if seq.finished else None
-        return StreamEvent(seq.request.request_id, seq.index, token, text, reasoning, answer, seq.finish_reason,
-                           output)
-
+        return StreamEvent(seq.request.request_id, seq.index, token, text, reasoning, answer, seq.finish_reason, output)

@@ -74,8 +74,9 @@ class FoldedAttention:
         h, nope, rope, v, r = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
         self.attn, self.h, self.r, self.rope, self.nope = attn, h, r, rope, nope
         device = attn.kv_a_proj_with_mqa.weight.device
-        perm = (torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)]) if attn.interleave
-                else torch.arange(rope)).to(device)
+        perm = (
+            torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)]) if attn.interleave else torch.arange(rope)
+        ).to(device)
         kv_b = attn.kv_b_proj.weight.detach().double().view(h, nope + v, r)
         w_uk, w_uv = kv_b[:, :nope], kv_b[:, nope:]
         q_in = attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj
@@ -116,8 +117,9 @@ class FoldedAttention:
             self.o_w = torch.einsum("dhv,hvr->dhr", o_w.view(o_w.shape[0], h, v), w_uv).flatten(1).to(dtype)
         else:
             self.o_w, self.w_uv = o_w.to(dtype), w_uv.to(dtype)
-        self.project_o = partial(F.linear, weight=self.o_w,
-                                 bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach())
+        self.project_o = partial(
+            F.linear, weight=self.o_w, bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach()
+        )
 
     def _init_modules(self, attn, perm, w_uk, w_uv, dtype):
         """The same step through attn's own (FP8) projections: W_UK and W_UV stay apart, and the
@@ -148,8 +150,9 @@ class FoldedAttention:
         b, t, _ = x.shape
         first, c_kv, k_pe = self.project_in(x).split(self.split, dim=-1)
         if self.project_q is not None:
-            first = self.project_q(F.rms_norm(first, (first.shape[-1],), attn.q_a_layernorm.weight,
-                                              attn.q_a_layernorm.eps))
+            first = self.project_q(
+                F.rms_norm(first, (first.shape[-1],), attn.q_a_layernorm.weight, attn.q_a_layernorm.eps)
+            )
         q = first.view(b, t, self.h, -1)
         q_main, q_pe = q.split([q.shape[-1] - self.rope, self.rope], dim=-1)
         if not self.q_absorbed:
@@ -192,8 +195,9 @@ class FoldedMoE:
     def __init__(self, moe: MoE, dtype):
         self.moe = moe
         experts = list(moe.experts)
-        self.stacked = (sum(p.numel() for p in moe.parameters()) <= self.STACK_LIMIT
-                        and not is_fp8(*(m for e in experts for m in (e.gate_proj, e.up_proj, e.down_proj))))
+        self.stacked = sum(p.numel() for p in moe.parameters()) <= self.STACK_LIMIT and not is_fp8(
+            *(m for e in experts for m in (e.gate_proj, e.up_proj, e.down_proj))
+        )
         if not self.stacked:
             self.shared = FoldedMLP(moe.shared_experts, dtype) if moe.shared_experts is not None else None
             return
@@ -202,8 +206,11 @@ class FoldedMoE:
         parts = [(e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight.T) for e in experts]
         shared = moe.shared_experts
         if shared is not None:
-            parts += zip(shared.gate_proj.weight.split(width), shared.up_proj.weight.split(width),
-                         shared.down_proj.weight.T.split(width))
+            parts += zip(
+                shared.gate_proj.weight.split(width),
+                shared.up_proj.weight.split(width),
+                shared.down_proj.weight.T.split(width),
+            )
         self.w_up = torch.stack([torch.cat([g, u]).T for g, u, _ in parts]).detach().to(dtype).contiguous()
         self.w_down = torch.stack([d for _, _, d in parts]).detach().to(dtype).contiguous()  # [E', I, D]
         n_shared = len(parts) - len(experts)
@@ -242,8 +249,8 @@ class FoldedMoE:
             ys, start = torch.empty_like(xs), 0
             for e, count in enumerate(counts.tolist()):
                 if count:
-                    gate, up = (xs[start: start + count] @ self.w_up[e]).chunk(2, dim=-1)
-                    ys[start: start + count] = (F.silu(gate) * up) @ self.w_down[e]
+                    gate, up = (xs[start : start + count] @ self.w_up[e]).chunk(2, dim=-1)
+                    ys[start : start + count] = (F.silu(gate) * up) @ self.w_down[e]
                     start += count
         out = torch.zeros_like(flat).index_add_(0, token_of, ys * gates[order, None])
         return out.view(b, t, d)
@@ -291,8 +298,7 @@ class DecodeRunner:
         self.dtype = dtype
         self._signature = signature
 
-    def context(self, positions: torch.Tensor, rows: torch.Tensor, slots: list[int], starts: list[int]
-                ) -> StepContext:
+    def context(self, positions: torch.Tensor, rows: torch.Tensor, slots: list[int], starts: list[int]) -> StepContext:
         """positions [B, T] = starts[b] + 0..T-1, in cache rows `rows` (= `slots`)."""
         b, t = positions.shape
         span = max(starts) + t
@@ -323,15 +329,24 @@ class DecodeRunner:
         norm = self.model.norm
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
-    def mtp_hidden_states(self, hidden: torch.Tensor, next_ids: torch.Tensor, ctx: StepContext,
-                          latents: torch.Tensor) -> torch.Tensor:
+    def mtp_hidden_states(
+        self, hidden: torch.Tensor, next_ids: torch.Tensor, ctx: StepContext, latents: torch.Tensor
+    ) -> torch.Tensor:
         """The first MTP module (V3 section 2.2) on the main model's states and the next tokens,
         through its shared head's norm: what the output head reads to draft."""
         m = self.model.mtp[0]
         d = hidden.shape[-1]
         emb = self.model.embed_tokens(next_ids)
-        x = F.linear(torch.cat([F.rms_norm(emb, (d,), m.enorm.weight, m.enorm.eps),
-                                F.rms_norm(hidden, (d,), m.hnorm.weight, m.hnorm.eps)], dim=-1), m.eh_proj.weight)
+        x = F.linear(
+            torch.cat(
+                [
+                    F.rms_norm(emb, (d,), m.enorm.weight, m.enorm.eps),
+                    F.rms_norm(hidden, (d,), m.hnorm.weight, m.hnorm.eps),
+                ],
+                dim=-1,
+            ),
+            m.eh_proj.weight,
+        )
         x = self.mtp_blocks[0](x, ctx, latents[0])
         norm = m.shared_head.norm
         return F.rms_norm(x, (d,), norm.weight, norm.eps)

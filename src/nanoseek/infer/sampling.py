@@ -60,7 +60,8 @@ class SamplingParams:
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "an integer or None")
         if self.max_thinking_tokens is not None and (
-                not isinstance(self.max_thinking_tokens, int) or self.max_thinking_tokens < 0):
+            not isinstance(self.max_thinking_tokens, int) or self.max_thinking_tokens < 0
+        ):
             bad("max_thinking_tokens", "an integer >= 0 or None")
 
     @property
@@ -78,8 +79,9 @@ def make_generator(seed: int | None, index: int) -> torch.Generator:
     return g
 
 
-def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """logits [B, V] scaled by temperature [B], with tokens outside each row's top-k and then
     its top-p nucleus set to -inf (top_k [B]: 0 keeps all; top_p [B]: 1 keeps all)."""
     logits = logits.float() / temperature[:, None]
@@ -98,8 +100,9 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
 
 
-def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-                  ) -> list[int]:
+def choose_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
     """One token per row of logits [B, V]: argmax for greedy rows, else a draw from the
     filtered distribution with that row's generator."""
     rows = [i for i, p in enumerate(params) if not p.greedy]

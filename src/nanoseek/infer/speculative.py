@@ -34,12 +34,14 @@ class SpeculativeStats:
 class MTPDrafter:
     def __init__(self, model: Transformer, max_batch: int, max_len: int, dtype: torch.dtype, device):
         if not len(model.mtp):
-            raise NanoseekError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1 "
-                                "in config.json)")
+            raise NanoseekError(
+                "speculative decoding needs an MTP module (num_nextn_predict_layers >= 1 in config.json)"
+            )
         self.model, self.module = model, model.mtp[0]
         c = model.config
-        self.latents = torch.zeros(1, max_batch, max_len, c.kv_lora_rank + c.qk_rope_head_dim, dtype=dtype,
-                                   device=device)
+        self.latents = torch.zeros(
+            1, max_batch, max_len, c.kv_lora_rank + c.qk_rope_head_dim, dtype=dtype, device=device
+        )
         self.cache = latent_cache_views(self.latents, c.kv_lora_rank)
         self.stats = SpeculativeStats()
 
@@ -47,21 +49,43 @@ class MTPDrafter:
         last = out[torch.arange(out.shape[0], device=out.device), take]
         return self.model.lm_head(last).argmax(dim=-1).tolist()
 
-    def prefill(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
-                take: torch.Tensor) -> list[int]:
+    def prefill(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        take: torch.Tensor,
+    ) -> list[int]:
         """hidden [B, T, D]: the main model's final-normed states at `positions` [B, T];
         next_ids [B, T]: the token after each position. Writes the MTP latents at those
         positions of cache rows `rows` and returns, per row, the greedy draft read at
         column `take` [B] (the token two after that position)."""
         model = self.model
         cos, sin = model.rope(positions)
-        out = self.module(hidden, model.embed_tokens(next_ids), cos, sin, positions,
-                          (self.cache.kv[0], self.cache.pe[0]), rows, "absorb")
+        out = self.module(
+            hidden,
+            model.embed_tokens(next_ids),
+            cos,
+            sin,
+            positions,
+            (self.cache.kv[0], self.cache.pe[0]),
+            rows,
+            "absorb",
+        )
         return self._draft(self.module.shared_head.norm(out), take)
 
-    def extend(self, runner: DecodeRunner | None, hidden: torch.Tensor, next_ids: torch.Tensor,
-               positions: torch.Tensor, rows: torch.Tensor, slots: list[int], starts: list[int],
-               take: torch.Tensor) -> list[int]:
+    def extend(
+        self,
+        runner: DecodeRunner | None,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        rows: torch.Tensor,
+        slots: list[int],
+        starts: list[int],
+        take: torch.Tensor,
+    ) -> list[int]:
         """The same for a decoding step, on the runner's folded weights when there is one."""
         if runner is None:
             return self.prefill(hidden, next_ids, positions, rows, take)

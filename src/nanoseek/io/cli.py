@@ -10,8 +10,11 @@ def register(sub) -> None:
     p = sub.add_parser("inspect", help="summarise a Hugging Face DeepSeek-V3/V2 checkpoint, or the presets")
     p.add_argument("model", nargs="?", help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--config-only", action="store_true", help="read config.json only, not the weights")
-    p.add_argument("--presets", action="store_true",
-                   help="the presets: parameters and the KV-cache cost of MLA against standard attention")
+    p.add_argument(
+        "--presets",
+        action="store_true",
+        help="the presets: parameters and the KV-cache cost of MLA against standard attention",
+    )
     p.set_defaults(func=run_inspect)
 
 
@@ -22,16 +25,33 @@ def presets_table():
     from nanoseek.model import count_parameters, kv_cache_bytes_per_token
 
     table = Table(title="nanoseek presets (KV cache in bf16 bytes per token)")
-    for col in ("preset", "layers", "experts", "total params", "active params", "+MTP",
-                "KV MLA", "KV MHA", "MHA / MLA"):
+    for col in (
+        "preset",
+        "layers",
+        "experts",
+        "total params",
+        "active params",
+        "+MTP",
+        "KV MLA",
+        "KV MHA",
+        "MHA / MLA",
+    ):
         table.add_column(col, justify="right")
     for name in PRESETS:
         c = ModelConfig.preset(name)
         n = count_parameters(c)
         kv = kv_cache_bytes_per_token(c)
-        table.add_row(name, str(c.num_hidden_layers), f"{c.num_experts_per_tok}/{c.n_routed_experts}",
-                      human(n["total"]), human(n["active"]), human(n["total_with_mtp"] - n["total"]),
-                      f"{kv['mla']:,}", f"{kv['mha']:,}", f"{kv['mha'] / kv['mla']:.1f}x")
+        table.add_row(
+            name,
+            str(c.num_hidden_layers),
+            f"{c.num_experts_per_tok}/{c.n_routed_experts}",
+            human(n["total"]),
+            human(n["active"]),
+            human(n["total_with_mtp"] - n["total"]),
+            f"{kv['mla']:,}",
+            f"{kv['mha']:,}",
+            f"{kv['mha'] / kv['mla']:.1f}x",
+        )
     table.caption = "KV MHA: standard multi-head attention with the same heads, caching every head's key and value"
     return table
 
@@ -67,8 +87,17 @@ def run_inspect(args) -> int:
     table = Table(title=f"{args.model} ({config.model_type})")
     table.add_column("field")
     table.add_column("value", justify="right")
-    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-              "n_routed_experts", "num_experts_per_tok", "topk_method", "num_nextn_predict_layers"):
+    for k in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "topk_method",
+        "num_nextn_predict_layers",
+    ):
         table.add_row(k, str(getattr(config, k)))
     table.add_row("parameters (total)", f"{counts['total']:,}")
     table.add_row("parameters (active / token)", f"{counts['active']:,}")

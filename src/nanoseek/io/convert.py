@@ -36,8 +36,10 @@ def register(sub) -> None:
 
 def run_convert(args) -> int:
     stats = convert(args.input, args.output, args.to)
-    print(f"wrote {args.output}: {stats['fp8_tensors']} FP8 tensors, {stats['other_tensors']} others, "
-          f"{stats['bytes'] / 2**20:.1f} MiB of weights")
+    print(
+        f"wrote {args.output}: {stats['fp8_tensors']} FP8 tensors, {stats['other_tensors']} others, "
+        f"{stats['bytes'] / 2**20:.1f} MiB of weights"
+    )
     return 0
 
 

@@ -21,8 +21,14 @@ from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.errors import NanoseekError
-from nanoseek.fp8 import (E4M3, FP8_QUANTIZATION_CONFIG, KEEP_DENSE_FOR_INFERENCE, FP8WeightLinear,
-                          dequantize_blockwise, fp8_linears)
+from nanoseek.fp8 import (
+    E4M3,
+    FP8_QUANTIZATION_CONFIG,
+    KEEP_DENSE_FOR_INFERENCE,
+    FP8WeightLinear,
+    dequantize_blockwise,
+    fp8_linears,
+)
 from nanoseek.model import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -45,7 +51,7 @@ def from_hub_name(key: str, config: ModelConfig) -> str | None:
         return key
     if not key.startswith("model."):
         return key  # reported as unexpected by the caller
-    name = key[len("model."):]
+    name = key[len("model.") :]
     m = re.match(r"layers\.(\d+)\.(.*)", name)
     if m and int(m.group(1)) >= config.num_hidden_layers:
         k, rest = int(m.group(1)) - config.num_hidden_layers, m.group(2)
@@ -106,8 +112,11 @@ def without_absent_mtp(config: ModelConfig, keys: set[str], directory: Path) -> 
     mtp_layer = re.compile(r"model\.layers\.(\d+)\.")
     if any((m := mtp_layer.match(k)) and int(m.group(1)) >= n for k in keys):
         return config
-    print(f"note: {directory} has no weights for the {depth} MTP module(s) its config.json declares; "
-          "loading without MTP (no speculative decoding, no MTP loss)", file=sys.stderr)
+    print(
+        f"note: {directory} has no weights for the {depth} MTP module(s) its config.json declares; "
+        "loading without MTP (no speculative decoding, no MTP loss)",
+        file=sys.stderr,
+    )
     return config.replace(num_nextn_predict_layers=0)
 
 
@@ -147,8 +156,13 @@ def _read_tensors(files: list[Path], keep_fp8=None):
             raise NanoseekError(f"{f}: cannot read ({e})") from None
 
 
-def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    config: ModelConfig | None = None, keep_fp8: bool = False) -> Transformer:
+def load_pretrained(
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    config: ModelConfig | None = None,
+    keep_fp8: bool = False,
+) -> Transformer:
     """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer.
     One that holds no MTP weights (transformers saves none) loads without MTP, with a note on
     stderr (`without_absent_mtp`); `model.config` says so.
@@ -181,8 +195,7 @@ def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
             parent, attr = fp8_modules[key]
             old = getattr(parent, attr)
             if tuple(t.shape) != tuple(old.weight.shape):
-                raise NanoseekError(f"{f}: tensor {key} has shape {list(t.shape)}, "
-                                    f"expected {list(old.weight.shape)}")
+                raise NanoseekError(f"{f}: tensor {key} has shape {list(t.shape)}, expected {list(old.weight.shape)}")
             new = FP8WeightLinear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
             setattr(parent, attr, new)
             expected[name[: -len("weight")] + "weight_scale_inv"] = new.weight_scale_inv
@@ -234,8 +247,9 @@ def hub_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict
     return out
 
 
-def save_pretrained(model: Transformer, directory: str | Path, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 4 << 30) -> Path:
+def save_pretrained(
+    model: Transformer, directory: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30
+) -> Path:
     """Write config.json and safetensors weights (sharded with an index past max_shard_bytes)
     that `transformers.AutoModelForCausalLM.from_pretrained(directory)` opens."""
     directory = Path(directory)
@@ -265,7 +279,8 @@ def save_pretrained(model: Transformer, directory: str | Path, dtype: torch.dtyp
             save_file(shard, str(directory / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in state.values())
-        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2))
+        (directory / INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory

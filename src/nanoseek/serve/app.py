@@ -27,8 +27,15 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -42,6 +49,8 @@ from nanoseek.serve.protocol import ApiError, ChatCompletionRequest, CompletionR
 log = logging.getLogger("nanoseek.serve")
 
 MAX_BODY_BYTES = 4 << 20
+
+
 # ---------------------------------------------------------------------------------------
 # The engine thread.
 # ---------------------------------------------------------------------------------------
@@ -67,9 +76,12 @@ class Job:
     def usage(self) -> dict:
         outs = self.outputs.values()
         completion = sum(len(o.token_ids) for o in outs)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion,
-                "completion_tokens_details": {"reasoning_tokens": sum(o.reasoning_tokens for o in outs)}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "completion_tokens_details": {"reasoning_tokens": sum(o.reasoning_tokens for o in outs)},
+        }
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
@@ -220,33 +232,48 @@ class EngineLoop:
 # ---------------------------------------------------------------------------------------
 # Request parsing.
 # ---------------------------------------------------------------------------------------
-def parse_sampling(req: SamplingRequest, prompt_tokens: int, max_seq_len: int, prompt_param: str = "messages"
-                   ) -> tuple[SamplingParams, bool, bool]:
+def parse_sampling(
+    req: SamplingRequest, prompt_tokens: int, max_seq_len: int, prompt_param: str = "messages"
+) -> tuple[SamplingParams, bool, bool]:
     """(SamplingParams, stream, include_usage) of a validated request; ApiError 400 for what
     depends on more than one parameter (the context length, stream_options without stream)."""
     stream = bool(req.stream)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if include_usage and not stream:
-        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options",
-                       "invalid_value")
+        raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options", "invalid_value")
     name, max_tokens = "max_tokens", req.max_tokens
     if getattr(req, "max_completion_tokens", None) is not None:
         name, max_tokens = "max_completion_tokens", req.max_completion_tokens
     if prompt_tokens >= max_seq_len:
-        raise ApiError(400, f"This model's maximum context length is {max_seq_len} tokens, and the prompt has "
-                            f"{prompt_tokens}: shorten it", prompt_param, "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_seq_len} tokens, and the prompt has "
+            f"{prompt_tokens}: shorten it",
+            prompt_param,
+            "context_length_exceeded",
+        )
     if max_tokens is not None and prompt_tokens + max_tokens > max_seq_len:
-        raise ApiError(400, f"This model's maximum context length is {max_seq_len} tokens, but you requested "
-                            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} for the "
-                            f"completion): lower '{name}' or shorten the prompt", name, "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_seq_len} tokens, but you requested "
+            f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} for the "
+            f"completion): lower '{name}' or shorten the prompt",
+            name,
+            "context_length_exceeded",
+        )
 
     def given(value, default):
         return default if value is None else value
 
     try:
         params = SamplingParams(
-            n=given(req.n, 1), temperature=float(given(req.temperature, 1.0)), top_p=float(given(req.top_p, 1.0)),
-            top_k=given(req.top_k, 0), max_tokens=max_tokens, stop=req.stop, seed=req.seed,
+            n=given(req.n, 1),
+            temperature=float(given(req.temperature, 1.0)),
+            top_p=float(given(req.top_p, 1.0)),
+            top_k=given(req.top_k, 0),
+            max_tokens=max_tokens,
+            stop=req.stop,
+            seed=req.seed,
             max_thinking_tokens=req.max_reasoning_tokens,
         )
     except NanoseekError as e:  # what the checks above missed
@@ -267,8 +294,9 @@ class _EventStream(StreamingResponse):
     disconnects cancels the response, possibly between two chunks)."""
 
     def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -301,34 +329,45 @@ class _EngineCounters(Collector):
         self.loop = loop
 
     def collect(self):
-        yield CounterMetricFamily("nanoseek_engine_steps", "Engine steps (one decoded token per running completion).",
-                                  value=self.loop.steps)
-        yield CounterMetricFamily("nanoseek_engine_step_seconds", "Time spent in engine steps.",
-                                  value=self.loop.step_seconds)
+        yield CounterMetricFamily(
+            "nanoseek_engine_steps", "Engine steps (one decoded token per running completion).", value=self.loop.steps
+        )
+        yield CounterMetricFamily(
+            "nanoseek_engine_step_seconds", "Time spent in engine steps.", value=self.loop.step_seconds
+        )
 
 
 class Metrics:
     def __init__(self, loop: EngineLoop):
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("nanoseek_requests", "HTTP requests by path and status code.", ["path", "status"],
-                                registry=registry)
-        self.tokens = Counter("nanoseek_tokens", "Tokens of finished requests: prompt, completion, and the reasoning "
-                              "part of completion.", ["kind"], registry=registry)
+        self.requests = Counter(
+            "nanoseek_requests", "HTTP requests by path and status code.", ["path", "status"], registry=registry
+        )
+        self.tokens = Counter(
+            "nanoseek_tokens",
+            "Tokens of finished requests: prompt, completion, and the reasoning part of completion.",
+            ["kind"],
+            registry=registry,
+        )
         for kind in ("prompt", "completion", "reasoning"):
             self.tokens.labels(kind)  # shown from the start, at 0
         for name, help_, read in (
-                ("nanoseek_queue_length", "Completions waiting for a row of the batch.", lambda: loop.waiting),
-                ("nanoseek_running", "Completions in the batch.", lambda: loop.running),
-                ("nanoseek_pending", "Completions accepted and not yet answered.", lambda: loop.pending),
-                ("nanoseek_capacity", "Completions accepted before answering 429.", lambda: loop.capacity),
+            ("nanoseek_queue_length", "Completions waiting for a row of the batch.", lambda: loop.waiting),
+            ("nanoseek_running", "Completions in the batch.", lambda: loop.running),
+            ("nanoseek_pending", "Completions accepted and not yet answered.", lambda: loop.pending),
+            ("nanoseek_capacity", "Completions accepted before answering 429.", lambda: loop.capacity),
         ):
             Gauge(name, help_, registry=registry).set_function(read)
         registry.register(_EngineCounters(loop))
-        self.latency = Histogram("nanoseek_request_duration_seconds", "HTTP request latency.", buckets=BUCKETS,
-                                 registry=registry)
-        self.ttft = Histogram("nanoseek_time_to_first_token_seconds",
-                              "From a completion request's arrival to its first token.", buckets=BUCKETS,
-                              registry=registry)
+        self.latency = Histogram(
+            "nanoseek_request_duration_seconds", "HTTP request latency.", buckets=BUCKETS, registry=registry
+        )
+        self.ttft = Histogram(
+            "nanoseek_time_to_first_token_seconds",
+            "From a completion request's arrival to its first token.",
+            buckets=BUCKETS,
+            registry=registry,
+        )
 
     def request(self, path: str, status: int, seconds: float) -> None:
         self.requests.labels(path, str(status)).inc()
@@ -372,8 +411,9 @@ class _MetricsMiddleware:
 # ---------------------------------------------------------------------------------------
 # The app.
 # ---------------------------------------------------------------------------------------
-def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None = None,
-               max_queue: int = 256) -> FastAPI:
+def create_app(
+    engine: Engine, model_name: str = "nanoseek", api_key: str | None = None, max_queue: int = 256
+) -> FastAPI:
     """The API over `engine` (which needs a tokenizer). `api_key`: required as `Authorization:
     Bearer KEY` on /v1/*. `max_queue`: completions that may wait for a row before 429."""
     if engine.tokenizer is None:
@@ -402,8 +442,10 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        message = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(e.status_code, str(e.detail))
         return ApiError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
 
     @app.exception_handler(Exception)
@@ -418,11 +460,16 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "Missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "Missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "Incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     async def read_body(request: Request, schema):
         """The JSON body, for this server's model, as `schema` (protocol.py): ApiError when it is not."""
@@ -440,16 +487,21 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"We could not parse the JSON body of your request ({e})",
-                           code="invalid_json") from None
+            raise ApiError(
+                400, f"We could not parse the JSON body of your request ({e})", code="invalid_json"
+            ) from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         model = body.get("model")
         if model is None:
             raise ApiError(400, "you must provide a model parameter", "model", "missing_model")
         if model != model_name:
-            raise ApiError(404, f"The model {json.dumps(model)[:80]} does not exist; this server serves "
-                                f"'{model_name}'", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model {json.dumps(model)[:80]} does not exist; this server serves '{model_name}'",
+                "model",
+                "model_not_found",
+            )
         return parse(schema, body)
 
     async def encode(text: str) -> list[int]:
@@ -463,13 +515,18 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
     async def start(body: SamplingRequest, prompt_ids: list[int], prefix: str, prompt_param: str):
         params, stream, include_usage = parse_sampling(body, len(prompt_ids), engine.max_seq_len, prompt_param)
         if params.n > loop.capacity:
-            raise ApiError(400, f"'n' = {params.n} is more than this server ever holds ({loop.capacity})", "n",
-                           "invalid_value")
+            raise ApiError(
+                400, f"'n' = {params.n} is more than this server ever holds ({loop.capacity})", "n", "invalid_value"
+            )
         if not loop.alive:
             raise ApiError(503, "the engine is not running", code="engine_down", headers={"Retry-After": "5"})
         if loop.pending + params.n > loop.capacity:
-            raise ApiError(429, f"the server is full ({loop.pending} completions pending): retry shortly",
-                           code="queue_full", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"the server is full ({loop.pending} completions pending): retry shortly",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
             job = await loop.submit(request_id, prompt_ids, params)
@@ -485,6 +542,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
 
     async def collect(job: Job, request: Request, on_event) -> None:
         """Run a non-streaming job to its end; abort it if the client goes away first."""
+
         async def consume():
             async for event in loop.events(job):
                 on_event(event)
@@ -528,16 +586,26 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
     async def health():
         if not loop.alive:
             raise ApiError(503, "the engine thread is not running", code="engine_down", headers={"Retry-After": "5"})
-        return {"status": "ok", "model": model_name, "running": loop.running, "waiting": loop.waiting,
-                "pending": loop.pending}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "running": loop.running,
+            "waiting": loop.waiting,
+            "pending": loop.pending,
+        }
 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "nanoseek",
-                "max_model_len": engine.max_seq_len}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "nanoseek",
+            "max_model_len": engine.max_seq_len,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -566,26 +634,56 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
             return {**head, "choices": choices, **({"usage": usage} if include_usage else {})}
 
         if stream:
+
             def render(event: StreamEvent):
                 # the engine's reasoning splitter: the deltas add up to the non-streamed message
                 reasoning, content = event.reasoning, event.answer
-                delta = {"content": content or None, "reasoning_content": reasoning or None} if (
-                    reasoning or content) else {}
+                delta = (
+                    {"content": content or None, "reasoning_content": reasoning or None}
+                    if (reasoning or content)
+                    else {}
+                )
                 finish = _finish_reason(event.finish_reason)
                 if delta or finish:
                     yield chunk([{"index": event.index, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
-            roles = [chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}]) for i in range(params.n)]
+            roles = [
+                chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
+                for i in range(params.n)
+            ]
             return _EventStream(stream_events(job, include_usage, render, chunk, roles), lambda: finish(job))
 
         await collect(job, request, lambda e: None)
-        choices = [{"index": i, "message": {"role": "assistant", "content": job.outputs[i].answer,
-                                            "reasoning_content": job.outputs[i].reasoning},
-                    "logprobs": None, "finish_reason": _finish_reason(job.outputs[i].finish_reason)}
-                   for i in range(params.n)]
-        return {"id": job.request_id, "object": "chat.completion", "created": job.created, "model": model_name,
-                "choices": choices, "usage": job.usage()}
+        choices = [
+            {
+                "index": i,
+                "message": {
+                    "role": "assistant",
+                    "content": job.outputs[i].answer,
+                    "reasoning_content": job.outputs[i].reasoning,
+                },
+                "logprobs": None,
+                "finish_reason": _finish_reason(job.outputs[i].finish_reason),
+            }
+            for i in range(params.n)
+        ]
+        return {
+            "id": job.request_id,
+            "object": "chat.completion",
+            "created": job.created,
+            "model": model_name,
+            "choices": choices,
+            "usage": job.usage(),
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -596,13 +694,22 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str) and prompt:
             ids = await encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < engine.config.vocab_size for t in prompt):
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < engine.config.vocab_size for t in prompt
+            )
+        ):
             ids = list(prompt)
         else:
-            raise ApiError(400, "'prompt' must be one non-empty string or one list of token ids in "
-                                f"[0, {engine.config.vocab_size}) (send several prompts as several requests)",
-                           "prompt", "invalid_value")
+            raise ApiError(
+                400,
+                "'prompt' must be one non-empty string or one list of token ids in "
+                f"[0, {engine.config.vocab_size}) (send several prompts as several requests)",
+                "prompt",
+                "invalid_value",
+            )
         job, params, stream, include_usage = await start(body, ids, "cmpl", "prompt")
         texts = [[] for _ in range(params.n)]
         head = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": model_name}
@@ -611,6 +718,7 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
             return {**head, "choices": choices, **({"usage": usage} if include_usage else {})}
 
         if stream:
+
             def render(event: StreamEvent):
                 finish = _finish_reason(event.finish_reason)
                 if event.text or finish:
@@ -619,8 +727,15 @@ def create_app(engine: Engine, model_name: str = "nanoseek", api_key: str | None
             return _EventStream(stream_events(job, include_usage, render, chunk), lambda: finish(job))
 
         await collect(job, request, lambda e: texts[e.index].append(e.text))
-        choices = [{"index": i, "text": "".join(texts[i]), "logprobs": None,
-                    "finish_reason": _finish_reason(job.outputs[i].finish_reason)} for i in range(params.n)]
+        choices = [
+            {
+                "index": i,
+                "text": "".join(texts[i]),
+                "logprobs": None,
+                "finish_reason": _finish_reason(job.outputs[i].finish_reason),
+            }
+            for i in range(params.n)
+        ]
         return {**head, "choices": choices, "usage": job.usage()}
 
     return app

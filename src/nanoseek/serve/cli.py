@@ -12,19 +12,29 @@ from nanoseek.errors import NanoseekError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve a model: OpenAI/DeepSeek-compatible API with reasoning_content, and a web chat",
+        "serve",
+        help="serve a model: OpenAI/DeepSeek-compatible API with reasoning_content, and a web chat",
         description="Endpoints: GET / (web chat), GET /v1/models, POST /v1/chat/completions, POST /v1/completions, "
-                    "GET /health, GET /metrics (Prometheus).")
+        "GET /health, GET /metrics (Prometheus).",
+    )
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF format + tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=os.environ.get("NANOSEEK_API_KEY"), metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("NANOSEEK_API_KEY"),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOSEEK_API_KEY, else none)",
+    )
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: DIR's name)")
     p.add_argument("--max-batch-size", type=int, default=16, help="completions decoded together (default 16)")
     p.add_argument("--max-seq-len", type=int, default=4096, help="context: prompt + completion tokens (default 4096)")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="completions that may wait for a batch row; more get 429 (default 256)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="completions that may wait for a batch row; more get 429 (default 256)",
+    )
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     add_device_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -36,8 +46,9 @@ def _listen(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
         raise NanoseekError(f"--port {port}: expected 0..65535")
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as e:
         raise NanoseekError(f"--host {host}: cannot resolve it ({e.strerror})") from None
     sock = socket.socket(family, kind, proto)
@@ -67,8 +78,14 @@ def cmd_serve(args) -> int:
     device, dtype = device_arguments(args)
     sock = _listen(args.host, args.port)
     try:
-        engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
-                                        max_seq_len=args.max_seq_len, speculative=args.speculative)
+        engine = Engine.from_pretrained(
+            args.model,
+            device=device,
+            dtype=dtype,
+            max_batch_size=args.max_batch_size,
+            max_seq_len=args.max_seq_len,
+            speculative=args.speculative,
+        )
         name = args.served_model_name or Path(args.model).resolve().name
         app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
     except BaseException:
@@ -76,9 +93,12 @@ def cmd_serve(args) -> int:
         raise
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"nanoseek serve: model '{name}' at http://{shown}:{port}  (web chat /, API /v1, metrics /metrics; "
-          f"batch {engine.max_batch_size}, context {engine.max_seq_len}, {engine.device.type} "
-          f"{str(engine.dtype).removeprefix('torch.')})", flush=True)
+    print(
+        f"nanoseek serve: model '{name}' at http://{shown}:{port}  (web chat /, API /v1, metrics /metrics; "
+        f"batch {engine.max_batch_size}, context {engine.max_seq_len}, {engine.device.type} "
+        f"{str(engine.dtype).removeprefix('torch.')})",
+        flush=True,
+    )
     if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
         print("warning: listening beyond this machine with no --api-key", flush=True)
     try:

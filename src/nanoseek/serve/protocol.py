@@ -25,28 +25,54 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # OpenAI parameters the engine does not have, with the values that ask for nothing.
 UNSUPPORTED: dict[str, tuple] = {
     # both endpoints
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "user": (), "service_tier": (),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "user": (),
+    "service_tier": (),
     # chat completions
-    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-    "parallel_tool_calls": (), "response_format": ({"type": "text"},), "logprobs": (False,), "top_logprobs": (0,),
-    "audio": (), "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "metadata": ({},),
-    "store": (False,), "web_search_options": (), "verbosity": (), "prompt_cache_key": (), "safety_identifier": (),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (),
+    "response_format": ({"type": "text"},),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "metadata": ({},),
+    "store": (False,),
+    "web_search_options": (),
+    "verbosity": (),
+    "prompt_cache_key": (),
+    "safety_identifier": (),
     # completions
-    "echo": (False,), "suffix": ("",), "best_of": (1,),
+    "echo": (False,),
+    "suffix": ("",),
+    "best_of": (1,),
 }
 
 
 class ApiError(Exception):
     """An error response: the status, an OpenAI-style body, and headers (Retry-After)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        kind = ("rate_limit_error" if self.status == 429 else "server_error" if self.status >= 500
-                else "invalid_request_error")
+        kind = (
+            "rate_limit_error"
+            if self.status == 429
+            else "server_error"
+            if self.status >= 500
+            else "invalid_request_error"
+        )
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
@@ -61,10 +87,14 @@ class ApiModel(BaseModel):
     @classmethod
     def _not_implemented(cls, value, info):
         neutral = UNSUPPORTED.get(info.field_name)
-        if neutral is not None and value is not None and not any(
-                value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral):  # false is not 0
-            raise PydanticCustomError("unsupported_parameter", "'{name}' is not supported by this server",
-                                      {"name": info.field_name})
+        if (
+            neutral is not None
+            and value is not None
+            and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral)
+        ):  # false is not 0
+            raise PydanticCustomError(
+                "unsupported_parameter", "'{name}' is not supported by this server", {"name": info.field_name}
+            )
         return value
 
 
@@ -82,8 +112,10 @@ class ChatMessage(ApiModel):
     def _text(cls, content):
         if content is None or isinstance(content, str):
             return content
-        if isinstance(content, list) and all(isinstance(p, dict) and p.keys() == {"type", "text"}
-                                             and p["type"] == "text" and isinstance(p["text"], str) for p in content):
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.keys() == {"type", "text"} and p["type"] == "text" and isinstance(p["text"], str)
+            for p in content
+        ):
             return "".join(p["text"] for p in content)
         raise ValueError("must be a string or a list of text parts")
 
@@ -97,7 +129,7 @@ class SamplingRequest(ApiModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # nanoseek's: 0 or -1 for all tokens
     max_tokens: int | None = Field(None, ge=1)  # None: up to the context
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: list[str] | None = None  # a string or at most MAX_STOP of them
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -112,8 +144,9 @@ class SamplingRequest(ApiModel):
     @classmethod
     def _stops(cls, stop):
         stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-                                 or len(stop) > MAX_STOP):
+        if stop is not None and (
+            not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP
+        ):
             raise ValueError(f"must be a non-empty string or a list of at most {MAX_STOP} of them")
         return stop
 
@@ -142,9 +175,14 @@ class ChatCompletionRequest(SamplingRequest):
 
     def chat(self) -> list[dict]:
         """The messages as the chat template takes them (developer is system)."""
-        return [{"role": ROLES[m.role], "content": m.content,
-                 **({"reasoning_content": m.reasoning_content} if m.reasoning_content is not None else {})}
-                for m in self.messages]
+        return [
+            {
+                "role": ROLES[m.role],
+                "content": m.content,
+                **({"reasoning_content": m.reasoning_content} if m.reasoning_content is not None else {}),
+            }
+            for m in self.messages
+        ]
 
 
 class CompletionRequest(SamplingRequest):
@@ -158,12 +196,24 @@ class CompletionRequest(SamplingRequest):
 # ---------------------------------------------------------------------------------------
 # pydantic's errors as OpenAI's: the first one, naming its parameter.
 # ---------------------------------------------------------------------------------------
-TYPES = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
-         "finite_number": "a finite number", "bool_type": "true or false", "string_type": "a string",
-         "list_type": "a list", "model_type": "an object", "model_attributes_type": "an object",
-         "dict_type": "an object"}
-BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
-          "less_than": ("lt", "<")}
+TYPES = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "dict_type": "an object",
+}
+BOUNDS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+    "less_than": ("lt", "<"),
+}
 
 
 def _param(loc: tuple) -> str:

@@ -46,7 +46,7 @@ class Step(NamedTuple):
 
 
 def split_of(key: str, test_share: float) -> str:
-    """"test" for a fixed share of keys, by hash, so a problem is in one split only."""
+    """ "test" for a fixed share of keys, by hash, so a problem is in one split only."""
     h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
     return "test" if h / 2**64 < test_share else "train"
 
@@ -106,7 +106,9 @@ class GeneratedTask(Task):
                 seen.add(key)
                 out.append(p)
         if n > 0 and not out:
-            raise NanoseekError(f"task {self.name!r}: no {split} problems with these options; allow more problems or change test_share")
+            raise NanoseekError(
+                f"task {self.name!r}: no {split} problems with these options; allow more problems or change test_share"
+            )
         unique = len(out)
         while len(out) < n:  # a small problem space: repeat
             out.append(out[len(out) % unique])

@@ -54,8 +54,15 @@ def parse(expression: str) -> tuple[list[int], str]:
 class Arith(GeneratedTask):
     name = "arith"
 
-    def __init__(self, min_ops: int = 2, max_ops: int = 6, min_operand: int = 1, max_operand: int = 5,
-                 ops: str = "+-", test_share: float = 0.1):
+    def __init__(
+        self,
+        min_ops: int = 2,
+        max_ops: int = 6,
+        min_operand: int = 1,
+        max_operand: int = 5,
+        ops: str = "+-",
+        test_share: float = 0.1,
+    ):
         if not 1 <= min_ops <= max_ops:
             raise NanoseekError(f"arith: need 1 <= min_ops <= max_ops, got {min_ops} and {max_ops}")
         if not 0 <= min_operand <= max_operand:
@@ -74,8 +81,9 @@ class Arith(GeneratedTask):
         ops = "".join(rng.choice(self.ops) for _ in range(n_ops))
         prompt = str(numbers[0]) + "".join(op + str(b) for op, b in zip(ops, numbers[1:]))
         value, steps = solve(numbers, ops)
-        return Problem(prompt=prompt, answer=str(value), difficulty=n_ops, task=self.name,
-                       solution=", ".join(map(str, steps)))
+        return Problem(
+            prompt=prompt, answer=str(value), difficulty=n_ops, task=self.name, solution=", ".join(map(str, steps))
+        )
 
     def steps(self, problem: Problem) -> list[Step]:
         return solve(*parse(problem.prompt))[1]

@@ -66,14 +66,24 @@ def solve(values: dict[str, int], names: list[str], ops: str) -> tuple[int, list
 class Chain(GeneratedTask):
     name = "chain"
 
-    def __init__(self, min_values: int = 2, max_values: int = 7, min_value: int = 1, max_value: int = 5,
-                 signed: bool = False, test_share: float = 0.1):
+    def __init__(
+        self,
+        min_values: int = 2,
+        max_values: int = 7,
+        min_value: int = 1,
+        max_value: int = 5,
+        signed: bool = False,
+        test_share: float = 0.1,
+    ):
         if not 2 <= min_values <= max_values <= len(NAMES):
-            raise NanoseekError(f"chain: need 2 <= min_values <= max_values <= {len(NAMES)}, "
-                                f"got {min_values} and {max_values}")
+            raise NanoseekError(
+                f"chain: need 2 <= min_values <= max_values <= {len(NAMES)}, got {min_values} and {max_values}"
+            )
         if not 0 <= min_value <= max_value:
-            raise NanoseekError(f"chain: need 0 <= min_value <= max_value (the size of the values; each "
-                                f"gets a random sign), got {min_value} and {max_value}")
+            raise NanoseekError(
+                f"chain: need 0 <= min_value <= max_value (the size of the values; each "
+                f"gets a random sign), got {min_value} and {max_value}"
+            )
         if not 0 <= test_share < 1:
             raise NanoseekError(f"chain: test_share {test_share} must be in [0, 1)")
         self.min_values, self.max_values = min_values, max_values

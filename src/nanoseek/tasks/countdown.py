@@ -19,10 +19,18 @@ _STEP = re.compile(r"(-?\d+)([-+*/])(-?\d+)=(-?\d+)")
 class Countdown(GeneratedTask):
     name = "countdown"
 
-    def __init__(self, min_numbers: int = 3, max_numbers: int = 4, max_number: int = 99,
-                 max_target: int = 100, test_share: float = 0.1):
+    def __init__(
+        self,
+        min_numbers: int = 3,
+        max_numbers: int = 4,
+        max_number: int = 99,
+        max_target: int = 100,
+        test_share: float = 0.1,
+    ):
         if not 2 <= min_numbers <= max_numbers <= 6:
-            raise NanoseekError(f"countdown: need 2 <= min_numbers <= max_numbers <= 6, got {min_numbers} and {max_numbers}")
+            raise NanoseekError(
+                f"countdown: need 2 <= min_numbers <= max_numbers <= 6, got {min_numbers} and {max_numbers}"
+            )
         if max_number < 1 or max_target < 1:
             raise NanoseekError("countdown: max_number and max_target must be at least 1")
         if not 0 <= test_share < 1:
@@ -53,10 +61,19 @@ class Countdown(GeneratedTask):
             if made and 1 <= made[0] <= self.max_target:
                 target, expression, steps = made
                 shown = ", ".join(map(str, numbers))
-                prompt = (f"Using the numbers {shown}, each exactly once, with + - * / and parentheses, "
-                          f"make {target}. Answer with the expression.")
-                return Problem(prompt=prompt, answer=expression, difficulty=k, task=self.name,
-                               numbers=tuple(numbers), target=target, solution=", ".join(map(str, steps)))
+                prompt = (
+                    f"Using the numbers {shown}, each exactly once, with + - * / and parentheses, "
+                    f"make {target}. Answer with the expression."
+                )
+                return Problem(
+                    prompt=prompt,
+                    answer=expression,
+                    difficulty=k,
+                    task=self.name,
+                    numbers=tuple(numbers),
+                    target=target,
+                    solution=", ".join(map(str, steps)),
+                )
         raise NanoseekError("countdown: could not make a problem with these options; raise max_target or max_number")
 
     def key(self, problem: Problem) -> str:

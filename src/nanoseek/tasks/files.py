@@ -40,7 +40,9 @@ def load_records(path: str | Path | list) -> list[dict]:
     try:
         ds = datasets.load_dataset(kinds.pop(), data_files=paths, split="train")
     except Exception as e:
-        raise NanoseekError(f"{', '.join(paths)}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise NanoseekError(
+            f"{', '.join(paths)}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
     finally:
         if bars:
             datasets.enable_progress_bars()
@@ -61,8 +63,10 @@ class FileTask(Task):
         for i, row in enumerate(load_records(self.path)):
             missing = [f for f in self.layout if not isinstance(row.get(f), str)]
             if missing:
-                raise NanoseekError(f"{self.path}: row {i + 1} lacks string field {', '.join(missing)} "
-                                    f"(a {self.name} file has {', '.join(self.layout)})")
+                raise NanoseekError(
+                    f"{self.path}: row {i + 1} lacks string field {', '.join(missing)} "
+                    f"(a {self.name} file has {', '.join(self.layout)})"
+                )
             problem = self.to_problem(row, i)
             if problem.prompt not in seen:
                 seen.add(problem.prompt)
@@ -77,7 +81,9 @@ class FileTask(Task):
         check_split(split)
         pool = self.problems[split]
         if not pool:
-            raise NanoseekError(f"{self.name}: the {split} split of {self.path} is empty; add problems or change test_share")
+            raise NanoseekError(
+                f"{self.name}: the {split} split of {self.path} is empty; add problems or change test_share"
+            )
         if n is None:
             return list(pool)
         rng = random.Random(f"{self.name}:{split}:{seed}")
@@ -97,9 +103,13 @@ class GSM8K(FileTask):
             raise NanoseekError(f"{self.path}: row {i + 1}: 'answer' does not end in '#### N'")
         work, final = row["answer"].rsplit("####", 1)
         work = re.sub(r"<<[^>]*>>", "", work).strip()  # GSM8K's calculator annotations
-        return Problem(prompt=row["question"].strip(), answer=final.strip().replace(",", ""),
-                       difficulty=len([line for line in work.splitlines() if line.strip()]),
-                       task=self.name, solution=work)
+        return Problem(
+            prompt=row["question"].strip(),
+            answer=final.strip().replace(",", ""),
+            difficulty=len([line for line in work.splitlines() if line.strip()]),
+            task=self.name,
+            solution=work,
+        )
 
 
 class MATH(FileTask):
@@ -112,6 +122,11 @@ class MATH(FileTask):
         if answer is None:
             raise NanoseekError(f"{self.path}: row {i + 1}: 'solution' has no \\boxed{{}} answer")
         level = re.search(r"\d+", str(row.get("level", "")))
-        return Problem(prompt=row["problem"].strip(), answer=answer.strip(),
-                       difficulty=int(level.group()) if level else 0, task=self.name,
-                       solution=row["solution"], meta={"type": row.get("type")})
+        return Problem(
+            prompt=row["problem"].strip(),
+            answer=answer.strip(),
+            difficulty=int(level.group()) if level else 0,
+            task=self.name,
+            solution=row["solution"],
+            meta={"type": row.get("type")},
+        )

@@ -109,8 +109,14 @@ def _fresh(tmp: Path) -> Path:
     return tmp
 
 
-def save_checkpoint(out: str | Path, step: int, model_sd: dict[str, torch.Tensor],
-                    optim_sd: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    out: str | Path,
+    step: int,
+    model_sd: dict[str, torch.Tensor],
+    optim_sd: dict[str, torch.Tensor],
+    state: dict,
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` atomically and drop all but the newest `keep` (one process)."""
     root = checkpoints_dir(out)
     tmp = _fresh(root / f".tmp-step-{step:08d}-{os.getpid()}")
@@ -121,8 +127,9 @@ def save_checkpoint(out: str | Path, step: int, model_sd: dict[str, torch.Tensor
     return _publish(out, tmp, step, {**state, "files": files}, keep)
 
 
-def save_sharded_checkpoint(out: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict, ctx,
-                            keep: int = 2) -> Path:
+def save_sharded_checkpoint(
+    out: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict, ctx, keep: int = 2
+) -> Path:
     """Write checkpoint `step` from every rank at once (collective): each rank writes the shards
     it holds of `tensors` (DTensors, or plain tensors that only it has or that all ranks hold
     alike) through torch.distributed.checkpoint; rank 0 then records the files' hashes and
@@ -208,8 +215,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             tensors[name] = load_safetensors(data)
         except (SafetensorError, ValueError) as e:
             raise NanoseekError(f"{f}: unreadable safetensors ({e})") from None
-    return Checkpoint(path, int(state["step"]), tensors["model.safetensors"], tensors["optimizer.safetensors"],
-                      state)
+    return Checkpoint(path, int(state["step"]), tensors["model.safetensors"], tensors["optimizer.safetensors"], state)
 
 
 def _read_sharded(path: Path, state: dict) -> Checkpoint:
@@ -225,8 +231,11 @@ def _read_sharded(path: Path, state: dict) -> Checkpoint:
         if _sha256(f) != digest:
             raise NanoseekError(f"{f}: corrupt checkpoint (SHA-256 differs from the one recorded in trainer.json)")
     metadata = FileSystemReader(path).read_metadata().state_dict_metadata
-    shapes = {name[len("model."):]: tuple(m.size) for name, m in metadata.items()
-              if name.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    shapes = {
+        name[len("model.") :]: tuple(m.size)
+        for name, m in metadata.items()
+        if name.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
     return Checkpoint(path, int(state["step"]), {}, {}, state, sharded=True, shapes=shapes)
 
 
@@ -255,9 +264,11 @@ def jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def check_compatible(ckpt: Checkpoint, config: dict, model_config: dict, resumable: tuple[str, ...],
-                     shapes: dict[str, tuple[int, ...]]) -> None:
+def check_compatible(
+    ckpt: Checkpoint, config: dict, model_config: dict, resumable: tuple[str, ...], shapes: dict[str, tuple[int, ...]]
+) -> None:
     """Raise if the checkpoint was written by another configuration or for another model."""
+
     def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
         out = []
         for key in sorted(set(saved) | set(now)):
@@ -274,8 +285,7 @@ def check_compatible(ckpt: Checkpoint, config: dict, model_config: dict, resumab
     diff += differences(ckpt.state.get("config", {}), config, skip=resumable)
     if diff:
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
-        raise NanoseekError(f"{ckpt.path}: checkpoint was written with a different config: "
-                            f"{'; '.join(diff[:3])}{more}")
+        raise NanoseekError(f"{ckpt.path}: checkpoint was written with a different config: {'; '.join(diff[:3])}{more}")
     where = f"{ckpt.path}/{'.metadata' if ckpt.sharded else 'model.safetensors'}"
     missing = sorted(set(shapes) - set(ckpt.shapes))
     extra = sorted(set(ckpt.shapes) - set(shapes))
@@ -291,8 +301,10 @@ def check_compatible(ckpt: Checkpoint, config: dict, model_config: dict, resumab
 # ---------------------------------------------------------------------------------------
 def rng_state() -> dict:
     version, internal, gauss = random.getstate()
-    state = {"python": [version, list(internal), gauss],
-             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    state = {
+        "python": [version, list(internal), gauss],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return state

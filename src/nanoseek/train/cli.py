@@ -7,18 +7,36 @@ def register(sub) -> None:
     for stage, help_, example in (
         ("pretrain", "pretrain a model with the DeepSeek-V3 recipe", "steps=100 data.files=[corpus.jsonl]"),
         ("sft", "supervised fine-tuning on chat conversations (loss on assistant tokens)", "steps=100 lr=1e-4"),
-        ("grpo", "reinforcement learning with GRPO and verifiable rewards (R1-Zero)",
-         "init_from=runs/pretrain/hf steps=20"),
+        (
+            "grpo",
+            "reinforcement learning with GRPO and verifiable rewards (R1-Zero)",
+            "init_from=runs/pretrain/hf steps=20",
+        ),
     ):
         p = sub.add_parser(stage, help=help_)
-        p.add_argument("--config", help=f"YAML config (e.g. configs/{stage}-tiny.yaml)"
-                       + ("; keys: GRPORunConfig in nanoseek/train/grpo.py" if stage == "grpo" else ""))
-        p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                       help=f"override a config key, e.g. --set {example} (repeatable)")
+        p.add_argument(
+            "--config",
+            help=f"YAML config (e.g. configs/{stage}-tiny.yaml)"
+            + ("; keys: GRPORunConfig in nanoseek/train/grpo.py" if stage == "grpo" else ""),
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="extend",
+            nargs="+",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"override a config key, e.g. --set {example} (repeatable)",
+        )
         p.add_argument("--out", required=True, help="output directory: checkpoints, metrics, plots, hf/ model")
-        p.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                       help="resume from CHECKPOINT (default: the newest in OUT). Without this flag a run "
-                            "resumes from OUT's newest checkpoint if there is one")
+        p.add_argument(
+            "--resume",
+            nargs="?",
+            const="latest",
+            metavar="CHECKPOINT",
+            help="resume from CHECKPOINT (default: the newest in OUT). Without this flag a run "
+            "resumes from OUT's newest checkpoint if there is one",
+        )
         p.set_defaults(func=run_grpo if stage == "grpo" else run_stage, stage=stage)
 
 

@@ -143,7 +143,7 @@ class DistributedMoE(MoE):
         ys = torch.empty_like(xs)
         start = 0
         for j, n in enumerate(sizes):
-            ys[start:start + n] = self.experts[str(first + j)](xs[start:start + n])
+            ys[start : start + n] = self.experts[str(first + j)](xs[start : start + n])
             start += n
         if self.ep_world > 1:
             ys = all_to_all(ys[regroup.argsort()], send_splits, recv_splits)
@@ -157,8 +157,9 @@ def distribute_experts(model: nn.Module, ep_rank: int, ep_world: int) -> list[nn
     kept: list[nn.Parameter] = []
     for moe in [m for m in model.modules() if isinstance(m, MoE)]:
         if moe.n_experts % ep_world:
-            raise NanoseekError(f"expert parallelism: n_routed_experts {moe.n_experts} is not divisible by the "
-                                f"{ep_world} ranks")
+            raise NanoseekError(
+                f"expert parallelism: n_routed_experts {moe.n_experts} is not divisible by the {ep_world} ranks"
+            )
         n_local = moe.n_experts // ep_world
         local = range(ep_rank * n_local, (ep_rank + 1) * n_local)
         moe.experts = nn.ModuleDict({str(e): moe.experts[e] for e in local})
@@ -236,8 +237,11 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, c
         for name, p in model.named_parameters():
             if f"optimizer.{name}.step" in saved:
                 # AdamW's own layout: a float32 step count, moments shaped (and sharded) like p
-                state = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p),
-                         "exp_avg_sq": torch.zeros_like(p)}
+                state = {
+                    "step": torch.zeros((), dtype=torch.float32),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
                 moments[p] = state
                 tensors.update({f"optimizer.{name}.{k}": v for k, v in state.items()})
     with torch.no_grad():
@@ -247,8 +251,9 @@ def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer | None, c
         optimizer.state.update(moments)
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Model and optimizer state as full CPU tensors under single-process names, e.g.
     `layers.1.mlp.experts.3.up_proj.weight` and `....weight.exp_avg`. Collective: every rank
     calls it; the result is complete on rank 0 (and in a single process)."""
@@ -284,8 +289,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: C
     return model_sd, optim_sd
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict[str, torch.Tensor],
-                    optim_sd: dict[str, torch.Tensor] | None) -> None:
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_sd: dict[str, torch.Tensor],
+    optim_sd: dict[str, torch.Tensor] | None,
+) -> None:
     """Copy full tensors into a (possibly sharded) model and optimizer: each rank keeps its
     own shard of every FSDP tensor and its own experts."""
     from torch.distributed.tensor import distribute_tensor

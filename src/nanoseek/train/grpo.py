@@ -101,8 +101,16 @@ def _normalise_prompts(prompts) -> list[dict]:
 
 
 class GRPOTrainer:
-    def __init__(self, model, tokenizer, reward_fn: RewardFn, prompts, config: GRPOConfig | None = None,
-                 metrics_fn: Callable[..., dict[str, list[float]]] | None = None, engine=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        reward_fn: RewardFn,
+        prompts,
+        config: GRPOConfig | None = None,
+        metrics_fn: Callable[..., dict[str, list[float]]] | None = None,
+        engine=None,
+    ):
         from nanoseek.infer import Engine
 
         self.config = config or GRPOConfig()
@@ -111,16 +119,20 @@ class GRPOTrainer:
         self.rows = _normalise_prompts(prompts)
         c = self.config
         torch.manual_seed(c.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(0.9, 0.95),
-                                           weight_decay=c.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay
+        )
         self.ref_model = None
         if c.beta != 0.0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         prompt_len = max(len(self.tokenizer.encode(r["prompt"], bos=True)) for r in self.rows)
         # The engine reads the policy's weights in place: no copy of the model per step.
-        self.engine = engine or Engine(self.model, self.tokenizer,
-                                       max_batch_size=min(c.group_size * c.prompts_per_step, 256),
-                                       max_seq_len=prompt_len + c.max_new_tokens + 1)
+        self.engine = engine or Engine(
+            self.model,
+            self.tokenizer,
+            max_batch_size=min(c.group_size * c.prompts_per_step, 256),
+            max_seq_len=prompt_len + c.max_new_tokens + 1,
+        )
         self.step_count = 0
         self.position = 0  # next prompt in this epoch's order
         self.epoch = 0
@@ -145,9 +157,15 @@ class GRPOTrainer:
         from nanoseek.infer import SamplingParams
 
         c = self.config
-        params = SamplingParams(n=c.group_size, temperature=c.temperature, top_p=c.top_p,
-                                max_tokens=c.max_new_tokens, min_tokens=c.min_new_tokens, stop=list(c.stop),
-                                seed=c.seed * 1_000_003 + self.step_count)
+        params = SamplingParams(
+            n=c.group_size,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            max_tokens=c.max_new_tokens,
+            min_tokens=c.min_new_tokens,
+            stop=list(c.stop),
+            seed=c.seed * 1_000_003 + self.step_count,
+        )
         prompt_ids = [self.tokenizer.encode(r["prompt"], bos=True) for r in rows]  # as the corpus documents
         self.model.eval()
         results = self.engine.generate(prompt_ids, params)
@@ -157,8 +175,7 @@ class GRPOTrainer:
     def score(self, rows, completions) -> tuple[torch.Tensor, dict[str, list[float]]]:
         flat_prompts = [r["prompt"] for r in rows for _ in range(self.config.group_size)]
         texts = [o.text for group in completions for o in group]
-        columns = {k: [r[k] for r in rows for _ in range(self.config.group_size)]
-                   for k in rows[0] if k != "prompt"}
+        columns = {k: [r[k] for r in rows for _ in range(self.config.group_size)] for k in rows[0] if k != "prompt"}
         rewards = self.reward_fn(flat_prompts, texts, **columns)
         if len(rewards) != len(texts):
             raise NanoseekError(f"reward_fn returned {len(rewards)} rewards for {len(texts)} completions")
@@ -205,8 +222,10 @@ class GRPOTrainer:
         cache = LatentCache([kv[group] for kv in cache.kv], [pe[group] for pe in cache.pe])
         positions = lens[group, None] + torch.arange(comp.shape[1], device=comp.device)  # right after the prompt
         # The prompt's last position predicts the first completion token.
-        hidden = torch.cat([hidden[group, lens[group] - 1, None],
-                            model.hidden_states(comp, positions, cache, impl="naive")[:, :-1]], dim=1)
+        hidden = torch.cat(
+            [hidden[group, lens[group] - 1, None], model.hidden_states(comp, positions, cache, impl="naive")[:, :-1]],
+            dim=1,
+        )
         logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
         lp = logp.gather(-1, comp[..., None]).squeeze(-1)
         if not with_entropy:
@@ -236,11 +255,20 @@ class GRPOTrainer:
                 for j, sl in enumerate(mbs):
                     lp, ent = micro_batch_logprobs(self.model, sl, with_entropy=True)
                     old_lp = old[j] if old is not None else lp.detach()
-                    loss, stats = grpo_loss(lp, old_lp, adv[sl], mask[sl], ref[j] if ref is not None else None,
-                                            c.loss_type, c.epsilon, c.epsilon_high, c.beta, c.max_new_tokens)
+                    loss, stats = grpo_loss(
+                        lp,
+                        old_lp,
+                        adv[sl],
+                        mask[sl],
+                        ref[j] if ref is not None else None,
+                        c.loss_type,
+                        c.epsilon,
+                        c.epsilon_high,
+                        c.beta,
+                        c.max_new_tokens,
+                    )
                     # micro-batches add up to the batch loss: by tokens for the token-level loss
-                    share = (mask[sl].sum() / mask.sum()).item() if c.loss_type == "dapo" \
-                        else len(comp[sl]) / n_total
+                    share = (mask[sl].sum() / mask.sum()).item() if c.loss_type == "dapo" else len(comp[sl]) / n_total
                     (loss * share).backward()
                     loss_sum += stats.loss * share
                     kl_sum += stats.kl * share
@@ -252,8 +280,12 @@ class GRPOTrainer:
                 self.optimizer.step()
             self.model.eval()
         passes = max(c.mu, 1) if keep else 1
-        return {"loss": loss_sum / passes, "kl": kl_sum / passes, "clip_fraction": clip_sum / passes,
-                "entropy": ent_sum / passes}
+        return {
+            "loss": loss_sum / passes,
+            "kl": kl_sum / passes,
+            "clip_fraction": clip_sum / passes,
+            "entropy": ent_sum / passes,
+        }
 
     def step(self) -> dict:
         c = self.config
@@ -264,7 +296,7 @@ class GRPOTrainer:
         t_gen = time.perf_counter() - t0
 
         advantages = group_advantages(rewards, c.loss_type)
-        equal = (rewards.max(1).values == rewards.min(1).values)
+        equal = rewards.max(1).values == rewards.min(1).values
         keep = [g for g in range(len(rows)) if not (c.dynamic_sampling and equal[g])]
         lengths = [len(o.token_ids) for group in completions for o in group]
         # the engine's thinking length: the evaluation and the report read the same number
@@ -287,22 +319,28 @@ class GRPOTrainer:
         self.step_count += 1
         if self.ref_model is not None and c.ref_refresh_every and self.step_count % c.ref_refresh_every == 0:
             self.ref_model.load_state_dict(self.model.state_dict())
-        metrics.update(train_stats, groups_used=len(keep), gen_seconds=t_gen,
-                       train_seconds=time.perf_counter() - t1)
+        metrics.update(train_stats, groups_used=len(keep), gen_seconds=t_gen, train_seconds=time.perf_counter() - t1)
         self.history.append(metrics)
         return metrics
 
-    def train(self, steps: int, callback: Callable[[dict], None] | None = None, progress: bool = True
-              ) -> list[dict]:
+    def train(self, steps: int, callback: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
         """`steps` more steps; `callback(metrics)` after each (logging, checkpoints)."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.step_count + steps, initial=self.step_count, desc="grpo", dynamic_ncols=True,
-                   disable=not progress)
+        bar = tqdm(
+            total=self.step_count + steps,
+            initial=self.step_count,
+            desc="grpo",
+            dynamic_ncols=True,
+            disable=not progress,
+        )
         for _ in range(steps):
             m = self.step()
-            postfix = {"reward": f"{m['reward_mean']:.3f}", "len": f"{m['completion_len_mean']:.0f}",
-                       "think": f"{m['thinking_len_mean']:.0f}"}
+            postfix = {
+                "reward": f"{m['reward_mean']:.3f}",
+                "len": f"{m['completion_len_mean']:.0f}",
+                "think": f"{m['thinking_len_mean']:.0f}",
+            }
             if "accuracy" in m:
                 postfix["acc"] = f"{m['accuracy']:.3f}"
             bar.set_postfix(postfix)
@@ -333,8 +371,13 @@ class GRPOTrainer:
         """Policy, reference model, AdamW moments, prompt position and RNG states, atomically."""
         model_sd, optim_sd = self._tensors()
         config, model_config = self._configs()
-        state = {"stage": "grpo", "config": config, "model_config": model_config, "trainer": self.state_dict(),
-                 "rng": ckpt.rng_state()}
+        state = {
+            "stage": "grpo",
+            "config": config,
+            "model_config": model_config,
+            "trainer": self.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
         return ckpt.save_checkpoint(out, self.step_count, model_sd, optim_sd, state, keep=keep)
 
     def restore(self, path: str | Path) -> None:
@@ -346,8 +389,9 @@ class GRPOTrainer:
         if self.ref_model is not None:
             shapes.update({f"ref.{k}": shape for k, shape in shapes.items()})
         ckpt.check_compatible(c, *self._configs(), RESUMABLE_KEYS, shapes)
-        distributed.load_full_state(self.model, self.optimizer, {k: v for k, v in c.model.items()
-                                                                 if not k.startswith("ref.")}, c.optimizer)
+        distributed.load_full_state(
+            self.model, self.optimizer, {k: v for k, v in c.model.items() if not k.startswith("ref.")}, c.optimizer
+        )
         if self.ref_model is not None:
             self.ref_model.load_state_dict({k[4:]: v for k, v in c.model.items() if k.startswith("ref.")})
         self.load_state_dict(c.state["trainer"])
@@ -412,18 +456,26 @@ def task_prompts(task, problems, template: str) -> list[dict]:
     return [{"prompt": template.format(prompt=p.prompt), "problem": p} for p in problems]
 
 
-def task_rewards(task, weights: dict, tokenizer, max_tokens: int, overlong_buffer: int = 0,
-                 think_opened: bool = False):
+def task_rewards(task, weights: dict, tokenizer, max_tokens: int, overlong_buffer: int = 0, think_opened: bool = False):
     """(reward_fn, metrics_fn) from the config's reward weights, over the `problem` column. The
     accuracy term is the task's own reward, the one the evaluation scores with; `think_opened`:
     the template ends inside <think> (the format reward then expects no <think> of the output's)."""
     from nanoseek.rewards import combined_reward
 
     def scores(completions, problem):
-        return [combined_reward(c, p, weights, num_tokens=len(tokenizer.encode(c)) if weights.get("overlong") else None,
-                                max_tokens=max_tokens, overlong_buffer=overlong_buffer, think_opened=think_opened,
-                                accuracy=task.reward)
-                for c, p in zip(completions, problem)]
+        return [
+            combined_reward(
+                c,
+                p,
+                weights,
+                num_tokens=len(tokenizer.encode(c)) if weights.get("overlong") else None,
+                max_tokens=max_tokens,
+                overlong_buffer=overlong_buffer,
+                think_opened=think_opened,
+                accuracy=task.reward,
+            )
+            for c, p in zip(completions, problem)
+        ]
 
     def reward_fn(prompts, completions, problem, **_):
         return [s["total"] for s in scores(completions, problem)]
@@ -448,8 +500,14 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     device = resolve_device(cfg.device, "config key 'device'")
     dtype = resolve_dtype(cfg.dtype, device, "config key 'dtype'")
     model, tokenizer = _load(cfg.init_from, cfg.tokenizer, device, dtype)
-    reward_fn, metrics_fn = task_rewards(task, cfg.rewards, tokenizer, cfg.max_new_tokens, cfg.overlong_buffer,
-                                         think_opened=prompt_opens_reasoning(cfg.template))
+    reward_fn, metrics_fn = task_rewards(
+        task,
+        cfg.rewards,
+        tokenizer,
+        cfg.max_new_tokens,
+        cfg.overlong_buffer,
+        think_opened=prompt_opens_reasoning(cfg.template),
+    )
     rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed), cfg.template)
     trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn)
     start = ckpt.find_resume(out, resume)
@@ -459,8 +517,11 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     ckpt.remove_partial(out)
     save_config(cfg, out / "config.yaml")
     verb = f"resuming {start} at step {trainer.step_count}" if start else "starting"
-    print(f"grpo: {verb}; {cfg.prompts_per_step} prompts x {cfg.group_size} completions a step, "
-          f"{cfg.loss_type} loss, beta {cfg.beta}, task {cfg.task}, {device.type} {cfg.dtype}", file=sys.stderr)
+    print(
+        f"grpo: {verb}; {cfg.prompts_per_step} prompts x {cfg.group_size} completions a step, "
+        f"{cfg.loss_type} loss, beta {cfg.beta}, task {cfg.task}, {device.type} {cfg.dtype}",
+        file=sys.stderr,
+    )
     metrics = Metrics(out, trainer.step_count, cfg.tensorboard)
 
     def after_step(m: dict) -> None:

@@ -48,10 +48,18 @@ class LossStats:
     clip_fraction: float
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              ref_logp: torch.Tensor | None = None, loss_type: str = "grpo", epsilon: float = 0.2,
-              epsilon_high: float | None = None, beta: float = 0.0, max_new_tokens: int | None = None
-              ) -> tuple[torch.Tensor, LossStats]:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    loss_type: str = "grpo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    max_new_tokens: int | None = None,
+) -> tuple[torch.Tensor, LossStats]:
     """The loss to minimise for completions [N, T]: logp (with grad), old_logp and ref_logp
     (no grad), advantages [N], mask [N, T] of completion tokens."""
     if loss_type not in LOSS_TYPES:
@@ -75,6 +83,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     else:
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     n = mask.sum().clamp(min=1)
-    stats = LossStats(loss=loss.item(), kl=((kl * mask).sum() / n).item(),
-                      clip_fraction=(((clipped < unclipped).float() * mask).sum() / n).item())
+    stats = LossStats(
+        loss=loss.item(),
+        kl=((kl * mask).sum() / n).item(),
+        clip_fraction=(((clipped < unclipped).float() * mask).sum() / n).item(),
+    )
     return loss, stats

@@ -174,16 +174,25 @@ def plot_metrics(metrics_file: str | Path, out_dir: str | Path, moe_names: list[
     loads = [(names[i], steps, _curve(records, "expert_load", i)) for i in range(layers)]
     loads = [line for line in loads if any(math.isfinite(v) for v in line[2])]
     if loads:
-        written.append(_draw(out_dir / "expert_load.png",
-                             [Panel("Expert load (max / mean tokens per expert)", "max / mean", loads)]))
+        written.append(
+            _draw(
+                out_dir / "expert_load.png", [Panel("Expert load (max / mean tokens per expert)", "max / mean", loads)]
+            )
+        )
     return written
 
 
 # GRPO: the metric keys, with their labels, of each panel.
-GRPO_SHARES = (("accuracy", "accuracy"), ("format", "format rate"),
-               ("all_equal_groups", "groups with all-equal rewards"))
-GRPO_LENGTHS = (("completion_len_mean", "completion (mean)"), ("thinking_len_mean", "thinking (mean)"),
-                ("thinking_len_max", "thinking (max)"))
+GRPO_SHARES = (
+    ("accuracy", "accuracy"),
+    ("format", "format rate"),
+    ("all_equal_groups", "groups with all-equal rewards"),
+)
+GRPO_LENGTHS = (
+    ("completion_len_mean", "completion (mean)"),
+    ("thinking_len_mean", "thinking (mean)"),
+    ("thinking_len_max", "thinking (max)"),
+)
 
 
 def plot_grpo(metrics_file: str | Path, out_dir: str | Path) -> list[Plot]:
@@ -202,13 +211,16 @@ def plot_grpo(metrics_file: str | Path, out_dir: str | Path) -> list[Plot]:
         return [line for line in found if keep(line[2])]
 
     figures = {
-        "reward.png": [Panel("Reward per GRPO step", "mean over the step's completions",
-                             lines([("reward_mean", "reward")])),
-                       Panel("Shares per GRPO step", "share", lines(GRPO_SHARES), ylim=(0, 1))],
+        "reward.png": [
+            Panel("Reward per GRPO step", "mean over the step's completions", lines([("reward_mean", "reward")])),
+            Panel("Shares per GRPO step", "share", lines(GRPO_SHARES), ylim=(0, 1)),
+        ],
         "length.png": [Panel("Response length per GRPO step", "tokens", lines(GRPO_LENGTHS))],
-        "kl_entropy.png": [Panel("Policy entropy", "nats per token", lines([("entropy", "entropy")])),
-                           Panel("KL to the reference", "nats per token", lines([("kl", "KL (k3)")], _ran)),
-                           Panel("PPO clip fraction", "share of tokens", lines([("clip_fraction", "clipped")], _ran))],
+        "kl_entropy.png": [
+            Panel("Policy entropy", "nats per token", lines([("entropy", "entropy")])),
+            Panel("KL to the reference", "nats per token", lines([("kl", "KL (k3)")], _ran)),
+            Panel("PPO clip fraction", "share of tokens", lines([("clip_fraction", "clipped")], _ran)),
+        ],
     }
     written = []
     for name, panels in figures.items():

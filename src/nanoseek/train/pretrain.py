@@ -59,8 +59,7 @@ class Objective(nn.Module):
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class SpikeGuard:
@@ -77,7 +76,8 @@ class SpikeGuard:
     def check(self, loss: float) -> str:
         """'ok' (the loss is folded into the mean), 'skip', or 'rollback'."""
         spike = not math.isfinite(loss) or (
-            self.mean is not None and self.seen >= self.warmup and loss > self.factor * self.mean)
+            self.mean is not None and self.seen >= self.warmup and loss > self.factor * self.mean
+        )
         if not spike:
             self.in_a_row = 0
             self.seen += 1
@@ -106,8 +106,10 @@ def load_tokenizer(cfg: TrainConfig):
     if source is None and cfg.init_from and (Path(cfg.init_from) / "tokenizer.json").is_file():
         source = cfg.init_from
     if source is None:
-        raise NanoseekError("config key 'data.tokenizer': training needs a tokenizer directory "
-                            "(train one with `nanoseek tokenizer train`)")
+        raise NanoseekError(
+            "config key 'data.tokenizer': training needs a tokenizer directory "
+            "(train one with `nanoseek tokenizer train`)"
+        )
     return Tokenizer.from_pretrained(source)
 
 
@@ -121,8 +123,10 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
     if "vocab_size" not in cfg.model:
         changes["vocab_size"] = len(tokenizer)
     elif cfg.model["vocab_size"] < len(tokenizer):
-        raise NanoseekError(f"config key 'model.vocab_size': {cfg.model['vocab_size']} is smaller than the "
-                            f"tokenizer's {len(tokenizer)} tokens")
+        raise NanoseekError(
+            f"config key 'model.vocab_size': {cfg.model['vocab_size']} is smaller than the "
+            f"tokenizer's {len(tokenizer)} tokens"
+        )
     for name in ("bos", "eos", "pad"):
         if f"{name}_token_id" not in cfg.model:
             changes[f"{name}_token_id"] = getattr(tokenizer, f"{name}_id")
@@ -151,8 +155,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, ctx: distributed.Context
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Expert-parallel parameters are plain tensors beside FSDP's DTensors: keep the per-tensor loop.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             foreach=False if ctx.expert_parallel else None)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False if ctx.expert_parallel else None
+    )
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
@@ -187,8 +192,10 @@ class Run:
         self.rows = cfg.batch_size // world  # rows per rank per step
         self.micro = cfg.micro_batch_size or self.rows
         if self.rows % self.micro:
-            raise NanoseekError(f"config key 'micro_batch_size': {self.micro} does not divide the {self.rows} "
-                                f"sequences per rank per step (batch_size {cfg.batch_size} / {world} ranks)")
+            raise NanoseekError(
+                f"config key 'micro_batch_size': {self.micro} does not divide the {self.rows} "
+                f"sequences per rank per step (batch_size {cfg.batch_size} / {world} ranks)"
+            )
         self.tokenizer = load_tokenizer(cfg)
         self.model_config = build_model_config(cfg, self.tokenizer)
         self.model = build_model(cfg, self.model_config, ctx.device)
@@ -218,8 +225,15 @@ class Run:
 
         # Every rank reads the whole global batch and keeps its rows (see next_batch), so the data
         # position is the same on all ranks and a checkpoint resumes on any number of them.
-        return PackedStream(cfg.data.files, self.tokenizer, cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                            text_field=cfg.data.text_field, shuffle=cfg.data.shuffle)
+        return PackedStream(
+            cfg.data.files,
+            self.tokenizer,
+            cfg.seq_len,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            text_field=cfg.data.text_field,
+            shuffle=cfg.data.shuffle,
+        )
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of the next global batch: rows rank, rank + world_size, ..."""
@@ -229,24 +243,37 @@ class Run:
             raise NanoseekError(f"config key 'data.files': the data ran out at step {self.step}") from None
         if self.stage == "sft":  # ChatBatches already picks this rank's conversations
             return x, y
-        return x[self.ctx.rank::self.ctx.world_size], y[self.ctx.rank::self.ctx.world_size]
+        return x[self.ctx.rank :: self.ctx.world_size], y[self.ctx.rank :: self.ctx.world_size]
 
     # ---- checkpoints -----------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {
-            "config": self.cfg.to_dict(), "model_config": ckpt.jsonable(self.model_config.__dict__), "stage": self.stage,
-            "data": self.data.state_dict(), "guard": self.guard.state_dict(), "rng": ckpt.rng_state(),
-            "tokens": self.tokens, "elapsed": self.elapsed, "world_size": self.ctx.world_size,
+            "config": self.cfg.to_dict(),
+            "model_config": ckpt.jsonable(self.model_config.__dict__),
+            "stage": self.stage,
+            "data": self.data.state_dict(),
+            "guard": self.guard.state_dict(),
+            "rng": ckpt.rng_state(),
+            "tokens": self.tokens,
+            "elapsed": self.elapsed,
+            "world_size": self.ctx.world_size,
         }
 
     def save(self) -> None:
         if self.ctx.distributed:  # each rank writes its own shards: nothing is gathered
-            ckpt.save_sharded_checkpoint(self.out, self.step, distributed.sharded_state(self.model, self.optimizer),
-                                         self.trainer_state(), self.ctx, keep=self.cfg.keep_checkpoints)
+            ckpt.save_sharded_checkpoint(
+                self.out,
+                self.step,
+                distributed.sharded_state(self.model, self.optimizer),
+                self.trainer_state(),
+                self.ctx,
+                keep=self.cfg.keep_checkpoints,
+            )
             return
         model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, self.ctx)
-        ckpt.save_checkpoint(self.out, self.step, model_sd, optim_sd, self.trainer_state(),
-                             keep=self.cfg.keep_checkpoints)
+        ckpt.save_checkpoint(
+            self.out, self.step, model_sd, optim_sd, self.trainer_state(), keep=self.cfg.keep_checkpoints
+        )
 
     def verify(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.read_checkpoint(path)
@@ -271,8 +298,9 @@ class Run:
         x, y = x.to(dev), y.to(dev)
         depth = len(self.model.mtp) if self.objective.mtp else 0
         # Global token counts, so that every token of the global batch weighs the same.
-        counts = torch.tensor([(y[:, k:] != IGNORE_INDEX).sum().item() for k in range(depth + 1)],
-                              dtype=torch.float64, device=dev)
+        counts = torch.tensor(
+            [(y[:, k:] != IGNORE_INDEX).sum().item() for k in range(depth + 1)], dtype=torch.float64, device=dev
+        )
         counts = ctx.all_reduce(counts).clamp(min=1)
         sums = torch.zeros(depth + 2, dtype=torch.float64, device=dev)  # main, MTP depths, balance
         loads = None
@@ -285,10 +313,12 @@ class Run:
                 loss = loss + cfg.mtp_lambda / depth * m / counts[k]
             loss = loss + cfg.balance_alpha * balance * xm.shape[0] / self.rows / ctx.world_size
             (loss.float() * ctx.world_size).backward()
-            sums += torch.stack([main.detach(), *[m.detach() for m in mtp],
-                                 balance.detach() * xm.shape[0]]).double()
-            step_counts = torch.stack([c.float() for c in self.model.expert_counts()]) if self.model.moe_layers() \
+            sums += torch.stack([main.detach(), *[m.detach() for m in mtp], balance.detach() * xm.shape[0]]).double()
+            step_counts = (
+                torch.stack([c.float() for c in self.model.expert_counts()])
+                if self.model.moe_layers()
                 else torch.zeros(0)
+            )
             loads = step_counts if loads is None else loads + step_counts
         for p in self.expert_params:  # expert-parallel grads hold every rank's tokens: make them a mean
             if p.grad is not None:
@@ -316,8 +346,11 @@ class Run:
         metrics = Metrics(out, self.step, cfg.tensorboard) if ctx.is_main else None
         if ctx.is_main:
             verb = f"resuming {start} at step {self.step}" if start else "starting"
-            print(f"{self.stage}: {verb}; {_describe(self.model_config)}; {cfg.batch_size} x {cfg.seq_len} tokens "
-                  f"a step on {ctx.world_size} rank(s) ({ctx.device.type}, {cfg.precision})", file=sys.stderr)
+            print(
+                f"{self.stage}: {verb}; {_describe(self.model_config)}; {cfg.batch_size} x {cfg.seq_len} tokens "
+                f"a step on {ctx.world_size} rank(s) ({ctx.device.type}, {cfg.precision})",
+                file=sys.stderr,
+            )
         bar = Progress(cfg, self.step, enabled=ctx.is_main and cfg.progress)
         first_loss = None
         try:
@@ -349,15 +382,24 @@ class Run:
                     continue
                 first_loss = result["loss"] if first_loss is None else first_loss
                 if self.step % cfg.log_every == 0 or self.step in (1, cfg.steps):
-                    record = {"step": self.step, "loss": result["loss"], "loss_mtp": result["loss_mtp"],
-                              "balance_loss": result["balance"], "lr": lr, "grad_norm": grad_norm,
-                              "tokens": self.tokens, "tokens_per_s": result["tokens"] / dt,
-                              "elapsed_s": self.elapsed}
+                    record = {
+                        "step": self.step,
+                        "loss": result["loss"],
+                        "loss_mtp": result["loss_mtp"],
+                        "balance_loss": result["balance"],
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens": self.tokens,
+                        "tokens_per_s": result["tokens"] / dt,
+                        "elapsed_s": self.elapsed,
+                    }
                     if result["loads"] is not None and result["loads"].numel():
                         loads = result["loads"]
                         # max / mean tokens per expert; None for a layer that did not run (MTP without its loss)
-                        record["expert_load"] = [m / n if n > 0 else None for m, n in
-                                                 zip(loads.max(1).values.tolist(), loads.mean(1).tolist())]
+                        record["expert_load"] = [
+                            m / n if n > 0 else None
+                            for m, n in zip(loads.max(1).values.tolist(), loads.mean(1).tolist())
+                        ]
                     if metrics:
                         metrics.log(record)
                     bar.log(record)
@@ -377,8 +419,12 @@ class Run:
         so the batches that spiked are not seen again."""
         self.optimizer.zero_grad(set_to_none=False)
         loss = result["loss"]
-        event = {"step": self.step, "event": "spike_skipped", "spike_loss": loss if math.isfinite(loss) else None,
-                 "running_mean": self.guard.mean}
+        event = {
+            "step": self.step,
+            "event": "spike_skipped",
+            "spike_loss": loss if math.isfinite(loss) else None,
+            "running_mean": self.guard.mean,
+        }
         if verdict == "rollback":
             found = ckpt.list_checkpoints(self.out)
             if found:
@@ -392,8 +438,10 @@ class Run:
         if metrics:
             metrics.log(event)
         if self.ctx.is_main:
-            print(f"step {event['step']}: loss spike ({loss:.4g} vs running mean {self.guard.mean}): "
-                  f"{event['event']}", file=sys.stderr)
+            print(
+                f"step {event['step']}: loss spike ({loss:.4g} vs running mean {self.guard.mean}): {event['event']}",
+                file=sys.stderr,
+            )
 
     def finish(self, first_loss: float | None) -> dict:
         """Write the model in Hugging Face format (with the tokenizer) and the plots."""
@@ -411,17 +459,26 @@ class Run:
                 model.rope.reset_parameters()
             hf = save_pretrained(model, self.out / "hf")
             self.tokenizer.save_pretrained(hf)
-            plots = plot_metrics(self.out / "metrics.jsonl", self.out,
-                                 moe_names=[name for name, _ in self.model.named_moe_layers()])
+            plots = plot_metrics(
+                self.out / "metrics.jsonl", self.out, moe_names=[name for name, _ in self.model.named_moe_layers()]
+            )
             records = [r for r in read_metrics(self.out / "metrics.jsonl") if "event" not in r]
-            summary = {"stage": self.stage, "steps": self.step, "tokens": self.tokens,
-                       "seconds": round(self.elapsed, 2),
-                       "loss_first": records[0]["loss"] if records else first_loss,
-                       "loss_last": records[-1]["loss"] if records else None,
-                       "hf": str(hf), "plots": [str(p) for p in plots]}
+            summary = {
+                "stage": self.stage,
+                "steps": self.step,
+                "tokens": self.tokens,
+                "seconds": round(self.elapsed, 2),
+                "loss_first": records[0]["loss"] if records else first_loss,
+                "loss_last": records[-1]["loss"] if records else None,
+                "hf": str(hf),
+                "plots": [str(p) for p in plots],
+            }
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            print(f"{self.stage}: {self.step} steps, {self.tokens:,} tokens in {self.elapsed:.1f}s; loss "
-                  f"{_fmt(summary['loss_first'])} -> {_fmt(summary['loss_last'])}; model in {hf}", file=sys.stderr)
+            print(
+                f"{self.stage}: {self.step} steps, {self.tokens:,} tokens in {self.elapsed:.1f}s; loss "
+                f"{_fmt(summary['loss_first'])} -> {_fmt(summary['loss_last'])}; model in {hf}",
+                file=sys.stderr,
+            )
         self.ctx.barrier()
         return summary
 
@@ -444,8 +501,11 @@ class Progress:
 
     def log(self, record: dict) -> None:
         if self.enabled and self.bar is None:
-            print(f"step {record['step']}/{self.cfg.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                  f"{record['tokens_per_s']:,.0f} tok/s", file=sys.stderr)
+            print(
+                f"step {record['step']}/{self.cfg.steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"{record['tokens_per_s']:,.0f} tok/s",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -466,4 +526,3 @@ def _describe(mc: ModelConfig) -> str:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4f}"
-

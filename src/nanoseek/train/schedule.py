@@ -11,8 +11,16 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int, schedule: str = "wsd",
-          decay_fraction: float = 0.3, tail_fraction: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    total: int,
+    lr: float,
+    min_lr: float,
+    warmup: int,
+    schedule: str = "wsd",
+    decay_fraction: float = 0.3,
+    tail_fraction: float = 0.0,
+) -> float:
     """The learning rate of optimizer step `step` (0-based) of `total`."""
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -33,5 +41,6 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int, schedule
 
 def lr_for(cfg, step: int) -> float:
     """lr_at with the keys of a TrainConfig."""
-    return lr_at(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.schedule, cfg.decay_fraction,
-                 cfg.tail_fraction)
+    return lr_at(
+        step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.schedule, cfg.decay_fraction, cfg.tail_fraction
+    )

@@ -19,8 +19,9 @@ class ChatBatches:
     def __init__(self, cfg: TrainConfig, tokenizer, ctx: distributed.Context):
         from nanoseek.data.stream import SFTDataset
 
-        self.dataset = SFTDataset(cfg.data.files, tokenizer, max_len=cfg.seq_len + 1,
-                                  messages_field=cfg.data.messages_field)
+        self.dataset = SFTDataset(
+            cfg.data.files, tokenizer, max_len=cfg.seq_len + 1, messages_field=cfg.data.messages_field
+        )
         if len(self.dataset) == 0:
             raise NanoseekError(f"config key 'data.files': no conversations in {', '.join(cfg.data.files)}")
         self.batch_size, self.seed, self.shuffle = cfg.batch_size, cfg.seed, cfg.data.shuffle
@@ -52,7 +53,7 @@ class ChatBatches:
                 self._order = self.order(self.epoch)
             picked.append(self._order[self.index])
             self.index += 1
-        mine = picked[self.rank::self.world_size]
+        mine = picked[self.rank :: self.world_size]
         return self.dataset.collate([self.dataset[i] for i in mine])
 
 
@@ -62,5 +63,7 @@ class SFTConfig(TrainConfig):
     def check(self) -> None:
         super().check()
         if not self.init_from:
-            raise ConfigKeyError("init_from", "SFT starts from a pretrained model directory "
-                                              "(the hf/ folder that `nanoseek pretrain` writes)")
+            raise ConfigKeyError(
+                "init_from",
+                "SFT starts from a pretrained model directory (the hf/ folder that `nanoseek pretrain` writes)",
+            )
