@@ -7,30 +7,9 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 
-from model_support import random_model
+from model_support import ENGINE_CONFIG, random_model
 
-CONFIG = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=128,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    q_lora_rank=32,
-    kv_lora_rank=24,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    first_k_dense_replace=1,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=512,
-    routed_scaling_factor=2.5,
-)
+CONFIG = ENGINE_CONFIG
 
 
 def make_model(seed=0, **changes) -> Transformer:

@@ -8,6 +8,31 @@ import torch
 
 from nanoseek import Transformer
 
+# A tiny V3 model with everything switched on (MLA with q_lora, MoE after one dense layer, MTP):
+# what the engine and server tests run.
+ENGINE_CONFIG = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=24,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=512,
+    routed_scaling_factor=2.5,
+)
+
 
 @torch.no_grad()
 def randomize(model: Transformer, seed: int | None = None, norms: bool = True) -> Transformer:

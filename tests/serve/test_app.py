@@ -34,21 +34,9 @@ from serve_support import (
     health,
     metric,
     reasoning_of,
-    save_chat_model,
     serve_in_thread,
     wait_idle,
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_chat_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    """The same checkpoint in this process: what the server should answer."""
-    return Engine.from_pretrained(model_dir, max_batch_size=16, max_seq_len=512)
 
 
 @pytest.fixture(scope="module")

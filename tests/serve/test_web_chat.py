@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from serve_support import MESSAGES, MODEL, engine_steps, expected_message, save_chat_model, serve_in_thread, wait_idle
+from serve_support import MESSAGES, MODEL, engine_steps, expected_message, serve_in_thread, wait_idle
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -23,18 +23,6 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_chat_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    from nanoseek.infer import Engine
-
-    return Engine.from_pretrained(model_dir, max_batch_size=16, max_seq_len=512)
 
 
 @pytest.fixture(scope="module")
