@@ -3,3 +3,8 @@
 
 class NanoseekError(Exception):
     """A user-facing error: bad config, bad checkpoint, bad request. Message is one line."""
+
+
+def dotted_location(loc: tuple) -> str:
+    """A pydantic error's location as one name, as users write it: `messages[0].role`, `data.files`."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))

@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from nanoseek.errors import dotted_location
+
 MAX_N = 16
 MAX_STOP = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -216,10 +218,6 @@ BOUNDS = {
 }
 
 
-def _param(loc: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
-
-
 def parse(schema: type[ApiModel], body: dict) -> ApiModel:
     """The request `body` as `schema`, or ApiError 400 naming the first bad parameter."""
     try:
@@ -231,7 +229,7 @@ def parse(schema: type[ApiModel], body: dict) -> ApiModel:
 
 def explain(error: dict) -> tuple[str, str, str]:
     """(message, param, code) of one pydantic error."""
-    param, kind, ctx = _param(tuple(error["loc"])), error["type"], error.get("ctx") or {}
+    param, kind, ctx = dotted_location(tuple(error["loc"])), error["type"], error.get("ctx") or {}
     shown = json.dumps(error.get("input"), default=str)[:40]
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: '{param}'", param, "unknown_parameter"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from typing_extensions import TypedDict  # pydantic reads TypedDicts from typing_extensions on Python 3.11
 
 from nanoseek.config import PRESETS, ModelConfig
-from nanoseek.errors import NanoseekError
+from nanoseek.errors import NanoseekError, dotted_location
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 SCHEDULES = ("wsd", "cosine")
@@ -200,10 +200,6 @@ BOUNDS = {
 }
 
 
-def _key(loc: tuple) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
-
-
 def _fields_at(cls: type, loc: tuple) -> list[str] | None:
     """The keys the section at `loc` accepts (None for the `model` section: too many to list)."""
     for part in loc:
@@ -217,7 +213,7 @@ def _fields_at(cls: type, loc: tuple) -> list[str] | None:
 def error_key(error: dict) -> str:
     exc = (error.get("ctx") or {}).get("error")
     loc = tuple(error["loc"]) + ((exc.key,) if isinstance(exc, ConfigKeyError) else ())
-    return _key(loc)
+    return dotted_location(loc)
 
 
 def explain(error: dict, cls: type) -> str:
