@@ -1,6 +1,7 @@
 """The web chat at GET / in headless Chromium (Playwright driving the Debian `chromium`): a
 message streams its reasoning into a "Thought for N seconds" block and then its answer, the
-conversation goes back without the reasoning, and the stop button aborts the request.
+conversation goes back without the reasoning, the default max tokens is what the context has
+left, a failed turn is not kept, and the stop button aborts the request.
 
 `make test` installs chromium when it is missing; without it this test fails, never skips.
 """
@@ -10,7 +11,7 @@ import shutil
 
 import pytest
 
-from serve_support import MESSAGES, MODEL, engine_steps, expected_message, serve_in_thread, wait_idle
+from serve_support import MESSAGES, MODEL, engine_steps, expected_message, format_chat, serve_in_thread, wait_idle
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -108,6 +109,57 @@ def test_chat_streams_the_reasoning_then_the_answer(page, server, engine, tmp_pa
     assert sent["stream"] is True and sent["max_reasoning_tokens"] == 10
     expect(page.locator(".msg.assistant .meta")).to_have_count(2, timeout=60_000)
     expect(page.locator(".msg.assistant").last.locator(".meta")).to_contain_text("tokens")
+
+
+def test_default_max_tokens_is_what_the_context_has_left(page, server, engine):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#model")).to_have_text(MODEL)
+    assert page.input_value("#max-tokens") == ""  # blank: "auto"
+    assert page.get_attribute("#max-tokens", "max") == "512"  # the server's max_model_len, from /v1/models
+    page.fill("#temperature", "0")  # greedy: this random model never picks end-of-sequence
+    page.fill("#thinking-budget", "8")
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.fill("#input", MESSAGES[0]["content"])
+        page.press("#input", "Enter")
+    assert request.value.post_data_json["max_tokens"] is None  # the server fills the context
+    prompt_tokens = len(engine.tokenizer.encode(format_chat(MESSAGES)))
+    reply = page.locator(".msg.assistant").last
+    expect(reply.locator(".meta")).to_contain_text(f"{512 - prompt_tokens} tokens (9 reasoning)", timeout=90_000)
+    expect(reply.locator(".meta")).to_contain_text("cut at the token limit")
+    expect(reply.locator(".error")).to_have_count(0)
+
+
+def test_a_failed_turn_is_not_kept(page, server):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#model")).to_have_text(MODEL)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "600")  # more than the 512-token context: the server answers 400
+    page.fill("#input", "What is 1+1?")
+    page.press("#input", "Enter")
+    failed = page.locator(".msg.assistant").last
+    expect(failed.locator(".error")).to_contain_text("not kept in the conversation")
+    expect(failed.locator(".error")).to_contain_text("512")  # the server's own message: the context length
+    expect(page.locator(".msg.failed")).to_have_count(2)  # the question and the failed reply, greyed out
+    assert page.input_value("#input") == "What is 1+1?"  # handed back for another try
+    expect(page.locator("#send")).to_be_enabled()
+
+    page.fill("#max-tokens", "6")
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.fill("#input", "What is 2+2?")
+        page.press("#input", "Enter")
+    assert request.value.post_data_json["messages"] == [{"role": "user", "content": "What is 2+2?"}]
+    expect(page.locator(".msg.assistant").last.locator(".meta")).to_contain_text("6 tokens")
+    expect(page.locator(".msg.assistant").last.locator(".error")).to_have_count(0)
+
+    # ...and the successful turn is: the next request carries it.
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.fill("#input", "and 3+3?")
+        page.press("#input", "Enter")
+    sent = [m["role"] for m in request.value.post_data_json["messages"]]
+    assert sent == ["user", "assistant", "user"]
+    expect(page.locator(".msg.assistant .meta")).to_have_count(3, timeout=60_000)
 
 
 def test_stop_button_aborts_the_answer(page, server):

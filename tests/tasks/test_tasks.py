@@ -235,8 +235,8 @@ def test_chain_problems_answers_and_worked_solutions():
         first, *steps = p.solution.split(",")
         assert first == f"a={values['a']}" and len(steps) == p.difficulty - 1
         total = values["a"]
-        for step, name in zip(steps, list(values)[1:]):
-            recall, arithmetic = step.split(":")
+        for i, (step, name) in enumerate(zip(steps, list(values)[1:])):
+            recall, arithmetic = step.split(". " if i == len(steps) - 1 else ":")  # the last ends as the prompt's
             assert recall == f"{name}={values[name]}"  # the binding, token for token
             numbers, result = arithmetic.split("=")
             assert numbers == f"{total}{values[name]:+d}"  # 6-2 adds d=-2
@@ -244,8 +244,8 @@ def test_chain_problems_answers_and_worked_solutions():
             assert int(result) == total
         assert steps[-1].endswith(f"={p.answer}")
         assert task.reward(answer(p.answer), p) == 1.0 and task.reward(answer(int(p.answer) + 1), p) == 0.0
-        assert [str(s) for s in task.steps(p)] == [step.split(":")[1] for step in steps]
-    assert re.fullmatch(r"a=-?\d,b=-?\d:-?\d[+-]\d=-?\d+", ",".join(problems[0].solution.split(",")[:2]))
+        assert [str(s) for s in task.steps(p)] == [re.split(r":|\. ", step)[1] for step in steps]
+    assert re.fullmatch(r"a=-?\d,b=-?\d(:|\. )-?\d[+-]\d=-?\d+", ",".join(problems[0].solution.split(",")[:2]))
 
 
 def test_chain_splits_options_and_bad_prompts():
@@ -259,7 +259,11 @@ def test_chain_splits_options_and_bad_prompts():
         task.steps(Problem(prompt="a=1,b=2. a+c", answer="2"))
     # the default: positive values under + and -, the worked steps follow the operators
     p = Problem(prompt="a=3,b=1,c=4,d=2,e=5. a+b-c+d-e", answer="-3")
-    assert task.worked(p) == "a=3,b=1:3+1=4,c=4:4-4=0,d=2:0+2=2,e=5:2-5=-3"
+    assert task.worked(p) == "a=3,b=1:3+1=4,c=4:4-4=0,d=2:0+2=2,e=5. 2-5=-3"
+    # the last recall ends with the prompt's ". ": a 2-value chain echoes its prompt, then adds
+    signed = tasks.get("chain", signed=True)
+    assert signed.worked(Problem(prompt="a=3,b=-1. a+b", answer="2")) == "a=3,b=-1. 3-1=2"
+    assert signed.worked(Problem(prompt="a=-2,b=4,c=-5. a+b+c", answer="-3")) == "a=-2,b=4:-2+4=2,c=-5. 2-5=-3"
     assert all("=-" not in q.prompt for q in task.sample(50, "train", seed=2))
     with pytest.raises(NanoseekError, match="cannot read"):
         task.steps(Problem(prompt="1+2", answer="3"))

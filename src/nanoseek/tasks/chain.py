@@ -7,17 +7,21 @@ its position, or the operator before a name, takes it far longer than a laptop r
 (measured while the demo was built). It learns the lookup only when the documents packed into a row
 cannot see each other (`document_mask`: every document binds "a", "b", ... again) and when
 "c=-4" and "c=4" share their first tokens (`split_punctuation`). Written out, each step
-recalls a value and adds it:
+recalls a value and adds it, and the last recall ends as the prompt's last binding does:
 
-    a=3,b=1:3+1=4,c=4:4-4=0,d=2:0+2=2,e=5:2-5=-3
+    a=3,b=1:3+1=4,c=4:4-4=0,d=2:0+2=2,e=5. 2-5=-3
 
-while the answer at a glance needs every value at once: the gap RL turns into pass@1.
-Nothing has spaces, so that "b" is the same token in the bindings, in "a+b" and in the
-worked steps (byte-level BPE gives " b" another id). `signed=True` instead adds up signed
-values ("a=3,b=-1. a+b"): then the expression holds no information and a worked step needs
-nothing but the recall, which is what the default run uses. Difficulty is the number of values:
-2 to 7 by default, from "a=3,b=-1. a+b", what a user types first, to chains whose worked
-solution (102 tokens with the demo's tokenizer) still fits the demo's 128-token budget.
+while the answer at a glance needs every value at once: the gap RL turns into pass@1. That
+". " is where the chain stops, copied with the value: with ":" after every recall, the tiny
+model could not tell where a short chain ends (2 values: 4% right before RL, 6% after; 5-7
+values: 54% and 86-100%), and went on with values the prompt does not have. Names have no
+spaces, so that "b" is the same token in the bindings, in "a+b" and in the worked steps
+(byte-level BPE gives " b" another id); digits are one token each, with or without a space
+before. `signed=True` instead adds up signed values ("a=3,b=-1. a+b"): then the expression
+holds no information and a worked step needs nothing but the recall, which is what the default
+run uses. Difficulty is the number of values: 2 to 7 by default, from "a=3,b=-1. a+b", what a
+user types first, to chains whose worked solution (103 tokens with the demo's tokenizer) still
+fits the demo's 128-token budget.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from nanoseek.errors import NanoseekError
 from nanoseek.tasks import GeneratedTask, Problem, Step
 
 NAMES = string.ascii_lowercase
+LAST = ". "  # what ends the last binding of a prompt ("a=3,b=-1. a+b") and the last recall of a worked solution
 
 
 def parse(prompt: str) -> tuple[dict[str, int], list[str], str]:
     """(values by name, names in order, the operator before each name but the first)."""
     try:
-        bindings, expression = prompt.rsplit(". ", 1)
+        bindings, expression = prompt.rsplit(LAST, 1)
         values = {}
         for item in bindings.split(","):
             name, value = item.split("=")
@@ -97,7 +102,7 @@ class Chain(GeneratedTask):
         values = {name: sign() * rng.randint(self.min_value, self.max_value) for name in names}
         ops = "+" * (n - 1) if self.signed else "".join(rng.choice("+-") for _ in range(n - 1))
         expression = names[0] + "".join(op + name for op, name in zip(ops, names[1:]))
-        prompt = ",".join(binding(name, values[name]) for name in names) + ". " + expression
+        prompt = ",".join(binding(name, values[name]) for name in names) + LAST + expression
         value, _ = solve(values, names, ops)
         problem = Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name)
         return dataclasses.replace(problem, solution=self.worked(problem))
@@ -115,11 +120,13 @@ class Chain(GeneratedTask):
 
     def worked(self, problem: Problem) -> str:
         """Each step recalls a value exactly as the prompt binds it, then computes:
-        "a=3,b=-1:3-1=2,c=4:2+4=6" (signed values) or "a=3,b=1:3+1=4,c=4:4-4=0" (positive
+        "a=3,b=-1:3-1=2,c=4. 2+4=6" (signed values) or "a=3,b=1:3+1=4,c=4. 4-4=0" (positive
         values under + and -). The recall "c=4" repeats the prompt's tokens, so finding it is
-        one copy of what follows "c=" there."""
+        one copy of what follows "c=" there; the last recall ends as the prompt's last binding
+        does, with ". " instead of ":", so that where the chain stops is part of that copy."""
         values, names, ops = parse(problem.prompt)
         _, steps = solve(values, names, ops)
         out = [binding(names[0], values[names[0]])]
-        out += [f"{binding(name, values[name])}:{step}" for step, name in zip(steps, names[1:])]
-        return ",".join(out)
+        out += [f"{binding(name, values[name])}:{step}" for step, name in zip(steps[:-1], names[1:-1])]
+        last = f"{binding(names[-1], values[names[-1]])}{LAST}{steps[-1]}"
+        return ",".join([*out, last])
