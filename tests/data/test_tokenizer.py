@@ -19,7 +19,7 @@ from nanoseek.data import (
     r1_zero_prompt,
     train_tokenizer,
 )
-from nanoseek.data.chat import BOS, EOS, PAD, template_format
+from nanoseek.data.chat import BOS, CHAT_TEMPLATES, EOS, PAD, render_chat_template, template_format
 from nanoseek.data.corpus import corpus, document
 from nanoseek.errors import NanoseekError
 
@@ -153,8 +153,16 @@ def test_chat_template_matches_format_chat(saved_as, fmt, messages, generation_p
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     assert text == format_chat(messages, add_generation_prompt=generation_prompt, prompt_format=fmt)
     assert text == tok.format_chat(messages, add_generation_prompt=generation_prompt)
+    assert text == render_chat_template(CHAT_TEMPLATES[fmt], messages, generation_prompt)  # Jinja without transformers
     ids = hf_ids(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt))
-    assert ids == tok.encode_chat(messages, add_generation_prompt=generation_prompt)
+    assert ids == tok.encode(text)  # transformers reads every control string of the text as the token
+    ours = tok.encode_chat(messages, add_generation_prompt=generation_prompt)
+    assert ours == tok.encode_chat(messages, generation_prompt, chat_template=CHAT_TEMPLATES[fmt])
+    if not any(s in str(messages) for s in SPECIAL_TOKENS.values()):
+        assert ours == ids  # encode_chat differs only where a message spells a control token
+    else:  # CONVERSATIONS[3]: its content's <think>...</think> is text, not a reasoning split off
+        as_text = [{"reasoning_content": "", **m} if m["role"] == "assistant" else m for m in messages]
+        assert ours != ids and tok.decode(ours) == tok.format_chat(as_text, generation_prompt)  # the same text
 
 
 def test_prompt_format_travels_with_the_directory(trained, tmp_path):

@@ -23,9 +23,19 @@ prompt. System messages follow the preamble, one line each.
 
 `format_chat` is plain Python; `CHAT_TEMPLATES` holds the same formats as Jinja for
 `transformers.apply_chat_template`. tests/data/test_tokenizer.py checks that they give the same ids.
+
+Text cannot forge control tokens. Rendered as text, a turn's "<｜User｜>" and a message that
+spells "<｜User｜>" are the same string, so `Tokenizer.encode_chat` renders the conversation
+with `ContentEscape` stand-ins for the characters that begin and end a control token in every
+message string; only the template's own control tokens are then left in the text, and the
+message strings come back as ordinary text (tests/data/test_control_tokens.py).
 """
 
 from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from functools import lru_cache
 
 from nanoseek.errors import NanoseekError
 
@@ -241,3 +251,83 @@ def strip_end_tokens(text: str) -> str:
     while text.endswith((EOS, PAD)):
         text = text[: -len(EOS if text.endswith(EOS) else PAD)].rstrip()
     return text
+
+
+# ---------------------------------------------------------------------------------------
+# Message text that cannot become control tokens.
+# ---------------------------------------------------------------------------------------
+ESCAPE = "\ue000"  # a private-use character: the first of each two-character stand-in
+_CODES = 0xE100  # the second: private-use characters from here on, one per escaped character
+
+
+class ContentEscape:
+    """Stand-ins for the first and last characters of the control-token strings `controls`.
+
+    Every such character in a message string (and ESCAPE itself) is replaced by ESCAPE plus a
+    code before the template renders the messages; in the rendered text a control string then
+    begins and ends with characters the template wrote. The template's control tokens are found
+    in that text, and `unescape` gives the rest back as the messages wrote it, for encoding as
+    ordinary text. (A template that writes "<" + content + ">" itself could still spell one:
+    that is the template's doing, and none of nanoseek's or DeepSeek's does.)
+    """
+
+    def __init__(self, controls: Iterable[str]):
+        ends = {c for s in controls if s for c in (s[0], s[-1])} - {ESCAPE}
+        chars = [ESCAPE] + sorted(c for c in ends if not _CODES <= ord(c) < 0xF900)
+        self.pairs = [(c, ESCAPE + chr(_CODES + i)) for i, c in enumerate(chars)]
+
+    def escape_text(self, text: str) -> str:
+        for char, stand_in in self.pairs:  # ESCAPE first: the stand-ins after it hold ESCAPE
+            text = text.replace(char, stand_in)
+        return text
+
+    def escape(self, value):
+        """`value` with every string in it escaped (dicts and lists walked; keys left alone)."""
+        if isinstance(value, str):
+            return self.escape_text(value)
+        if isinstance(value, dict):
+            return {k: self.escape(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.escape(v) for v in value]
+        return value
+
+    def unescape(self, text: str) -> str:
+        if ESCAPE not in text:
+            return text
+        for char, stand_in in reversed(self.pairs):  # ESCAPE last, as it went in first
+            text = text.replace(stand_in, char)
+        return text
+
+
+# ---------------------------------------------------------------------------------------
+# Jinja chat templates (tokenizer_config.json's `chat_template`).
+# ---------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise NanoseekError(str(message))
+
+    def tojson(value, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # As transformers renders templates: block tags take their newline and indentation with them.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """A Jinja chat template rendered as transformers' `apply_chat_template(tokenize=False)`
+    renders it (jinja2 comes with torch). `variables`: bos_token, eos_token and the like.
+    A template that fails, or refuses the messages, is a NanoseekError."""
+    try:
+        compiled = _compile(template)
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    except NanoseekError:
+        raise
+    except Exception as e:  # a TemplateError, or a Python error inside the template on these messages
+        raise NanoseekError(f"chat_template: {type(e).__name__}: {e}") from None

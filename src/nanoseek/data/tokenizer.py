@@ -8,12 +8,19 @@ The prompt format a model was trained with travels in its tokenizer_config.json:
 `prompt_format` ("chat" or "r1-zero", see nanoseek.data.chat) names it for nanoseek and
 `chat_template` spells it for transformers. A directory without the key (a released DeepSeek
 tokenizer, or one saved before the key existed) is in the chat format.
+
+Two encoders: `encode` reads the strings of special tokens in the text as those tokens (for text
+written with them on purpose: a corpus document, a prompt a program formatted), `encode_plain`
+spells them out as ordinary text (for text from outside: a completions prompt); `encode_chat`
+takes its control tokens from the template only and the messages as ordinary text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
 import tokenizers
@@ -30,10 +37,12 @@ from nanoseek.data.chat import (
     PAD,
     THINK,
     USER,
+    ContentEscape,
     chat_segments,
     check_prompt_format,
     format_chat,
     prompt_template,
+    render_chat_template,
 )
 from nanoseek.errors import NanoseekError
 
@@ -131,6 +140,20 @@ class Tokenizer:
         self.user_id, self.assistant_id = ids["user"], ids["assistant"]
         self.think_id, self.end_think_id = ids["think"], ids["end_think"]
         self.answer_id, self.end_answer_id = ids["answer"], ids["end_answer"]
+        # Control tokens: every added token of the backend (special or not: DeepSeek's <think> is
+        # not), and nanoseek's special strings wherever they sit in the vocabulary.
+        controls = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.content}
+        for string in strings.values():
+            if backend.token_to_id(string) is not None:
+                controls.setdefault(string, backend.token_to_id(string))
+        self.control_tokens: dict[str, int] = controls
+        self.control_ids = frozenset(self.control_tokens.values())
+        self._control_re = (
+            re.compile("|".join(map(re.escape, sorted(self.control_tokens, key=len, reverse=True))))
+            if self.control_tokens
+            else None
+        )
+        self._escape = ContentEscape(self.control_tokens)
 
     # ---- files ---------------------------------------------------------------------
     @classmethod
@@ -189,23 +212,94 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         return [self._wrap(e.ids, bos, eos) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
+    @cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that spells every added token out as text: `tokenizers`'
+        encode_special_tokens does that for the special ones, so all are marked special here."""
+        spec = json.loads(self.backend.to_str())
+        for token in spec.get("added_tokens") or []:
+            token["special"] = True
+        plain = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        plain.encode_special_tokens = True
+        return plain
+
+    def encode_plain(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Ids of `text` as ordinary text: a special token's string in it ("<｜User｜>") is
+        spelt out in ordinary tokens, never its id. For text from outside, such as the
+        completions endpoint's prompt; `bos`/`eos` add the real tokens."""
+        return self._wrap(self._plain_ids([text])[0], bos, eos)
+
+    def _plain_ids(self, texts: list[str]) -> list[list[int]]:
+        out = [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        for text, ids in zip(texts, out):
+            if not self.control_ids.isdisjoint(ids):  # a vocabulary whose merges spell a control token
+                token = self.id_to_token(next(i for i in ids if i in self.control_ids))
+                raise NanoseekError(f"text {text[:40]!r}...: this tokenizer encodes it with control token {token!r}")
+        return out
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---- the model's prompt format ---------------------------------------------------
     def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as text in this tokenizer's prompt format; for a directory saved
-        here, what transformers' `apply_chat_template(messages, tokenize=False)` gives."""
+        here, what transformers' `apply_chat_template(messages, tokenize=False)` gives. As text,
+        a message that spells a control token cannot be told from the template's: to prompt a
+        model use `encode_chat`, not `encode(format_chat(...))`."""
         return format_chat(messages, add_generation_prompt, self.prompt_format)
 
     def chat_segments(self, messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
         """`format_chat` as (text, is_assistant_output) pieces, for SFT."""
         return chat_segments(messages, add_generation_prompt, self.prompt_format)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of `format_chat(messages)`; for a directory saved here, what transformers'
-        `apply_chat_template(messages, tokenize=True)` gives."""
-        return self.encode(self.format_chat(messages, add_generation_prompt))
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        prompt_format: str | None = None,
+    ) -> list[int]:
+        """Ids of the conversation in this tokenizer's prompt format (or `prompt_format`), or in
+        the Jinja `chat_template` given. Only the template puts control tokens in: every string of the
+        messages is ordinary text, so a message that spells "<｜Assistant｜>" cannot end its turn
+        (nor an assistant content's "</think>" split off a reasoning). For messages without
+        such text, the ids of `format_chat(messages)`: for a directory saved here, what
+        transformers' `apply_chat_template(messages, tokenize=True)` gives."""
+
+        def render(messages):
+            if chat_template is None:
+                return format_chat(messages, add_generation_prompt, prompt_format or self.prompt_format)
+            return render_chat_template(chat_template, messages, add_generation_prompt, **self._template_tokens())
+
+        try:
+            text = render(self._escape.escape(messages))
+        except NanoseekError as e:
+            render(messages)  # the same error, in the messages' own words
+            raise NanoseekError(self._escape.unescape(str(e))) from None
+        return self._encode_rendered(text)
+
+    def _template_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ... as transformers passes them to a chat template."""
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        tokens = {n: _token_string(self.config.get(n)) for n in names}
+        return {n: t for n, t in tokens.items() if t is not None}
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """Ids of a template's output whose message strings are escaped: the control strings
+        left in it are the template's, the text between them is encoded as ordinary text (cut
+        at the control tokens, as `encode` cuts, so that the ids are the same)."""
+        controls, pieces, start = [], [], 0
+        for m in self._control_re.finditer(text) if self._control_re is not None else ():
+            pieces.append(self._escape.unescape(text[start : m.start()]))
+            controls.append(self.control_tokens[m.group()])
+            start = m.end()
+        pieces.append(self._escape.unescape(text[start:]))
+        plain = self._plain_ids(pieces)
+        ids = list(plain[0])
+        for control, piece in zip(controls, plain[1:]):
+            ids.append(control)
+            ids += piece
+        return ids
 
     def prompt_template(self) -> str:
         """One question's prompt in this tokenizer's format, with a {prompt} field."""

@@ -36,7 +36,8 @@ class ChatSession:
         reasoning, answer = [], []
         output = None
         try:
-            prompt = self.engine.tokenizer.format_chat(messages)
+            # the turns' control tokens from the template only: what is typed is ordinary text
+            prompt = {"prompt_token_ids": self.engine.tokenizer.encode_chat(messages)}
             with contextlib.closing(self.engine.stream(prompt, self.params)) as events:
                 for event in events:
                     if event.reasoning:

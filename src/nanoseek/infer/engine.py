@@ -12,12 +12,18 @@ The API is shaped like vLLM's `LLM.generate`. Underneath, nano-vllm's parts by t
   the Python overhead that dominates a small batch on a CPU.
 - the sequence: token ids, sampling state, incremental detokenization, stop checks.
 The engine is not thread-safe: one thread calls `step` (a server runs it in a loop).
+
+The cache is sized before it is made: sizes whose cache cannot fit in the memory left on the
+device are a one-line error with the bytes they would need (`kv_cache_bytes`, `available_memory`).
+A text prompt is read as written, special-token strings included (a prompt a program formatted);
+`chat` takes its control tokens from the chat template only (`Tokenizer.encode_chat`).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,6 +81,70 @@ class StreamEvent:
     answer: str
     finish_reason: str | None = None
     output: CompletionOutput | None = None  # the whole completion, on its last event
+
+
+# ---------------------------------------------------------------------------------------
+# Memory: the cache's size, checked before it is made.
+# ---------------------------------------------------------------------------------------
+def kv_cache_bytes(config, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, speculative: bool) -> int:
+    """Bytes of what the engine makes by the cache's sizes: the latent cache of every layer (and
+    of the MTP module when speculating), max_batch_size rows of max_seq_len + 1 positions of
+    kv_lora_rank + qk_rope_head_dim values, and the runner's RoPE tables (cos and sin of half
+    the RoPE dims). The weights are already loaded and the runner's folded copies of them do
+    not grow with these sizes: they are not counted."""
+    span = max_seq_len + 1  # the spare position a speculative step writes its draft to
+    layers = config.num_hidden_layers + (1 if speculative else 0)
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    size = torch.empty(0, dtype=dtype).element_size()
+    return layers * max_batch_size * span * width * size + span * config.qk_rope_head_dim * size
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: the free GPU memory plus what torch's
+    allocator holds unused; on the CPU /proc/meminfo's MemAvailable (else the free pages).
+    None where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """512 B, 20.1 GB, 1.2 TB: decimal units, one decimal."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def check_cache_fits(
+    config, max_batch_size: int, max_seq_len: int, dtype, device, speculative: bool, asked: int | None = None
+) -> int:
+    """The cache's bytes; a NanoseekError when they are more than `device` has available.
+    `asked`: the max_seq_len asked for, when max_position_embeddings cut it to `max_seq_len`."""
+    need = kv_cache_bytes(config, max_batch_size, max_seq_len, dtype, speculative)
+    have = available_memory(device)
+    if have is not None and need > have:
+        cut = f" (of {asked} asked: the model's max_position_embeddings)" if asked and asked != max_seq_len else ""
+        raise NanoseekError(
+            f"max_batch_size {max_batch_size} x max_seq_len {max_seq_len}{cut}: the KV cache needs "
+            f"{format_bytes(need)}, {format_bytes(have)} available on {device}"
+            " (lower --max-batch-size or --max-seq-len)"
+        )
+    return need
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,6 +230,8 @@ class Engine:
                 f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} must be at least 1 and 2"
             )
         self.dtype, self.device = model_dtype(model), model_device(model)
+        mtp = speculative and len(model.mtp) > 0  # without an MTP module MTPDrafter says so below
+        check_cache_fits(config, max_batch_size, self.max_seq_len, self.dtype, self.device, mtp, max_seq_len)
         # One spare position: a speculative step writes its draft one past the last token.
         span = self.max_seq_len + 1
         self.latents = torch.zeros(
@@ -261,7 +333,8 @@ class Engine:
         convs = [conversations] if single else conversations
         if self.tokenizer is None:
             raise NanoseekError("chat needs a tokenizer (its prompt format)")
-        return self.generate([self.tokenizer.format_chat(c) for c in convs], sampling_params)
+        prompts = [{"prompt_token_ids": self.tokenizer.encode_chat(c)} for c in convs]  # control tokens: the template's
+        return self.generate(prompts, sampling_params)
 
     def add_request(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
