@@ -581,6 +581,16 @@ def test_a_cache_that_cannot_fit_is_one_line_before_any_allocation(model, monkey
     assert engine.generate(prompts([5]), GREEDY)[0].outputs[0].token_ids == greedy_reference(model, prompts([5])[0], 12)
 
 
+def test_from_pretrained_refuses_a_cache_that_cannot_fit_before_loading_the_weights(model, tmp_path, monkeypatch):
+    from nanoseek.io import hf
+
+    save_pretrained(model, tmp_path)
+    monkeypatch.setattr(hf, "load_pretrained", lambda *a, **k: pytest.fail("the weights were loaded"))
+    cut = r"^max_batch_size 1000000000 x max_seq_len 512 \(of 4096 asked.* needs 262\.7 TB, "
+    with pytest.raises(NanoseekError, match=cut):
+        Engine.from_pretrained(tmp_path, max_batch_size=10**9, max_seq_len=4096, speculative=True)
+
+
 def test_available_memory_and_format_bytes():
     import os
 

@@ -196,6 +196,8 @@ class Sequence:
 # The engine.
 # ---------------------------------------------------------------------------------------
 Prompt = str | list[int] | dict
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_MAX_SEQ_LEN = 2048  # or the model's max_position_embeddings, when that is less
 
 
 class Engine:
@@ -203,7 +205,7 @@ class Engine:
         self,
         model: Transformer,
         tokenizer=None,
-        max_batch_size: int = 16,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_seq_len: int | None = None,
         speculative: bool = False,
         eos_token_id: int | None = None,
@@ -224,7 +226,7 @@ class Engine:
         self.config = config = model.config
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
+        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings)
         if max_batch_size < 1 or self.max_seq_len < 2:
             raise NanoseekError(
                 f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} must be at least 1 and 2"
@@ -269,14 +271,23 @@ class Engine:
         **kwargs,
     ) -> Engine:
         """A Hugging Face checkpoint directory, with its tokenizer.json when it has one, loaded
-        straight onto `device` (None: the CPU) in `dtype` (None: float32)."""
+        straight onto `device` (None: the CPU) in `dtype` (None: float32). Cache sizes that
+        cannot fit fail from config.json alone, before the weights load."""
+        from nanoseek.config import ModelConfig
         from nanoseek.io.hf import load_pretrained
 
         directory = Path(directory)
         target = resolve_device(device or "cpu", "Engine device")
-        model = load_pretrained(
-            directory, dtype=resolve_dtype(dtype, target, "Engine dtype") or torch.float32, device=target
-        )
+        dtype = resolve_dtype(dtype, target, "Engine dtype") or torch.float32
+        config = None
+        if (directory / "config.json").is_file():
+            config = ModelConfig.from_hf(directory / "config.json")
+            asked = kwargs.get("max_seq_len")
+            seq_len = min(asked or DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings)
+            mtp = bool(kwargs.get("speculative")) and config.num_nextn_predict_layers > 0
+            batch = kwargs.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
+            check_cache_fits(config, batch, seq_len, dtype, target, mtp, asked)
+        model = load_pretrained(directory, dtype=dtype, device=target, config=config)
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
             from nanoseek.data.tokenizer import Tokenizer
