@@ -34,9 +34,13 @@ def test_demo_quick_runs_the_pipeline_and_writes_the_report(tmp_path):
         # the quick plan generates at most 64 tokens; thinking is a part of the response
         assert 0 < r["response_len"] <= 64 and 0 <= r["thinking_len"] <= r["response_len"], side
         assert report[side]["problems"] == 8 and report[side]["samples_per_problem"] == 2
+        levels = report[side]["by_difficulty"]
+        assert set(levels) <= {"2", "3", "4", "5", "6", "7"} and sum(v["problems"] for v in levels.values()) == 8
+        assert all(0 <= v["pass_at_1"] <= 1 and 0 <= v["thinking_len"] <= 64 for v in levels.values())
     assert report["rl_curve"]["steps"] == 3
     md = (tmp_path / "report.md").read_text()
     assert "| pass@1 (mean over samples) |" in md and "![reward.png](grpo/reward.png)" in md
+    assert ("## By difficulty" in md) == (len(report["r1_zero"]["by_difficulty"]) > 1)
     for png in report["plots"].values():
         assert (tmp_path / png).stat().st_size > 1000
     # both models are Hugging Face directories with their tokenizer, ready for `nanoseek chat`

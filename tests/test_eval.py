@@ -97,6 +97,13 @@ def test_grpo_metrics_and_the_evaluation_agree(tokenizer, monkeypatch):
     assert metrics["thinking_len_mean"] == pytest.approx(result.thinking_len)
     assert metrics["thinking_len_max"] == max(lengths)
     assert result.pass_at_1 == metrics["accuracy"] == 0.75
+    per_level: dict = {}  # the same numbers by difficulty
+    for i, p in enumerate(problems):
+        per_level.setdefault(p.difficulty, []).extend(lengths[4 * i : 4 * i + 4])
+    assert sorted(result.by_difficulty) == sorted(per_level)
+    for d, level in result.by_difficulty.items():
+        assert level["problems"] == len(per_level[d]) // 4 and level["pass_at_1"] == 0.75
+        assert level["thinking_len"] == pytest.approx(sum(per_level[d]) / len(per_level[d]))
     assert result.format_rate == metrics["format"] == 0.75
     assert result.thinking_share == 0.5 and result.thinking_accuracy == 0.5 and result.direct_accuracy == 1.0
     assert metrics["reward_mean"] == pytest.approx(0.75 + 0.1 * 0.75)

@@ -69,6 +69,8 @@ class EvalResult:
     thinking_accuracy: float | None
     direct_accuracy: float | None
     format_rate: float
+    # {difficulty: {"problems", "pass_at_1", "thinking_len"}}: longer thinking on harder problems?
+    by_difficulty: dict = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,8 +98,12 @@ def evaluate(
     results = engine.generate([template.format(prompt=p.prompt) for p in problems], params)
     correct = total_len = think_len = thinking = think_right = direct_right = formatted = 0
     pass_k = cons = 0.0
+    by: dict = {}
     for problem, res in zip(problems, results):
         c = 0
+        level = by.setdefault(problem.difficulty, {"problems": 0, "right": 0, "thinking": 0})
+        level["problems"] += 1
+        level["thinking"] += sum(o.reasoning_tokens for o in res.outputs)
         for o in res.outputs:
             right = task.reward(o.text, problem) > 0.5
             c += right
@@ -114,6 +120,7 @@ def evaluate(
                     {"prompt": problem.prompt, "answer": problem.answer, "completion": o.text, "correct": bool(right)}
                 )
         correct += c
+        level["right"] += c
         pass_k += pass_at_k(k, c, k)
         vote = majority_vote([o.answer for o in res.outputs])
         cons += vote is not None and task.reward(f"<answer>{vote}</answer>", problem) > 0.5
@@ -131,4 +138,12 @@ def evaluate(
         thinking_accuracy=think_right / thinking if thinking else None,
         direct_accuracy=direct_right / direct if direct else None,
         format_rate=formatted / n,
+        by_difficulty={
+            d: {
+                "problems": v["problems"],
+                "pass_at_1": v["right"] / (v["problems"] * k),
+                "thinking_len": v["thinking"] / (v["problems"] * k),
+            }
+            for d, v in sorted(by.items())
+        },
     )

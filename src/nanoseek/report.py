@@ -141,6 +141,7 @@ def write_report(
         f"{_fmt(pretrain.get('loss_last'), 'loss')}.",
         "- Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".",
         "",
+        *_by_difficulty(before, after),
         "## Curves",
         "",
     ]
@@ -161,6 +162,28 @@ def write_report(
     md = out / "report.md"
     md.write_text("\n".join(lines), encoding="utf-8")
     return md
+
+
+def _by_difficulty(before, after) -> list[str]:
+    """pass@1 and thinking length per difficulty (for chain: the number of values)."""
+    b, a = before.by_difficulty, after.by_difficulty
+    levels = sorted(set(b) | set(a))
+    if len(levels) < 2:
+        return []
+    lines = [
+        "## By difficulty",
+        "",
+        "| difficulty | problems | pass@1 base | pass@1 R1-Zero | thinking base | thinking R1-Zero |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in levels:
+        x, y = b.get(d, {}), a.get(d, {})
+        lines.append(
+            f"| {d:g} | {y.get('problems', x.get('problems', 0))} | {_fmt(x.get('pass_at_1'), 'pct')} | "
+            f"{_fmt(y.get('pass_at_1'), 'pct')} | {_fmt(x.get('thinking_len'), 'num')} | "
+            f"{_fmt(y.get('thinking_len'), 'num')} |"
+        )
+    return [*lines, ""]
 
 
 def _diagnosis(base) -> list[str]:

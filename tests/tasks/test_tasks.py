@@ -267,3 +267,21 @@ def test_chain_splits_options_and_bad_prompts():
     assert all("=-" not in q.prompt for q in task.sample(50, "train", seed=2))
     with pytest.raises(NanoseekError, match="cannot read"):
         task.steps(Problem(prompt="1+2", answer="3"))
+
+
+def test_sample_with_repeats_keeps_each_difficulty_share():
+    """chain has about 90 train problems of 2 values (of 100): distinct samples run out of them, repeats do not."""
+    from collections import Counter
+
+    task = tasks.get("chain", signed=True)
+    distinct = task.sample(6000, "train", seed=0)
+    assert len({p.prompt for p in distinct}) == 6000
+    assert Counter(p.difficulty for p in distinct)[2] <= 100  # the few short problems are used up
+    drawn = Counter(p.difficulty for p in task.sample(6000, "train", seed=0, distinct=False))
+    assert all(850 <= drawn[d] <= 1150 for d in range(2, 8)), drawn  # 1,000 each expected
+    test = {p.prompt for p in task.sample(500, "test", seed=0, distinct=False)}
+    assert not test & {p.prompt for p in task.sample(6000, "train", seed=0, distinct=False)}
+    gsm8k = tasks.get("gsm8k")
+    pool = gsm8k.sample(None, "train")
+    again = gsm8k.sample(3 * len(pool), "train", seed=1, distinct=False)
+    assert len(again) == 3 * len(pool) and {p.prompt for p in again} <= {p.prompt for p in pool}

@@ -13,9 +13,11 @@ that the base model already has between thinking and guessing):
   order ("a=3,b=-1. b=-1,a=3"): the lookup that chain's worked steps make, drilled.
 
 Default mix: 50% worked, 30% direct, 10% terse, 10% plain. Problems come from the task's
-train split only, so the test split stays unseen. `preamble` < 1 drops the R1-Zero preamble
-(the sentence before "User:") from that share of the problem documents, so that more of the
-token budget goes to problems; a few thousand copies teach the model the preamble all the same.
+train split only, so the test split stays unseen, drawn with repeats so that every difficulty
+keeps its share (`Task.sample(distinct=False)`: chain has only 92 train problems of 2 values).
+`preamble` < 1 drops the R1-Zero preamble (the sentence before "User:") from that share of the
+problem documents, so that more of the token budget goes to problems; a few thousand copies
+teach the model the preamble all the same.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def corpus(
     rng = random.Random(f"corpus:{seed}")
     rng.shuffle(kinds)
     n_problems = n_docs + counts.get("plain", 0) * (PLAIN_PROBLEMS - 1)
-    problems = iter(task.sample(n_problems, split="train", seed=seed)) if n_problems else iter(())
+    problems = iter(task.sample(n_problems, "train", seed, distinct=False)) if n_problems else iter(())
     for kind in kinds:
         problem = next(problems)
         extra = [next(problems) for _ in range(PLAIN_PROBLEMS - 1)] if kind == "plain" else []
@@ -137,7 +139,7 @@ def worked_conversations(task: Task, n: int, seed: int = 0) -> Iterator[dict]:
     """SFT rows for `nanoseek sft`: {"messages": [question, answer with its worked solution as
     `reasoning_content`]}, from the task's train split. SFTDataset renders them in the model's
     prompt format; in the R1-Zero format a row is exactly a worked corpus document."""
-    for problem in task.sample(n, split="train", seed=seed):
+    for problem in task.sample(n, "train", seed, distinct=False):
         yield {
             "messages": [
                 {"role": "user", "content": problem.prompt},

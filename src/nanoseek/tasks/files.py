@@ -75,9 +75,9 @@ class FileTask(Task):
     def to_problem(self, row: dict, i: int) -> Problem:
         raise NotImplementedError
 
-    def sample(self, n: int | None = None, split: str = "train", seed: int = 0) -> list[Problem]:
+    def sample(self, n: int | None = None, split: str = "train", seed: int = 0, distinct: bool = True) -> list[Problem]:
         """n problems of the split in an order fixed by the seed (repeating when n exceeds
-        the split); n=None gives the whole split."""
+        the split; distinct=False: drawn with replacement); n=None gives the whole split."""
         check_split(split)
         pool = self.problems[split]
         if not pool:
@@ -87,6 +87,8 @@ class FileTask(Task):
         if n is None:
             return list(pool)
         rng = random.Random(f"{self.name}:{split}:{seed}")
+        if not distinct:
+            return rng.choices(pool, k=n)
         out: list[Problem] = []
         while len(out) < n:
             out += rng.sample(pool, len(pool))
