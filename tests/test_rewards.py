@@ -1,6 +1,13 @@
 """Rewards: known right and wrong answers, the output shapes the model writes, and fuzzing for
 floats-within-a-time-limit on any string."""
 
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -8,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoseek import tasks
+from nanoseek import rewards, tasks
 from nanoseek.data.corpus import corpus
 from nanoseek.errors import NanoseekError
 from nanoseek.rewards import (
+    MAX_ANSWER_CHARS,
     accuracy_reward,
     answer_reward,
     combined_reward,
@@ -26,7 +34,7 @@ from nanoseek.rewards import (
 )
 from nanoseek.tasks import Problem
 
-TIME_LIMIT = 5.0  # wall-clock seconds for any one reward call (math-verify may spend MATH_VERIFY_SECONDS of CPU)
+TIME_LIMIT = 5.0  # wall-clock seconds for any one reward call (a check may spend MATH_VERIFY_SECONDS of CPU)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +252,7 @@ def test_rewards_on_the_corpus_shapes():
 
 
 # Right answers of each kind that reaches math-verify (plain numbers never do), graded in a fresh
-# process: its first check also sets math-verify up, the slowest call of all.
+# process whose math-verify worker is started first, on a quiet machine.
 RIGHT_ANSWERS = [
     ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
     ("x^2+1", "1+x^2"),
@@ -254,25 +262,26 @@ RIGHT_ANSWERS = [
 ]
 GRADE = """
 import json, sys
-import math_verify
+from nanoseek import rewards
 from nanoseek.rewards import answer_reward
-print("ready", flush=True)
+assert answer_reward("<answer>x^2</answer>", "x^2") == 1.0  # starts the worker
+print(json.dumps(rewards._POOL.pids()), flush=True)
 answers = json.loads(sys.stdin.readline())
 print(json.dumps([answer_reward(f"<answer>{a}</answer>", t) for a, t in answers]), flush=True)
 """
 
 
-def test_right_answers_stay_right_on_a_busy_machine():
-    """Every core busy with a spinning process, and the grader let run a tenth of the time at
-    most (stopped 0.27 s, running 0.03 s), so that a check takes ten times its CPU time and
-    more in wall-clock time: the scores are the same, because the time limit counts work, not
-    waiting. (With math-verify's wall-clock alarm of 1 s, most of them scored 0.)"""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
+def signal_all(pids, signum):
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # the worker ends with the grader
+            os.kill(pid, signum)
 
+
+def test_right_answers_stay_right_on_a_busy_machine():
+    """Every core busy with a spinning process, and the grader and its math-verify worker let run
+    a tenth of the time at most (stopped 0.27 s, running 0.03 s), so that a check takes ten times
+    its CPU time and more in wall-clock time: the scores are the same, because the time limit
+    counts work, not waiting. (With math-verify's wall-clock alarm of 1 s, most of them scored 0.)"""
     grader = subprocess.Popen(
         [sys.executable, "-c", GRADE],
         stdin=subprocess.PIPE,
@@ -282,15 +291,17 @@ def test_right_answers_stay_right_on_a_busy_machine():
     )
     busy = []
     try:
-        assert grader.stdout.readline() == "ready\n"  # math-verify imported on a quiet machine
+        workers = json.loads(grader.stdout.readline())  # started on a quiet machine
+        assert len(workers) == 1
+        stopped = [grader.pid, *workers]
         busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count())]
         grader.stdin.write(json.dumps(RIGHT_ANSWERS) + "\n")
         grader.stdin.flush()
         deadline = time.monotonic() + 300
         while grader.poll() is None and time.monotonic() < deadline:
-            grader.send_signal(signal.SIGSTOP)
+            signal_all(stopped, signal.SIGSTOP)
             time.sleep(0.27)
-            grader.send_signal(signal.SIGCONT)
+            signal_all(stopped, signal.SIGCONT)
             time.sleep(0.03)
         out = grader.stdout.read()
     finally:
@@ -301,34 +312,167 @@ def test_right_answers_stay_right_on_a_busy_machine():
     assert json.loads(out) == [1.0] * len(RIGHT_ANSWERS)
 
 
-def test_time_limit_counts_work_not_waiting():
-    from math_verify.errors import TimeoutException
-
-    from nanoseek.rewards import _work_limit
-
-    with _work_limit(0.2):
-        time.sleep(0.5)  # waiting: no CPU time spent
-    start = time.process_time()
-    with pytest.raises(TimeoutException), _work_limit(0.2):
-        while time.process_time() - start < 10:
-            pass
-    assert 0.2 <= time.process_time() - start < 1.0
+@pytest.fixture
+def worker_ready():
+    """The pool has a worker started (a first start takes a second or more, counted by no test)."""
+    assert rewards.math_equal("x^2", "x^2")
+    return rewards._POOL
 
 
-def test_rewards_work_off_the_main_thread():
-    """math-verify's alarm only works in the main thread; the rewards must still answer elsewhere."""
+@pytest.fixture
+def unguarded(monkeypatch, worker_ready):
+    """Answers reach math-verify without the grammar's bound on the work, each check limited to
+    0.5 s of CPU time: what the worker's own limits do when the guard misses something."""
+    monkeypatch.setattr(rewards, "safe_for_sympy", lambda s: True)
+    monkeypatch.setattr(rewards, "MATH_VERIFY_SECONDS", 0.5)
+
+
+def in_thread(fn, *args):
+    """fn(*args) on another thread: its result and the wall-clock seconds it took."""
     results = []
-    thread = threading.Thread(
-        target=lambda: results.append(
-            (
-                answer_reward("<answer>\\frac{2}{4}</answer>", "\\frac{1}{2}"),
-                answer_reward("<answer>9^{9^{9}}</answer>", "\\pi"),
-            )
-        )
-    )
+    start = time.perf_counter()
+    thread = threading.Thread(target=lambda: results.append(fn(*args)))
     thread.start()
-    thread.join(timeout=30)
-    assert results == [(1.0, 0.0)]
+    thread.join(timeout=60)
+    assert results, "the call did not return within 60 s"
+    return results[0], time.perf_counter() - start
+
+
+def test_the_timer_stops_a_runaway_check_off_the_main_thread(unguarded):
+    """(x+y+z)^{99} against pi: 17 s of sympy when nothing stops it (over 40 s seen on a busy
+    machine). From a thread, the worker's CPU-time timer ends it at 0.5 s; the worker stays."""
+    pids = rewards._POOL.pids()
+    score, seconds = in_thread(answer_reward, "<answer>(x+y+z)^{99}</answer>", "\\pi")
+    assert score == 0.0 and seconds < 3.0
+    assert rewards._POOL.pids() == pids
+    assert answer_reward("<answer>x^2+1</answer>", "1+x^2") == 1.0
+
+
+def test_a_worker_that_ignores_the_timer_is_killed_and_replaced(unguarded, monkeypatch):
+    """Work the timer cannot stop (C code, or here a timer that does nothing): the kernel's CPU
+    limit kills the worker one or two CPU seconds later, the answer scores 0 and the next check
+    gets a new worker."""
+    deaf = rewards._WORKER.replace('raise TimeoutException("over the CPU-time limit")', "pass")
+    assert deaf != rewards._WORKER
+    monkeypatch.setattr(rewards, "_WORKER", deaf)
+    pool = rewards._Pool()
+    monkeypatch.setattr(rewards, "_POOL", pool)
+    try:
+        assert rewards.math_equal("x^2", "x^2")
+        (first,) = pool.pids()
+        score, seconds = in_thread(answer_reward, "<answer>(x+y+z)^{99}</answer>", "\\pi")
+        assert score == 0.0 and seconds < 8.0
+        assert pool.pids() == [] and pool.count == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # reaped
+        assert answer_reward("<answer>x^2+1</answer>", "1+x^2") == 1.0
+        assert len(pool.pids()) == 1 and pool.pids() != [first]
+    finally:
+        pool.close()
+
+
+PATHOLOGICAL = [
+    "(x+y+z)^{99}",
+    "(x+1)^{999}",
+    "\\frac{x^{999}-1}{x-1}",
+    "((9^{999})^{999})^{999}",
+    "9^{9^{9}}",
+    "2^2^2^2^2^2",
+    "\\sin(999^{999})",
+    "(9!)!",
+]
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL)
+def test_pathological_answers_from_a_thread(answer, worker_ready):
+    score, seconds = in_thread(answer_reward, f"<answer>{answer}</answer>", "\\pi")
+    assert score == 0.0 and seconds < 1.0
+
+
+def test_rewards_from_a_thread_pool(worker_ready):
+    """Right answers, wrong ones and pathological ones at once from eight threads, sharing the
+    workers (at most MAX_WORKERS of them): each gets its own verdict, within the bound."""
+    cases = [(f"<answer>{a}</answer>", t, 1.0) for a, t in RIGHT_ANSWERS]
+    cases += [(f"<answer>{a}</answer>", "\\pi", 0.0) for a in PATHOLOGICAL]
+    cases += [("<answer>\\sqrt{3}</answer>", "\\sqrt{2}", 0.0), ("<answer>x^3</answer>", "x^2", 0.0)]
+
+    def grade(case):
+        start = time.perf_counter()
+        return answer_reward(case[0], case[1]), time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(grade, cases * 2))
+    assert [score for score, _ in results] == [expected for _, _, expected in cases] * 2
+    assert max(seconds for _, seconds in results) < 5.0
+    assert 1 <= len(rewards._POOL.pids()) <= rewards.MAX_WORKERS
+
+
+def test_rewards_work_off_the_main_thread(worker_ready):
+    assert in_thread(answer_reward, "<answer>\\frac{2}{4}</answer>", "\\frac{1}{2}")[0] == 1.0
+    assert in_thread(answer_reward, "<answer>\\frac{\\sqrt{2}}{2}</answer>", "1/\\sqrt{2}")[0] == 1.0
+    assert in_thread(answer_reward, "<answer>9^{9^{9}}</answer>", "\\pi")[0] == 0.0
+
+
+def test_a_forked_child_gets_its_own_worker(worker_ready):
+    """The parent's workers answer on the parent's pipes: a forked child starts its own."""
+    parent = rewards._POOL.pids()
+    pid = os.fork()
+    if pid == 0:
+        ok = rewards._POOL.pids() == [] and rewards.math_equal("x^2+1", "1+x^2") and rewards._POOL.pids() != parent
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert rewards._POOL.pids() == parent and rewards.math_equal("x^2+1", "1+x^2")
+
+
+# Model text that would run code, or make sympy run for ever, if anything evaluated it.
+HOSTILE = [
+    "__import__('os').system('touch {flag}')",
+    "'__imp'+'ort__'",
+    "('_'+'_imp'+'ort_'+'_')('os').system('touch {flag}')",
+    "getattr(__builtins__, 'ev'+'al')('1')",
+    "lambda: open('{flag}', 'w')",
+    "(lambda: 0)()",
+    "x.__class__.__mro__",
+    "().__class__.__bases__[0].__subclasses__()",
+    "x.func",
+    "Symbol('x')",
+    "9**9**9**9",
+    "9^{9^{9^{9}}}",
+    "(" * 100_000 + "1" + ")" * 100_000,
+    "(" * 21 + "1" + ")" * 21,
+    "\\frac{" * 15 + "1" + "}{2}" * 15,
+    "x^" * 40 + "2",
+    "1+" * 200_000 + "1",
+    "x" * 300,
+    "\\binom{10^{30}}{10^{15}}",
+    "\\operatorname{eval}(x)",
+    "\\text{__import__}",
+    "\\\\x41",
+]
+
+
+@pytest.mark.parametrize("answer", HOSTILE)
+def test_hostile_answers_score_zero_fast_and_run_nothing(answer, tmp_path, worker_ready):
+    flag = tmp_path / "ran"
+    answer = answer.replace("{flag}", str(flag))
+    start = time.perf_counter()
+    assert not safe_for_sympy(answer)
+    for truth in ("5", "\\pi", "x"):
+        assert answer_reward(f"<answer>{answer}</answer>", truth) == 0.0
+    assert time.perf_counter() - start < 1.0
+    # and straight to the worker, past the guard: math-verify's LaTeX parser reads it as text, if at all
+    if len(answer) <= MAX_ANSWER_CHARS:
+        assert rewards._POOL.check(answer, "0", 0.5) is False
+    assert not flag.exists()
+
+
+def test_math_verify_sees_only_latex():
+    """The worker parses with math-verify's LaTeX parser alone: its plain-expression parser is
+    sympy's parse_expr, which evaluates Python."""
+    assert "LATEX = [LatexExtractionConfig()]" in rewards._WORKER
+    assert "ExprExtractionConfig()]" not in rewards._WORKER.split("LATEX =")[1]
+    assert not answer_reward("<answer>x**2</answer>", "x^2")  # Python syntax is not LaTeX
 
 
 # ---- adversarial outputs --------------------------------------------------------------------------
@@ -447,9 +591,64 @@ def test_megabytes_of_text():
 
 
 def test_guard_rejects_what_sympy_cannot_be_interrupted_on():
-    for s in ["9**9**9", "9^{9^9}", "2^{99999}", "(2^{9*9})", "12345!", "(5!)!", "__class__", "a.b"]:
+    for s in [
+        "9**9**9",
+        "9^{9^9}",
+        "2^{99999}",
+        "(2^{999})^{999}",
+        "2^{9 \\cdot 9^{9}}",
+        "12345!",
+        "(9!)!",
+        "(x+1)^{999}",
+        "(x+y+z)^{99}",
+        "x^{999}",
+        "\\sin(999^{999})",
+        "e^{10^{9}}",
+        "\\sqrt[10^{9}]{2}",
+        "__class__",
+        "a.b",
+        "x'",
+        "\\sum_{n=1}^{9} n",
+        "\\int_0^1 x dx",
+        "\\lim_{x} x",
+        "(" * 21 + "1" + ")" * 21,
+    ]:
         assert not safe_for_sympy(s), s
-    for s in ["x^2+1", "2^{10}", "\\frac{\\sqrt{3}}{2}", "(1,2]", "5!", "e^{i\\pi}", "9\\pi", "10^{-3}"]:
+    for s in [
+        "x^2+1",
+        "2^{10}",
+        "\\frac{\\sqrt{3}}{2}",
+        "(1,2]",
+        "5!",
+        "e^{i\\pi}",
+        "9\\pi",
+        "10^{-3}",
+        "x^{2n-1}",
+        "999^{999}",
+        "(x+1)^{20}",
+        "x^{100}",
+        "2^{2^{10}}",
+        "\\left[0, \\infty\\right)",
+        "\\{1, 2\\}",
+        "x \\le 3",
+        "3 \\pm \\sqrt{5}",
+        "\\log_2 8",
+        "\\sin^2 x + \\cos^2 x",
+        "30^\\circ",
+        "50\\%",
+        "|x-1|",
+        "a_{n+1}",
+        "\\sqrt[3]{2}",
+        "\\text{(A)}",
+        "18 \\text{ dollars}",
+        "\\mathbb{R}",
+        "(-\\infty, 0) \\cup (1, \\infty)",
+        "2 \\times 10^{5}",
+        "f(x) = 2x+1",
+        "\\dfrac{-b \\pm \\sqrt{b^2-4ac}}{2a}",
+        "\\theta",
+        "\\emptyset",
+    ]:
         assert safe_for_sympy(s), s
 
 

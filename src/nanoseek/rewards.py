@@ -2,21 +2,28 @@
 
 No neural reward model. Every reward takes any string and returns a float: adversarial
 outputs (huge powers, division by zero, deep nesting, code, megabytes of text) score 0, and
-nothing is ever `eval`-ed. Guards keep sympy from work a signal cannot interrupt (huge
-integer powers and factorials run in C), and a CPU-time limit bounds the rest when called
-from the main thread (`_work_limit`: a bound on the work, so a busy machine grades the same).
+nothing is ever `eval`-ed. An answer that is not a plain number reaches math-verify only if a
+whitelist grammar reads it and bounds the work it asks of sympy (`safe_for_sympy`), and then
+only math-verify's LaTeX parser, in a worker process whose checks are limited in CPU time
+whichever thread or process asks (`_Pool`: a bound on the work, so a busy machine grades the same).
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import functools
-import logging
+import json
+import math
+import os
 import re
-import signal
+import select
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
+from typing import NamedTuple
 
 from nanoseek.data.chat import ANSWER, END_ANSWER, END_THINK, THINK, strip_end_tokens
 from nanoseek.data.reasoning import parse_reasoning, split_reasoning
@@ -42,10 +49,6 @@ def _never_raises(fn):
             raise
         except Exception:
             return 0.0
-        except BaseException as e:  # math-verify's TimeoutException derives from BaseException
-            if type(e).__name__ == "TimeoutException":
-                return 0.0
-            raise
 
     return wrapper
 
@@ -143,108 +146,515 @@ def plain_number(text: str) -> Fraction | None:
     return -value if sign == "-" else value
 
 
-# ---- math-verify, behind guards ------------------------------------------------------
-_NOT_MATH = re.compile(r"[^\x20-\x7e°±·×÷π√∞−≤≥≠∪∩]")
-_FORBIDDEN = re.compile(
-    r"__|lambda|import|exec|eval|open|system|getattr|globals|subprocess|compile|"
-    r"binom|choose|\\sum|\\prod|\\int|\\lim|factorial|gamma|summation|product|integral|"
-    r"[A-Za-z_)\]]\.[A-Za-z_]",
-    re.IGNORECASE,
+# ---- what math-verify may see: a whitelist grammar with a bound on the work ------------------
+# An answer goes to math-verify only if it reads as math under the small grammar below, built
+# from known tokens (numbers, letters, a list of LaTeX commands, operators, brackets; no quotes,
+# dots outside numbers, unknown commands or code), and if a bound on the work it asks of sympy
+# holds: the size of every exact number it can build, the degree of its polynomials, the powers
+# of sums (expansions), factorials and the arguments of functions. Sympy does big-integer work in
+# C, where no time limit interrupts it short of killing the process; the bound keeps that out.
+MAX_BITS = 20_000  # the largest exact number an answer may build: about 6,000 digits (999^999 has 3,000)
+MAX_DEGREE = 100  # of any polynomial: x^{100} passes, (x^{999}-1)/(x-1) takes seconds to cancel
+MAX_EXPANSION = 20  # largest power of a sum: (x+y+z)^{20} (231 terms) in 0.6 s, (x+1)^{999} in 9 s
+MAX_FACTORIAL = 1000
+MAX_FUNCTION_BITS = 1000  # \sin of a 300-digit number needs 300 digits of precision
+MAX_DEPTH = 20  # atoms inside atoms: brackets, fractions, roots, exponents
+
+_LATEX_TOKEN = re.compile(
+    r"(?P<space>\s+|~|\\[,;:! ]|\\\$|\\q?quad(?![A-Za-z])|\\(?:left|right)(?![A-Za-z])(?:\s*\.)?"
+    r"|\\[bB]igg?[lr]?(?![A-Za-z])|\\(?:boxed|fbox|displaystyle)(?![A-Za-z]))"
+    r"|(?P<text>\\(?:text|textbf|textit|textrm|mathrm|mathbf|mathit|mbox)\s*\{[A-Za-z0-9 ,.()+-]*\})"
+    r"|(?P<const>\\mathbb\s*\{[A-Za-z]\})"
+    r"|(?P<num>\d+(?:\.\d+)?|\.\d+)"
+    r"|(?P<cmd>\\[A-Za-z]+|\\[{}%])"
+    r"|(?P<op>\*\*|[-+*/^_=<>,;!()\[\]{}|%]|[π∞√×·÷−±≤≥≠∪∩°])"
+    r"|(?P<sym>[A-Za-z])"
 )
-_POWER = re.compile(r"\^|\*\*")
+_GREEK = "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho sigma tau"
+_KINDS = {
+    **dict.fromkeys((_GREEK + " upsilon phi varphi chi psi omega").split(), "sym"),
+    **dict.fromkeys("pi infty emptyset varnothing circ dots ldots cdots π ∞".split(), "const"),
+    **dict.fromkeys("cdot times * × ·".split(), "mul"),
+    **dict.fromkeys("div / ÷".split(), "div"),
+    **dict.fromkeys("pm mp cup cap setminus + - − ± ∪ ∩".split(), "add"),
+    **dict.fromkeys("le leq ge geq ne neq lt gt approx in notin subset subseteq mid to = < > ≤ ≥ ≠".split(), "rel"),
+    **dict.fromkeys("frac dfrac tfrac".split(), "frac"),
+    **dict.fromkeys("sqrt √".split(), "sqrt"),
+    **dict.fromkeys("sin cos tan sec csc cot arcsin arccos arctan sinh cosh tanh log ln lg exp".split(), "func"),
+    **dict.fromkeys("% \\% ° degree".split(), "post"),
+    **dict.fromkeys("( [ { \\{".split(), "open"),
+    **dict.fromkeys(") ] } \\}".split(), "close"),
+    **{",": "sep", ";": "sep", "^": "pow", "**": "pow", "_": "sub", "!": "fact", "|": "bar"},
+}
+_CLOSERS = {"(": ")]", "[": ")]", "{": "}", "\\{": "\\}"}  # intervals close either way: (1, 2]
+_STARTS = {"num", "sym", "const", "text", "open", "frac", "sqrt", "func", "bar"}  # what may follow implicitly: 2x
 
 
-def _exponent_ok(s: str, i: int) -> bool:
-    """Is the exponent starting at s[i] a short literal or a symbol, and not itself raised to a power?"""
-    while i < len(s) and s[i] == " ":
-        i += 1
-    if i >= len(s):
-        return True
-    if s[i] in "{(":
-        j = s.find("}" if s[i] == "{" else ")", i)
-        if j < 0 or j - i > 16:
-            return False
-        body, end = s[i + 1 : j], j + 1
-    else:
-        m = re.match(r"[+-]?\d+|\\?[A-Za-z]+", s[i:])
+class _Work(NamedTuple):
+    """Upper bounds for a piece of an answer, as sympy would build it: `bits`, the size of its
+    exact value; `value` and `inverse`, log2 of its magnitude and of one over it (for exponents
+    and divisions); `degree` as a polynomial in its letters (each letter counts as up to 4); and
+    whether a sum is inside (a power of a sum is an expansion)."""
+
+    bits: float
+    value: float
+    inverse: float
+    degree: float
+    has_sum: bool
+
+
+class _TooMuchWork(Exception):
+    """An answer that is not in the grammar, or asks for more work than the bounds allow."""
+
+
+def _work(bits, value, inverse, degree, has_sum) -> _Work:
+    if bits > MAX_BITS or degree > MAX_DEGREE + 1e-6:
+        raise _TooMuchWork
+    return _Work(bits, value, inverse, degree, has_sum)
+
+
+_LETTER = _Work(2.0, 2.0, 2.0, 1.0, False)
+_CONSTANT = _Work(2.0, 2.0, 2.0, 0.0, False)
+
+
+def _number(text: str) -> _Work:
+    whole, _, decimals = text.partition(".")
+    if len(whole) + len(decimals) > 40:
+        raise _TooMuchWork
+    n = int(whole or "0")
+    digits = 3.33 * len(decimals)
+    value = math.log2(n + 1) if decimals else math.log2(max(n, 1))
+    return _work(max(1, n.bit_length()) + digits, value, digits, 0.0, False)
+
+
+def _text(text: str) -> _Work:
+    digits = sum(len(run) for run in re.findall(r"\d+", text))
+    return _work(2 + 3.33 * digits, 2 + 3.33 * digits, 2.0, 1.0, False)
+
+
+def _join(a: _Work, b: _Work) -> _Work:
+    """Items of a list, or the sides of a relation."""
+    return _work(
+        a.bits + b.bits,
+        max(a.value, b.value),
+        max(a.inverse, b.inverse),
+        max(a.degree, b.degree),
+        a.has_sum or b.has_sum,
+    )
+
+
+def _add(a: _Work, b: _Work) -> _Work:
+    return _work(a.bits + b.bits, max(a.value, b.value) + 1, a.bits + b.bits, max(a.degree, b.degree), True)
+
+
+def _mul(a: _Work, b: _Work) -> _Work:
+    return _work(a.bits + b.bits, a.value + b.value, a.inverse + b.inverse, a.degree + b.degree, a.has_sum or b.has_sum)
+
+
+def _div(a: _Work, b: _Work) -> _Work:
+    return _work(a.bits + b.bits, a.value + b.inverse, a.inverse + b.value, a.degree + b.degree, a.has_sum or b.has_sum)
+
+
+def _times(exponent: _Work) -> float:
+    """How many times over a power multiplies its base: the exponent's magnitude bound."""
+    if exponent.value > 60:
+        raise _TooMuchWork
+    return 2.0**exponent.value
+
+
+def _power(base: _Work, exponent: _Work) -> _Work:
+    times = _times(exponent)
+    if base.has_sum and times > MAX_EXPANSION + 1e-6:
+        raise _TooMuchWork
+    size = max(base.value, base.inverse) * times
+    return _work(base.bits * times + exponent.bits, size, size, base.degree * times, base.has_sum or exponent.has_sum)
+
+
+def _factorial(a: _Work) -> _Work:
+    n = 2.0**a.value
+    if n > MAX_FACTORIAL:
+        raise _TooMuchWork
+    size = n * math.log2(n + 1)
+    return _work(size + a.bits, size, 0.0, a.degree, a.has_sum)
+
+
+def _function(name: str, a: _Work) -> _Work:
+    if a.bits > MAX_FUNCTION_BITS:
+        raise _TooMuchWork
+    if name == "exp":
+        return _power(_CONSTANT, a)
+    return _work(a.bits, a.value, a.bits, a.degree, a.has_sum)
+
+
+def _tokens(s: str) -> list[tuple[str, str]]:
+    """(kind, text) for each token of an answer; anything outside the whitelist is refused."""
+    tokens, i = [], 0
+    while i < len(s):
+        m = _LATEX_TOKEN.match(s, i)
         if m is None:
-            return False
-        body, end = m.group(0), i + m.end()
-    if _POWER.search(body) or "!" in body or len(re.findall(r"\d+", body)) > 1 or re.search(r"\d{4,}", body):
-        return False
-    return not _POWER.match(s[end:].lstrip(" "))
+            raise _TooMuchWork
+        i, group, text = m.end(), m.lastgroup, m.group(0)
+        if group == "space":
+            continue
+        if group in ("num", "sym", "text", "const"):
+            tokens.append((group, text))
+        else:
+            kind = _KINDS.get(text.removeprefix("\\") if group == "cmd" and len(text) > 2 else text)
+            if kind is None:
+                raise _TooMuchWork
+            tokens.append((kind, text))
+    return tokens
+
+
+class _Reader:
+    """Recursive descent over the tokens of an answer, returning the bound on its work:
+    items (, ;) > relations (= < \\le ...) > sums (+ - \\pm \\cup) > products (* / \\cdot, or
+    implicit: 2x) > powers (^ _ ! %) > atoms (numbers, letters, brackets, \\frac, \\sqrt,
+    functions, |x|). The grammar is looser than LaTeX's, so that whatever math-verify might
+    read is bounded; it is not a parser of meaning, and math-verify's LaTeX parser does that."""
+
+    def __init__(self, tokens: list[tuple[str, str]]):
+        self.tokens, self.pos, self.depth, self.bars = tokens, 0, 0, 0
+
+    def peek(self) -> str:
+        return self.tokens[self.pos][0] if self.pos < len(self.tokens) else "end"
+
+    def take(self) -> tuple[str, str]:
+        if self.pos >= len(self.tokens):
+            raise _TooMuchWork
+        self.pos += 1
+        return self.tokens[self.pos - 1]
+
+    def answer(self) -> _Work:
+        work = self.items()
+        if self.pos != len(self.tokens):
+            raise _TooMuchWork
+        return work
+
+    def items(self) -> _Work:
+        work = self.relation()
+        while self.peek() == "sep":
+            self.take()
+            work = _join(work, self.relation())
+        return work
+
+    def relation(self) -> _Work:
+        work = self.sum()
+        while self.peek() == "rel":
+            self.take()
+            work = _join(work, self.sum())
+        return work
+
+    def sum(self) -> _Work:
+        work = self.signed()
+        while self.peek() == "add":
+            self.take()
+            work = _add(work, self.signed())
+        return work
+
+    def signed(self) -> _Work:
+        while self.peek() == "add":  # -x, \pm 2, 2 \cdot -3
+            self.take()
+        return self.product()
+
+    def product(self) -> _Work:
+        work = self.power()
+        while True:
+            kind = self.peek()
+            if kind in ("mul", "div"):
+                self.take()
+                while self.peek() == "add":
+                    self.take()
+                work = (_mul if kind == "mul" else _div)(work, self.power())
+            elif kind in _STARTS and not (kind == "bar" and self.bars):
+                work = _mul(work, self.power())
+            else:
+                return work
+
+    def power(self) -> _Work:
+        work = self.atom()
+        while True:
+            kind = self.peek()
+            if kind == "sub":  # x_1, a_{n+1}: a name, bounded like any other piece
+                self.take()
+                self.atom()
+            elif kind == "fact":
+                self.take()
+                work = _factorial(work)
+            elif kind == "post":
+                self.take()
+            elif kind == "pow":
+                self.take()
+                work = _power(work, self.exponent())
+            else:
+                return work
+
+    def exponent(self) -> _Work:
+        """The exponent of a ^, read to the right: 9^9^9 is 9^(9^9)."""
+        self.enter()
+        try:
+            while self.peek() == "add":
+                self.take()
+            work = self.atom()
+            if self.peek() == "pow":
+                self.take()
+                work = _power(work, self.exponent())
+            return work
+        finally:
+            self.depth -= 1
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _TooMuchWork
+
+    def atom(self) -> _Work:
+        self.enter()
+        try:
+            kind, text = self.take()
+            if kind == "num":
+                return _number(text)
+            if kind == "sym":
+                return _LETTER
+            if kind == "const":
+                return _CONSTANT
+            if kind == "text":
+                return _text(text)
+            if kind == "open":
+                work = self.items()
+                closer = self.take()
+                if closer[0] != "close" or closer[1] not in _CLOSERS[text]:
+                    raise _TooMuchWork
+                return work
+            if kind == "bar" and not self.bars:
+                self.bars += 1
+                work = self.sum()
+                self.bars -= 1
+                if self.take()[0] != "bar":
+                    raise _TooMuchWork
+                return work
+            if kind == "frac":
+                return _div(self.atom(), self.atom())
+            if kind == "sqrt":
+                if self.peek() == "open" and self.tokens[self.pos][1] == "[":  # \sqrt[3]{x}
+                    self.take()
+                    index = self.items()
+                    if self.take()[1] != "]" or _times(index) > MAX_FACTORIAL:
+                        raise _TooMuchWork
+                return self.atom()
+            if kind == "func":
+                name = text.removeprefix("\\")
+                if self.peek() == "sub":  # \log_2 8
+                    self.take()
+                    self.atom()
+                exponent = None
+                if self.peek() == "pow":  # \sin^2 x
+                    self.take()
+                    exponent = self.exponent()
+                work = _function(name, self.power())
+                return work if exponent is None else _power(work, exponent)
+            raise _TooMuchWork
+        finally:
+            self.depth -= 1
 
 
 def safe_for_sympy(s: str) -> bool:
-    """Whether math-verify may look at an answer: short, math characters only, no code, no
-    chained or large powers, no large factorials, limited nesting."""
-    if len(s) > MAX_ANSWER_CHARS or _NOT_MATH.search(s) or _FORBIDDEN.search(s):
+    """Whether math-verify may look at an answer: short, in the whitelist grammar, and within
+    the bounds on the work (big numbers, degrees, expansions, factorials, nesting)."""
+    if len(s) > MAX_ANSWER_CHARS:
         return False
-    if re.search(r"\d{41,}", s) or re.search(r"(?<!\d)\d{4,}\s*!|[^\d\sA-Za-z]\s*!|!!", s):
+    try:
+        _Reader(_tokens(s)).answer()
+    except (_TooMuchWork, RecursionError, ValueError, OverflowError):
         return False
-    depth = deepest = 0
-    for c in s:
-        depth += c in "([{"
-        depth -= c in ")]}"
-        deepest = max(deepest, depth)
-    if deepest > 20:
-        return False
-    powers = [m.end() for m in _POWER.finditer(s)]
-    return len(powers) <= 8 and all(_exponent_ok(s, i) for i in powers)
+    return True
 
 
-@functools.lru_cache(maxsize=1)
-def _math_verify():
-    import math_verify
+# ---- math-verify in a worker process, time-limited on any thread ---------------------------------
+# Every check runs in a small pool of worker processes, one check at a time each, so that the limit
+# holds whichever thread or process asks: a signal can only interrupt the main thread of the process
+# it is sent to, and the worker's checks run there. Two limits, both on CPU time (a busy machine
+# grades the same): a timer (ITIMER_PROF) stops a check after MATH_VERIFY_SECONDS in Python code and
+# the worker goes on; the kernel's CPU limit (RLIMIT_CPU) kills a worker stuck in C code a second or
+# two later, and a new one takes its place. The text reaches only math-verify's LaTeX parser (never
+# its plain-expression parser, which is sympy's parse_expr, an eval).
+MAX_WORKERS = min(8, os.cpu_count() or 1)
+WORKER_START_SECONDS = 120.0  # wall-clock: importing sympy on a loaded machine
+WORKER_WAIT_SECONDS = 300.0  # wall-clock, a last resort: a worker that neither answers nor spends CPU
+_WORKER = r"""
+import json, logging, math, resource, signal, sys
+from functools import lru_cache
+import math_verify
+from math_verify import LatexExtractionConfig
+from math_verify.errors import TimeoutException
 
-    # math-verify's own timeouts are off (its wall-clock alarm is what `_work_limit` replaces),
-    # and it warns about that.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    # The first check in a process builds the LaTeX parser and sympy's caches (about 0.5 s of
-    # CPU): done here, before any limit runs, so that it never counts against an answer.
-    math_verify.verify(
-        math_verify.parse("$\\sqrt{2}/2$", parsing_timeout=None),
-        math_verify.parse("$x^2+1$", parsing_timeout=None),
-        timeout_seconds=None,
-    )
-    return math_verify
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # its own (signal) timeouts are off, and it warns
+LATEX = [LatexExtractionConfig()]  # not ExprExtractionConfig: that is sympy's parse_expr, an eval
 
 
-@contextlib.contextmanager
-def _work_limit(seconds: float):
-    """Raise math-verify's TimeoutException once the process has spent `seconds` of CPU time
-    in the block. math-verify's own limit is a wall-clock alarm, which a busy machine lets run
-    out before a right answer is parsed; CPU time is the same however loaded the machine is.
-    A signal, so only in the main thread; elsewhere the guards are the only bound."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    from math_verify.errors import TimeoutException
+def parse(text):
+    return math_verify.parse(f"${text}$", LATEX, parsing_timeout=None)
 
-    def stop(signum, frame):
-        raise TimeoutException(f"math-verify: over {seconds} s of CPU time")
 
-    previous = signal.signal(signal.SIGPROF, stop)
+@lru_cache(maxsize=4096)
+def gold(truth):  # a failure raises, which lru_cache does not keep: a parse cut short is tried again
+    parsed = parse(truth)
+    if not parsed:
+        raise ValueError(truth)
+    return parsed
+
+
+def stop(signum, frame):
+    raise TimeoutException("over the CPU-time limit")
+
+
+def check(pred, truth, seconds):
+    used = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+    soft = math.ceil(used + seconds) + 1  # SIGXCPU, whose default is to end the process, even in C
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
-        yield
+        guess = parse(pred)
+        return bool(guess) and bool(math_verify.verify(gold(truth), guess, timeout_seconds=None))
+    except (Exception, TimeoutException):
+        return False
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.signal(signal.SIGPROF, previous)
 
 
-class _NoGold(Exception):
-    """A ground truth that math-verify could not parse (or not in time)."""
+signal.signal(signal.SIGPROF, stop)
+signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C is for the parent, which ends the worker
+check("\\sqrt{2}/2", "x^2+1", 600)  # builds the LaTeX parser and sympy's caches before any limit counts
+print("ready", flush=True)
+for line in sys.stdin:
+    try:
+        equal = check(*json.loads(line))
+    except (Exception, TimeoutException):
+        equal = False
+    print(json.dumps(equal), flush=True)
+"""
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(truth: str):
-    """The parsed ground truth. A failure raises, which lru_cache does not keep, so that a
-    parse cut short is tried again next time instead of failing every later answer."""
-    gold = _math_verify().parse(f"${truth}$", parsing_timeout=None)
-    if not gold:
-        raise _NoGold(truth)
-    return gold
+class _Worker:
+    """One worker process: a JSON line [answer, truth, seconds] in, a JSON line true/false out."""
+
+    def __init__(self):
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+        except OSError as e:
+            raise NanoseekError(f"math-verify worker: cannot start {sys.executable}: {e}") from e
+        self.buffer = b""
+        if self.read_line(WORKER_START_SECONDS) != b"ready":
+            self.close()
+            raise NanoseekError(
+                f"math-verify worker did not start (exit code {self.proc.returncode}; its stderr above)"
+            )
+
+    def read_line(self, seconds: float) -> bytes | None:
+        """The next line, or None once the worker has ended or `seconds` have passed."""
+        deadline = time.monotonic() + seconds
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line
+
+    def check(self, pred: str, truth: str, seconds: float) -> bool | None:
+        """math-verify's verdict, or None when the worker is gone (killed over its CPU limit)."""
+        try:
+            self.proc.stdin.write(json.dumps([pred, truth, seconds]).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return None
+        line = self.read_line(WORKER_WAIT_SECONDS)
+        return None if line is None else json.loads(line) is True
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+class _Pool:
+    """Idle workers, started on demand up to MAX_WORKERS; a worker that is gone is replaced by
+    the next check that needs one. Belongs to the process that made it (see `_after_fork`)."""
+
+    def __init__(self):
+        self.ready = threading.Condition()
+        self.idle: list[_Worker] = []
+        self.count = 0
+        self.pid = os.getpid()
+
+    def check(self, pred: str, truth: str, seconds: float) -> bool:
+        worker, verdict = self.take(), None
+        try:
+            verdict = worker.check(pred, truth, seconds)
+        finally:  # an interrupted check leaves a reply in the pipe: that worker is not reused
+            self.give(worker, alive=verdict is not None)
+        return bool(verdict)
+
+    def take(self) -> _Worker:
+        with self.ready:
+            while not self.idle and self.count >= MAX_WORKERS:
+                self.ready.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.count += 1
+        try:
+            return _Worker()  # outside the lock: a start takes a second
+        except BaseException:
+            self.give(None, alive=False)
+            raise
+
+    def give(self, worker: _Worker | None, alive: bool) -> None:
+        if worker is not None and not alive:
+            worker.close()
+        with self.ready:
+            if alive:
+                self.idle.append(worker)
+            else:
+                self.count -= 1
+            self.ready.notify()
+
+    def close(self) -> None:
+        with self.ready:
+            idle, self.idle = self.idle, []
+            self.count -= len(idle)
+        if os.getpid() == self.pid:
+            for worker in idle:
+                worker.close()
+
+    def pids(self) -> list[int]:
+        with self.ready:
+            return [w.proc.pid for w in self.idle]
+
+
+_POOL = _Pool()
+
+
+def _after_fork() -> None:
+    """A forked child gets its own workers: the parent's pipes are the parent's."""
+    global _POOL
+    for worker in _POOL.idle:
+        worker.proc.stdin.close()
+        worker.proc.stdout.close()
+        worker.proc.returncode = 0  # not our child: nothing to wait for
+    _POOL = _Pool()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+atexit.register(lambda: _POOL.close())
 
 
 def math_equal(pred: str, truth: str) -> bool:
@@ -255,18 +665,9 @@ def math_equal(pred: str, truth: str) -> bool:
         return p == t
     if t is not None and t.denominator == 1:
         return False
-    if len(truth) > MAX_GOLD_CHARS or not safe_for_sympy(pred) or not re.search(r"[0-9A-Za-z\\π∞√]", pred):
+    if len(truth) > MAX_GOLD_CHARS or not re.search(r"[0-9A-Za-z\\π∞√]", pred) or not safe_for_sympy(pred):
         return False
-    mv = _math_verify()
-    from math_verify.errors import TimeoutException
-
-    try:
-        with _work_limit(MATH_VERIFY_SECONDS):
-            gold = _parse_gold(truth)
-            guess = mv.parse(f"${pred}$", parsing_timeout=None)
-            return bool(guess) and bool(mv.verify(gold, guess, timeout_seconds=None))
-    except (_NoGold, TimeoutException):
-        return False
+    return _POOL.check(pred, truth, MATH_VERIFY_SECONDS)
 
 
 @_never_raises
