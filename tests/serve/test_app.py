@@ -214,7 +214,7 @@ LONG = [{"role": "user", "content": "The quick brown fox jumps. " * 150}]  # > 5
             400,
             "messages",
             "context_length_exceeded",
-        ),  # tokenized off the event loop
+        ),  # refused by its size, before tokenizing
         ({**GOOD, "max_tokens": 510}, 400, "max_tokens", "context_length_exceeded"),
         ({**GOOD, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
         ({**GOOD, "temperature": None, "n": 1.0}, 400, "n", "invalid_type"),
@@ -444,6 +444,28 @@ def test_non_streaming_client_that_hangs_up_is_aborted(server):
     wait_idle(server.url)
     assert engine_steps(server.url) - steps < 400  # not run to its 490 tokens
     assert metric(server.url, 'nanoseek_requests_total{path="/v1/chat/completions",status="499"}') >= 1
+
+
+def test_a_client_that_hangs_up_mid_body_is_one_line_in_the_log(server):
+    """Headers that promise 1000 bytes, 10 of them, then the socket closes: one line in the
+    server's log (it was two tracebacks of some 60 lines each), a 499, and the server goes on."""
+    status_499 = 'nanoseek_requests_total{path="/v1/chat/completions",status="499"}'
+    before, seen = metric(server.url, status_499), len(server.log().splitlines())
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode()
+            + b'{"model": '
+        )
+    deadline = time.monotonic() + 10
+    while metric(server.url, status_499) == before:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert server.log().splitlines()[seen:] == [
+        "POST /v1/chat/completions: the client hung up after 10 of 1000 bytes of the body"
+    ]
+    assert post(server, GOOD).status_code == 200
 
 
 # ---- in-process: a full queue, a failing engine ------------------------------------------------

@@ -7,7 +7,10 @@ asyncio queue. The event loop only parses, validates and writes responses, so a 
 never holds up the batch, and a client that goes away is aborted before the next step: its
 cache row goes to the next waiting request.
 
-Every error is an OpenAI-style body, `{"error": {"message", "type", "param", "code"}}`.
+Every error is an OpenAI-style body, `{"error": {"message", "type", "param", "code"}}`. No request
+makes a 500 or stalls the others: the body is strict JSON (no NaN, no lone surrogate, at most 200
+deep), a prompt whose size alone says it cannot fit is refused before it is tokenized, and prompts
+are tokenized in worker threads that let go of the interpreter lock.
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from tokenizers import pre_tokenizers
 
 from nanoseek.data.chat import BOS
+from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.engine import CompletionOutput, Engine, StreamEvent
 from nanoseek.infer.sampling import SamplingParams
@@ -49,6 +56,10 @@ from nanoseek.serve.protocol import ApiError, ChatCompletionRequest, CompletionR
 log = logging.getLogger("nanoseek.serve")
 
 MAX_BODY_BYTES = 4 << 20
+# A temperature or top_p below is greedy: for a temperature its limit (vLLM draws the line at 1e-5),
+# for top_p the same tokens (with under a million in the vocabulary, the most likely holds more).
+# Smaller ones overflow the logits divided by them or round to 0 in float32: the step would fail.
+GREEDY_BELOW = 1e-6
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,6 +243,44 @@ class EngineLoop:
 # ---------------------------------------------------------------------------------------
 # Request parsing.
 # ---------------------------------------------------------------------------------------
+def too_long(max_seq_len: int, tokens: str, param: str) -> ApiError:
+    return ApiError(
+        400,
+        f"This model's maximum context length is {max_seq_len} tokens, and the prompt has {tokens}: shorten it",
+        param,
+        "context_length_exceeded",
+    )
+
+
+def token_bytes_bound(tokenizer: Tokenizer) -> int | None:
+    """The most bytes of text that one token stands for, so that a text has at least
+    bytes / bound tokens: a prompt that cannot fit in the context is refused by its size, before
+    seconds of tokenizing. Sound where every byte of the text lands in a token: byte-level BPE
+    (each of the 256 bytes is in the vocabulary, spelt as one character) with no normalizer
+    (which may shrink a text), pre-tokenizers that only split it (none that drops spaces) and
+    added tokens that take no whitespace beside them, as DeepSeek's and nanoseek's tokenizers.
+    None for any other tokenizer: its prompts are only counted by tokenizing them."""
+    spec = json.loads(tokenizer.backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    if (
+        spec.get("normalizer") is not None
+        or (spec.get("model") or {}).get("type") != "BPE"
+        or not any(p.get("type") == "ByteLevel" for p in parts)
+        or not all(
+            p.get("type") in ("ByteLevel", "Digits", "Split", "Punctuation") and p.get("behavior") != "Removed"
+            for p in parts
+        )
+        or any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or [])
+        or not set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys()
+    ):
+        return None
+    # A byte-level token's characters are its bytes; counting UTF-8 bytes overcounts them (never
+    # under), and counts an added token's text exactly.
+    return max(len(s.encode()) for s in vocab)
+
+
 def parse_sampling(
     req: SamplingRequest, prompt_tokens: int, max_seq_len: int, prompt_param: str = "messages"
 ) -> tuple[SamplingParams, bool, bool]:
@@ -245,13 +294,7 @@ def parse_sampling(
     if getattr(req, "max_completion_tokens", None) is not None:
         name, max_tokens = "max_completion_tokens", req.max_completion_tokens
     if prompt_tokens >= max_seq_len:
-        raise ApiError(
-            400,
-            f"This model's maximum context length is {max_seq_len} tokens, and the prompt has "
-            f"{prompt_tokens}: shorten it",
-            prompt_param,
-            "context_length_exceeded",
-        )
+        raise too_long(max_seq_len, str(prompt_tokens), prompt_param)
     if max_tokens is not None and prompt_tokens + max_tokens > max_seq_len:
         raise ApiError(
             400,
@@ -265,11 +308,14 @@ def parse_sampling(
     def given(value, default):
         return default if value is None else value
 
+    temperature, top_p = float(given(req.temperature, 1.0)), float(given(req.top_p, 1.0))
+    if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:
+        temperature, top_p = 0.0, 1.0
     try:
         params = SamplingParams(
             n=given(req.n, 1),
-            temperature=float(given(req.temperature, 1.0)),
-            top_p=float(given(req.top_p, 1.0)),
+            temperature=temperature,
+            top_p=top_p,
             top_k=given(req.top_k, 0),
             max_tokens=max_tokens,
             stop=req.stop,
@@ -480,13 +526,25 @@ def create_app(
         if declared > MAX_BODY_BYTES:
             raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        except ClientDisconnect:  # nobody to answer: one line in the log, not a traceback
+            log.warning(
+                "%s %s: the client hung up after %d of %s bytes of the body",
+                request.method,
+                request.url.path,
+                len(raw),
+                declared or "?",
+            )
+            raise ApiError(499, "the client closed the request", code="client_closed") from None
+        try:
+            # RFC 8259 JSON in UTF-8, as pydantic parses it: no NaN or Infinity, no lone surrogate
+            # ("\ud800", which no tokenizer takes), nesting at most 200 deep (no RecursionError).
+            body = from_json(bytes(raw), allow_inf_nan=False)
+        except ValueError as e:
             raise ApiError(
                 400, f"We could not parse the JSON body of your request ({e})", code="invalid_json"
             ) from None
@@ -504,13 +562,23 @@ def create_app(
             )
         return parse(schema, body)
 
-    async def encode(text: str) -> list[int]:
-        """Token ids as the engine would encode the text; a long text in a worker thread, so that
-        the event loop keeps serving the others meanwhile."""
-        bos = not text.startswith(BOS)
-        if len(text) < 16_384:
-            return tokenizer.encode(text, bos=bos)
-        return await asyncio.to_thread(tokenizer.encode, text, bos)
+    bytes_per_token = token_bytes_bound(tokenizer)
+
+    async def encode(encoder, *args, text: str, param: str) -> list[int]:
+        """`encoder(*args)`'s ids, after refusing a prompt whose size alone (`text`: the prompt
+        as text, the template's part included) says it cannot fit: a 4 MB prompt is refused at
+        once, not after seconds of tokenizing. In a worker thread: encode_chat and encode_plain
+        run the tokenizer's batch encoder, which lets go of the interpreter lock, so the event
+        loop and the engine go on meanwhile (its single-text `encode` holds the lock throughout:
+        /health waited 5-6 s behind a 4 MB prompt)."""
+        if bytes_per_token is not None:
+            tokens = -(-len(text.encode()) // bytes_per_token)
+            if tokens >= engine.max_seq_len:
+                raise too_long(engine.max_seq_len, f"at least {tokens}", param)
+        try:
+            return await asyncio.to_thread(encoder, *args)
+        except NanoseekError as e:
+            raise ApiError(400, str(e), param, "invalid_value") from None
 
     async def start(body: SamplingRequest, prompt_ids: list[int], prefix: str, prompt_param: str):
         params, stream, include_usage = parse_sampling(body, len(prompt_ids), engine.max_seq_len, prompt_param)
@@ -623,11 +691,13 @@ def create_app(
     async def chat_completions(request: Request):
         authorize(request)
         body = await read_body(request, ChatCompletionRequest)
-        try:
-            text = tokenizer.format_chat(body.chat())  # in the format the model was trained with
+        messages = body.chat()
+        try:  # in the format the model was trained with; the messages' text is only text
+            text = tokenizer.format_chat(messages)
         except NanoseekError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
-        job, params, stream, include_usage = await start(body, await encode(text), "chatcmpl", "messages")
+        ids = await encode(tokenizer.encode_chat, messages, text=text, param="messages")
+        job, params, stream, include_usage = await start(body, ids, "chatcmpl", "messages")
         head = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created, "model": model_name}
 
         def chunk(choices: list, usage=None) -> dict:
@@ -692,8 +762,8 @@ def create_app(
         prompt = body.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str) and prompt:
-            ids = await encode(prompt)
+        if isinstance(prompt, str) and prompt:  # text, not control tokens: only BOS is added
+            ids = await encode(tokenizer.encode_plain, prompt, True, text=BOS + prompt, param="prompt")
         elif (
             isinstance(prompt, list)
             and prompt

@@ -107,7 +107,16 @@ class StreamOptions(ApiModel):
 class ChatMessage(ApiModel):
     role: Literal[tuple(ROLES)]
     content: str | None = None  # a string, or OpenAI's list of {"type": "text", "text": ...} parts
-    reasoning_content: str | None = None  # DeepSeek's: an earlier turn's reasoning
+    reasoning_content: Any = None  # refused, as DeepSeek's API refuses it
+
+    @field_validator("reasoning_content", mode="before")
+    @classmethod
+    def _no_reasoning(cls, reasoning):
+        # DeepSeek's API answers 400 to it: an earlier turn's reasoning is not part of the next
+        # prompt (this server used to paste it in, making prompts that API never makes).
+        if reasoning is not None:
+            raise ValueError("must not be sent back: send an assistant turn's 'content' only")
+        return reasoning
 
     @field_validator("content", mode="before")
     @classmethod
@@ -129,7 +138,7 @@ class SamplingRequest(ApiModel):
     n: int | None = Field(None, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # nanoseek's: 0 or -1 for all tokens
+    top_k: int | None = Field(None, ge=-1, le=2**63 - 1)  # nanoseek's: 0 or -1 for all tokens (int64, as the engine)
     max_tokens: int | None = Field(None, ge=1)  # None: up to the context
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: list[str] | None = None  # a string or at most MAX_STOP of them
@@ -177,14 +186,7 @@ class ChatCompletionRequest(SamplingRequest):
 
     def chat(self) -> list[dict]:
         """The messages as the chat template takes them (developer is system)."""
-        return [
-            {
-                "role": ROLES[m.role],
-                "content": m.content,
-                **({"reasoning_content": m.reasoning_content} if m.reasoning_content is not None else {}),
-            }
-            for m in self.messages
-        ]
+        return [{"role": ROLES[m.role], "content": m.content} for m in self.messages]
 
 
 class CompletionRequest(SamplingRequest):
