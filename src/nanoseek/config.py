@@ -14,6 +14,61 @@ from nanoseek.errors import NanoseekError
 ARCHITECTURES = {"DeepseekV3ForCausalLM": "deepseek_v3", "DeepseekV2ForCausalLM": "deepseek_v2"}
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
+# config.json fields without which the weights' shapes are a guess: a file that lacks one is an
+# error, not a V3-sized default (transformers writes every field, so its checkpoints have them).
+REQUIRED_HF = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "q_lora_rank",  # null (no query compression, as V2-Lite) is a value; absent is not
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",  # null: a dense model
+)
+REQUIRED_HF_MOE = ("moe_intermediate_size", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace")
+
+# YaRN's numbers in rope_scaling: factor and the original context must be above 0.
+YARN_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class ModelConfigError(NanoseekError):
+    """A ModelConfig value that cannot be right; `field` names it (the training config reports
+    it as `model.FIELD`), `detail` says what is wrong without the prefix."""
+
+    def __init__(self, field: str | None, detail: str):
+        super().__init__(f"invalid model config: {detail}")
+        self.field, self.detail = field, detail
+
+
+def read_utf8(path: str | Path) -> str:
+    """A config file's text; one that is not UTF-8 is a NanoseekError naming the path and the byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NanoseekError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that holds an object (config.json, tokenizer_config.json): one-line errors naming the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise NanoseekError(f"{p}: file not found")
+    try:
+        raw = json.loads(read_utf8(p))
+    except json.JSONDecodeError as e:
+        raise NanoseekError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise NanoseekError(f"{p}: expected a JSON object")
+    return raw
 
 
 @dataclass
@@ -82,70 +137,102 @@ class ModelConfig:
         return scale
 
     def validate(self) -> None:
-        def bad(msg):
-            raise NanoseekError(f"invalid model config: {msg}")
+        def bad(field, detail):
+            raise ModelConfigError(field, detail)
+
+        def number(name, low=0.0, above=True):
+            v = getattr(self, name)
+            if not _finite(v) or v < low or (above and v == low):
+                bad(name, f"{name} must be a finite number {'above' if above else 'at least'} {low:g}, got {v!r}")
+
+        def integer(name, low):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                kind = "a positive integer" if low == 1 else f"an integer of at least {low}"
+                bad(name, f"{name} must be {kind}, got {v!r}")
 
         if self.model_type not in ARCHITECTURES.values():
-            bad(f"model_type '{self.model_type}' (expected deepseek_v3 or deepseek_v2)")
+            bad("model_type", f"model_type '{self.model_type}' (expected deepseek_v3 or deepseek_v2)")
         if self.topk_method not in TOPK_METHODS:
-            bad(f"topk_method '{self.topk_method}' (expected one of {', '.join(TOPK_METHODS)})")
+            bad("topk_method", f"topk_method '{self.topk_method}' (expected one of {', '.join(TOPK_METHODS)})")
         if self.scoring_func not in SCORING_FUNCS:
-            bad(f"scoring_func '{self.scoring_func}' (expected sigmoid or softmax)")
+            bad("scoring_func", f"scoring_func '{self.scoring_func}' (expected sigmoid or softmax)")
         if self.hidden_act != "silu":
-            bad(f"hidden_act '{self.hidden_act}' (only silu is supported)")
+            bad("hidden_act", f"hidden_act '{self.hidden_act}' (only silu is supported)")
         for name in (
             "vocab_size",
             "hidden_size",
+            "intermediate_size",
             "num_hidden_layers",
             "num_attention_heads",
             "kv_lora_rank",
             "qk_rope_head_dim",
             "v_head_dim",
+            "max_position_embeddings",
+            "moe_layer_freq",
         ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            integer(name, 1)
+        for name in ("qk_nope_head_dim", "n_routed_experts", "n_shared_experts", "first_k_dense_replace"):
+            integer(name, 0)
+        integer("num_nextn_predict_layers", 0)
+        if self.q_lora_rank is not None:
+            integer("q_lora_rank", 1)
+        number("rope_theta")
+        number("routed_scaling_factor")
+        number("rms_norm_eps", above=False)
+        number("initializer_range", above=False)
         if self.qk_rope_head_dim % 2:
-            bad(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+            bad("qk_rope_head_dim", f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.n_routed_experts:
-            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-                bad(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..n_routed_experts")
+            integer("moe_intermediate_size", 1)
+            integer("num_experts_per_tok", 1)
+            if self.num_experts_per_tok > self.n_routed_experts:
+                bad(
+                    "num_experts_per_tok",
+                    f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..n_routed_experts",
+                )
             if self.topk_method != "greedy":
+                integer("n_group", 1)
+                integer("topk_group", 1)
                 if self.n_routed_experts % self.n_group:
-                    bad(f"n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}")
-                if not 0 < self.topk_group <= self.n_group:
-                    bad(f"topk_group {self.topk_group} must be in 1..n_group")
+                    bad(
+                        "n_group",
+                        f"n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}",
+                    )
+                if self.topk_group > self.n_group:
+                    bad("topk_group", f"topk_group {self.topk_group} must be in 1..n_group")
                 per_group = self.n_routed_experts // self.n_group
                 if self.topk_method == "noaux_tc" and per_group < 2 and self.n_group > 1:
-                    bad("noaux_tc routing scores a group by its top-2 experts: need 2+ experts per group")
+                    bad("n_group", "noaux_tc routing scores a group by its top-2 experts: need 2+ experts per group")
                 if self.topk_group * per_group < self.num_experts_per_tok:
-                    bad("topk_group groups hold fewer experts than num_experts_per_tok")
+                    bad("topk_group", "topk_group groups hold fewer experts than num_experts_per_tok")
         rs = self.rope_scaling
         if rs is not None:
+            if not isinstance(rs, dict):
+                bad("rope_scaling", f"rope_scaling must be a mapping or null, got {rs!r:.60}")
             kind = rs.get("type", rs.get("rope_type"))
             if kind not in ("yarn", "default", None):
-                bad(f"rope_scaling type '{kind}' (only yarn is supported)")
+                bad("rope_scaling", f"rope_scaling type '{kind}' (only yarn is supported)")
             if kind == "yarn" and not ("factor" in rs and "original_max_position_embeddings" in rs):
-                bad("yarn rope_scaling needs 'factor' and 'original_max_position_embeddings'")
+                bad("rope_scaling", "yarn rope_scaling needs 'factor' and 'original_max_position_embeddings'")
+            for key in YARN_NUMBERS:
+                positive = key in ("factor", "original_max_position_embeddings")
+                if key in rs and not (_finite(rs[key]) and (rs[key] > 0 or not positive)):
+                    what = "a finite number above 0" if positive else "a finite number"
+                    bad("rope_scaling", f"rope_scaling '{key}' must be {what}, got {rs[key]!r}")
 
     # ---- Hugging Face config.json ------------------------------------------------
     @classmethod
-    def from_hf(cls, path_or_dict: str | Path | dict) -> ModelConfig:
-        """Read a `config.json` (or its dict) of DeepseekV3ForCausalLM / DeepseekV2ForCausalLM."""
-        where = "config"
+    def from_hf(cls, path_or_dict: str | Path | dict, where: str = "config") -> ModelConfig:
+        """Read a `config.json` (or its dict, read from `where`) of DeepseekV3ForCausalLM /
+        DeepseekV2ForCausalLM. The fields that decide the weights' shapes are required."""
         if isinstance(path_or_dict, dict):
             raw = dict(path_or_dict)
         else:
             p = Path(path_or_dict)
             p = p / "config.json" if p.is_dir() else p
             where = str(p)
-            if not p.exists():
-                raise NanoseekError(f"{p}: file not found")
-            try:
-                raw = json.loads(p.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise NanoseekError(f"{p}: not valid JSON ({e})") from None
-            if not isinstance(raw, dict):
-                raise NanoseekError(f"{p}: expected a JSON object")
+            raw = read_json_object(p)
         archs = raw.get("architectures") or []
         model_type = raw.get("model_type")
         if archs:
@@ -157,6 +244,14 @@ class ModelConfig:
             model_type = known[0]
         if model_type not in ARCHITECTURES.values():
             raise NanoseekError(f"{where}: unknown model_type {model_type!r} (expected deepseek_v3 or deepseek_v2)")
+        required = REQUIRED_HF + (REQUIRED_HF_MOE if raw.get("n_routed_experts") else ())
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise NanoseekError(
+                f"{where}: missing required field{'s' if len(missing) > 1 else ''} "
+                + ", ".join(f"'{k}'" for k in missing)
+                + f" (the weights' shapes depend on {'them' if len(missing) > 1 else 'it'}; no default is assumed)"
+            )
         kw: dict[str, Any] = {"model_type": model_type}
         if model_type == "deepseek_v2":  # V2 defaults differ from V3's where the file is silent
             kw.update(
@@ -181,6 +276,8 @@ class ModelConfig:
             if rp.get("rope_type", rp.get("type", "default")) != "default" and "rope_scaling" not in raw:
                 kw["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
         if kw.get("rope_scaling"):
+            if not isinstance(kw["rope_scaling"], dict):
+                raise NanoseekError(f"{where}: rope_scaling must be an object or null, got {kw['rope_scaling']!r:.60}")
             rs = dict(kw["rope_scaling"])
             rs.setdefault("type", rs.get("rope_type"))
             if rs["type"] in ("default", None):

@@ -26,6 +26,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from nanoseek.config import read_utf8
 from nanoseek.data.chat import (
     ANSWER,
     ASSISTANT,
@@ -171,9 +172,11 @@ class Tokenizer:
         config = None
         if config_file.is_file():
             try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
+                config = json.loads(read_utf8(config_file))
             except json.JSONDecodeError as e:
                 raise NanoseekError(f"{config_file}: invalid JSON ({e})") from e
+            if not isinstance(config, dict):
+                raise NanoseekError(f"{config_file}: expected a JSON object")
         return cls(backend, config, where=str(config_file))
 
     def save_pretrained(self, path: str | Path, prompt_format: str | None = None) -> Path:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import ModelConfig, read_json_object
 from nanoseek.errors import NanoseekError
 from nanoseek.fp8 import E4M3, FP8_QUANTIZATION_CONFIG, dequantize_blockwise, fp8_linears, quantize_blockwise
 from nanoseek.io.hf import INDEX, _checkpoint_files, to_hub_name
@@ -43,11 +43,13 @@ def run_convert(args) -> int:
     return 0
 
 
-def fp8_hub_keys(config: ModelConfig) -> set[str]:
-    """Hub keys of the weights that the fp8 layout stores in E4M3."""
+def hub_layout(config: ModelConfig) -> tuple[dict[str, tuple], set[str]]:
+    """(the shape of every hub key the config's model has, the keys the fp8 layout stores in E4M3),
+    from the model built on the meta device."""
     with torch.device("meta"):
         model = Transformer(config)
-    return {to_hub_name(name + ".weight", config) for name, _, _ in fp8_linears(model)}
+    shapes = {to_hub_name(name, config): tuple(t.shape) for name, t in model.state_dict().items()}
+    return shapes, {to_hub_name(name + ".weight", config) for name, _, _ in fp8_linears(model)}
 
 
 def convert(src: str | Path, dst: str | Path, to: str) -> dict:
@@ -61,10 +63,11 @@ def convert(src: str | Path, dst: str | Path, to: str) -> dict:
         raise NanoseekError(f"{dst}: output is the input directory; choose another")
     if dst.exists() and not dst.is_dir():
         raise NanoseekError(f"{dst}: exists and is not a directory")
-    config = ModelConfig.from_hf(src / "config.json")  # checks the file: it is a JSON object
-    raw_config = json.loads((src / "config.json").read_text())  # written back with every key it had
+    raw_config = read_json_object(src / "config.json")  # written back with every key it had
+    config = ModelConfig.from_hf(raw_config, where=str(src / "config.json"))
     files = _checkpoint_files(src)
-    quantised = fp8_hub_keys(config) if to == "fp8" else set()
+    shapes, quantised = hub_layout(config)
+    quantised = quantised if to == "fp8" else set()
 
     dst.mkdir(parents=True, exist_ok=True)
     for stale in list(dst.glob("*.safetensors")) + [dst / INDEX]:
@@ -72,7 +75,7 @@ def convert(src: str | Path, dst: str | Path, to: str) -> dict:
     stats = {"fp8_tensors": 0, "other_tensors": 0, "bytes": 0}
     weight_map = {}
     for f in files:
-        out = _convert_file(f, quantised, to)
+        out = _convert_file(f, quantised, to, shapes)
         for t in out.values():
             stats["bytes"] += t.numel() * t.element_size()
         stats["fp8_tensors"] += sum(t.dtype == E4M3 for t in out.values())
@@ -96,7 +99,9 @@ def convert(src: str | Path, dst: str | Path, to: str) -> dict:
     return stats
 
 
-def _convert_file(f: Path, quantised: set[str], to: str) -> dict[str, torch.Tensor]:
+def _convert_file(f: Path, quantised: set[str], to: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """One shard converted; a tensor whose shape is not the one config.json gives is an error
+    (the output would not load)."""
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(f), framework="pt") as sf:
@@ -105,6 +110,10 @@ def _convert_file(f: Path, quantised: set[str], to: str) -> dict[str, torch.Tens
                 if key.endswith(".weight_scale_inv"):
                     continue  # travels with its weight
                 t = sf.get_tensor(key)
+                if key in shapes and tuple(t.shape) != shapes[key]:
+                    raise NanoseekError(
+                        f"{f}: tensor {key} has shape {list(t.shape)}, config.json gives {list(shapes[key])}"
+                    )
                 scale_key = key[: -len("weight")] + "weight_scale_inv"
                 scale = None
                 if t.dtype == E4M3:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import ModelConfig, read_utf8
 from nanoseek.errors import NanoseekError
 from nanoseek.fp8 import (
     E4M3,
@@ -69,9 +69,11 @@ def _checkpoint_files(directory: Path) -> list[Path]:
     index = directory / INDEX
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(read_utf8(index))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise NanoseekError(f"{index}: malformed index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise NanoseekError(f"{index}: malformed index (weight_map is not a mapping of tensor names to files)")
         files = sorted({directory / f for f in weight_map.values()})
         for f in files:
             if not f.exists():

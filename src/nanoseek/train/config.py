@@ -2,7 +2,10 @@
 
 Every key is checked by the model: an unknown key (in any section) or a value of the wrong
 type or out of range is a NanoseekError of one line that names the key and where it came
-from ("configs/x.yaml: config key 'lr': must be at least 0, got -1"). Nested sections use dotted
+from ("configs/x.yaml: config key 'lr': must be at least 0, got -1"). No number may be
+infinite or NaN (an `lr` of .inf trains a model of NaNs), the `model` section is checked as
+the ModelConfig it makes, and a YAML file that gives a key twice is an error naming the key
+and both lines (YAML itself keeps the last one silently). Nested sections use dotted
 keys on the command line (`--set data.files=[a.jsonl] model.hidden_size=64`). The `model`
 section takes a `preset` and any ModelConfig field under its Hugging Face name.
 """
@@ -20,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from typing_extensions import TypedDict  # pydantic reads TypedDicts from typing_extensions on Python 3.11
 
-from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.config import PRESETS, ModelConfig, ModelConfigError, read_utf8
 from nanoseek.errors import NanoseekError, dotted_location
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -57,7 +60,7 @@ class Section(BaseModel):
     value is a NanoseekError of one line: the outermost section turns pydantic's errors into it
     (an inner one passes them up, so that the key is named in full: 'data.files')."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -99,7 +102,7 @@ def _model_section() -> type:
     hints = typing.get_type_hints(ModelConfig)
     fields = {"preset": Literal[tuple(PRESETS)], **{f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}}
     section = TypedDict("ModelSection", fields, total=False)
-    section.__pydantic_config__ = ConfigDict(extra="forbid")
+    section.__pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
     return section
 
 
@@ -164,12 +167,19 @@ class TrainConfig(Section):
                 "decay_fraction",
                 f"decay_fraction {self.decay_fraction} and tail_fraction {self.tail_fraction} add up to more than 1",
             )
+        try:  # the model section as the model it builds: a size of 0 is refused here, not at step 0
+            self._model_config()
+        except ModelConfigError as e:
+            raise ConfigKeyError(f"model.{e.field}" if e.field else "model", e.detail) from None
+
+    def _model_config(self) -> ModelConfig:
+        overrides = {k: v for k, v in self.model.items() if k != "preset"}
+        return ModelConfig(**{**PRESETS[self.model.get("preset", "tiny")], **overrides})
 
     def to_model_config(self) -> ModelConfig:
         """The ModelConfig of `model`: its preset with the other keys replaced."""
-        overrides = {k: v for k, v in self.model.items() if k != "preset"}
         try:
-            return ModelConfig(**{**PRESETS[self.model.get("preset", "tiny")], **overrides})
+            return self._model_config()
         except NanoseekError as e:
             raise NanoseekError(f"config section 'model': {e}") from None
 
@@ -191,6 +201,7 @@ EXPECTED = {
     "dict_type": "expects a mapping",
     "model_type": "expects a mapping",
     "model_attributes_type": "expects a mapping",
+    "finite_number": "expects a finite number",
 }
 BOUNDS = {
     "greater_than_equal": ("ge", "must be at least"),
@@ -264,9 +275,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise NanoseekError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = read_yaml(read_utf8(path))
         except yaml.YAMLError as e:
             raise NanoseekError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except DuplicateKeyError as e:
+            raise NanoseekError(f"{path}: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise NanoseekError(f"{path}: expected a mapping of keys to values at the top level")
         raw = loaded or {}
@@ -275,6 +288,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = apply_override(raw, item, cls)
         sources[key] = f"--set {item}"
     return parse(cls, raw, where, sources)
+
+
+class DuplicateKeyError(ValueError):
+    """A YAML mapping that gives one key twice."""
+
+
+def read_yaml(text: str):
+    """YAML as yaml.safe_load reads it, but a mapping that gives a key twice is a DuplicateKeyError
+    naming the key (dotted, as --set spells it) and both lines, not its last value in silence."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _no_duplicate_keys(node, (), set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _no_duplicate_keys(node, loc: tuple, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple, int] = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key is YAML's way to override
+                continue
+            if isinstance(key, yaml.ScalarNode):
+                here = (key.tag, key.value)
+                if here in lines:
+                    raise DuplicateKeyError(
+                        f"duplicate key '{dotted_location((*loc, key.value))}' "
+                        f"(lines {lines[here]} and {key.start_mark.line + 1})"
+                    )
+                lines[here] = key.start_mark.line + 1
+                _no_duplicate_keys(value, (*loc, key.value), seen)
+            else:
+                _no_duplicate_keys(value, loc, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _no_duplicate_keys(item, (*loc, i), seen)
 
 
 def parse(cls, raw: dict, where: str, sources: dict[str, str] | None = None):
@@ -290,9 +346,11 @@ def apply_override(raw: dict, item: str, cls) -> str:
     key, text = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except DuplicateKeyError as e:
+        raise NanoseekError(f"--set {item}: {e}") from None
     parts = key.split(".")
     for i in range(1, len(parts)):
         if _annotation(cls, parts[:i]) is not None and not _is_mapping(_annotation(cls, parts[:i])):
