@@ -2,7 +2,8 @@
 
 Files are read with plain readers: .txt/.md (documents separated by blank lines), .jsonl
 (one JSON object a line, the text under `text_field`) and .parquet (a column, read through
-pyarrow, which `datasets` brings).
+pyarrow, which `datasets` brings). Text is UTF-8 (a leading byte-order mark is dropped); other
+bytes are a NanoseekError naming the file and the line, not text silently replaced.
 """
 
 from __future__ import annotations
@@ -43,6 +44,29 @@ def expand_paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file. The decoder reads in blocks, so on a bad byte
+    the file is read again as bytes to name the line (only then: the good path pays nothing)."""
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            yield from enumerate(f, 1)
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> NanoseekError:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                hint = " (UTF-16? save it as UTF-8)" if n == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+                return NanoseekError(
+                    f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}){hint}"
+                )
+    return NanoseekError(f"{path}: not UTF-8 text")
+
+
 def read_rows(path: Path) -> Iterator[dict]:
     """The records of a .jsonl or .parquet file, one dict each."""
     if path.suffix == ".parquet":
@@ -51,33 +75,31 @@ def read_rows(path: Path) -> Iterator[dict]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
         return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanoseekError(f"{path}:{n}: invalid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise NanoseekError(f"{path}:{n}: expected a JSON object a line")
-            yield row
+    for n, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanoseekError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise NanoseekError(f"{path}:{n}: expected a JSON object a line")
+        yield row
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The documents of one file: paragraphs of a text file, or the `text_field` of each record."""
     path = Path(path)
     if path.suffix in TEXT_SUFFIXES:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines: list[str] = []
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                elif lines:
-                    yield "".join(lines).rstrip("\n")
-                    lines = []
-            if lines:
+        lines: list[str] = []
+        for _, line in read_lines(path):
+            if line.strip():
+                lines.append(line)
+            elif lines:
                 yield "".join(lines).rstrip("\n")
+                lines = []
+        if lines:
+            yield "".join(lines).rstrip("\n")
         return
     for n, row in enumerate(read_rows(path), 1):
         text = row.get(text_field)

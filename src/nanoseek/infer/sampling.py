@@ -104,27 +104,52 @@ def choose_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """One token per row of logits [B, V]: argmax for greedy rows, else a draw from the
-    filtered distribution with that row's generator."""
+    filtered distribution with that row's generator. A row with no finite best logit (NaN,
+    +inf, or -inf everywhere) has no token to give: a NanoseekError that names the cause."""
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    tokens = logits.argmax(dim=-1).tolist() if len(rows) < len(params) else [0] * len(params)
-    if not rows:
-        return tokens
-    sub = [params[i] for i in rows]
-    dev = logits.device
-    filtered = filter_logits(
-        logits if len(rows) == len(params) else logits[torch.tensor(rows, device=dev)],
-        torch.tensor([p.temperature for p in sub], dtype=torch.float32, device=dev),
-        torch.tensor([p.top_k for p in sub], device=dev),
-        torch.tensor([p.top_p for p in sub], dtype=torch.float32, device=dev),
-    )
-    # One uniform per row from its own generator, then every row at once by inverse CDF:
-    # a row's token depends only on its logits and its generator, not on the batch.
-    u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float32) for i in rows]).to(dev)
-    cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
-    total = cdf[:, -1:].contiguous()
-    chosen = torch.searchsorted(cdf, u[:, None] * total, right=True)
-    # u * total may round up to total: then the last token with any probability (cdf reaches total there)
-    chosen = torch.minimum(chosen, torch.searchsorted(cdf, total))[:, 0]
-    for i, token in zip(rows, chosen.tolist()):
-        tokens[i] = token
+    if len(rows) < len(params):
+        best = logits.argmax(dim=-1)  # a NaN counts as the largest: the check below sees it
+        best = torch.where(logits.gather(-1, best[:, None])[:, 0].isfinite(), best, -1)
+        tokens = best.tolist()
+    else:
+        tokens = [0] * len(params)
+    if rows:
+        sub = [params[i] for i in rows]
+        dev = logits.device
+        filtered = filter_logits(
+            logits if len(rows) == len(params) else logits[torch.tensor(rows, device=dev)],
+            torch.tensor([p.temperature for p in sub], dtype=torch.float32, device=dev),
+            torch.tensor([p.top_k for p in sub], device=dev),
+            torch.tensor([p.top_p for p in sub], dtype=torch.float32, device=dev),
+        )
+        # One uniform per row from its own generator, then every row at once by inverse CDF:
+        # a row's token depends only on its logits and its generator, not on the batch.
+        u = torch.cat([torch.rand(1, generator=generators[i], dtype=torch.float32) for i in rows]).to(dev)
+        cdf = filtered.softmax(dim=-1).cumsum(dim=-1)
+        total = cdf[:, -1:].contiguous()
+        chosen = torch.searchsorted(cdf, u[:, None] * total, right=True)
+        # u * total may round up to total: then the last token with any probability (cdf reaches total there)
+        chosen = torch.minimum(chosen, torch.searchsorted(cdf, total))[:, 0]
+        # NaN or +inf anywhere, or nothing left, make the softmax NaN: no token (the same sync as before)
+        chosen = torch.where(total[:, 0].isfinite() & (total[:, 0] > 0), chosen, -1)
+        for i, token in zip(rows, chosen.tolist()):
+            tokens[i] = token
+    if -1 in tokens:
+        raise _no_token_error(logits, params, [i for i, t in enumerate(tokens) if t == -1])
     return tokens
+
+
+def _no_token_error(logits: torch.Tensor, params: list[SamplingParams], bad: list[int]) -> NanoseekError:
+    """Why rows `bad` of logits give no token: the model's numbers, or a temperature that overflows them."""
+    row = logits[bad[0]].float()
+    rows = f"batch row{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}"
+    if row.isnan().any() or row.isposinf().any() or row.isneginf().all():
+        cause = "NaN" if row.isnan().any() else "+inf" if row.isposinf().any() else "-inf for every token"
+        return NanoseekError(
+            f"sampling: the model's logits are {cause} ({rows}); its weights are likely not finite "
+            "(a diverged training run?), so no token can be chosen"
+        )
+    t = params[bad[0]].temperature
+    return NanoseekError(
+        f"sampling: temperature {t:g} is too small: the logits divided by it overflow ({rows}); use 0 for greedy"
+    )

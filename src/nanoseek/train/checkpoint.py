@@ -12,6 +12,9 @@ the RNG states, the loss-spike guard and the SHA-256 of every other file (checke
 unpickles its `.metadata`).
 It is written under a temporary name, every file fsynced, and renamed into place only when
 complete: a crash mid-write leaves the previous checkpoints as they were. The last K are kept.
+Nothing non-finite is written (a diverged run's NaN weights would replace the good ones that a
+rollback needs), and a write that fails for the disk's sake (full, over quota) is a one-line
+NanoseekError naming the checkpoint, with the partial directory removed.
 Reading one checks everything before anything is changed: a corrupt or mismatched checkpoint
 is a NanoseekError that names the file and what is wrong.
 """
@@ -34,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from nanoseek import storage
 from nanoseek.errors import NanoseekError
 
 FORMAT = 1
@@ -87,10 +91,15 @@ def _fsync(path: Path) -> None:
 
 
 def _write(path: Path, data: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a failed write() names no file: say which one
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     return hashlib.sha256(data).hexdigest()
 
 
@@ -119,12 +128,43 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically and drop all but the newest `keep` (one process)."""
     root = checkpoints_dir(out)
-    tmp = _fresh(root / f".tmp-step-{step:08d}-{os.getpid()}")
-    files = {
-        "model.safetensors": _write(tmp / "model.safetensors", save_safetensors(model_sd)),
-        "optimizer.safetensors": _write(tmp / "optimizer.safetensors", save_safetensors(optim_sd)),
-    }
-    return _publish(out, tmp, step, {**state, "files": files}, keep)
+    storage.check_finite({**model_sd, **{f"optimizer.{k}": v for k, v in optim_sd.items()}}, root / _name(step))
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    try:
+        _fresh(tmp)
+        files = {
+            "model.safetensors": _write(tmp / "model.safetensors", save_safetensors(model_sd)),
+            "optimizer.safetensors": _write(tmp / "optimizer.safetensors", save_safetensors(optim_sd)),
+        }
+        return _publish(out, tmp, step, {**state, "files": files}, keep)
+    except BaseException as e:
+        error = _write_error(e, out, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _write_error(e: BaseException, out, step: int, directory: Path | None = None) -> NanoseekError | None:
+    """The one-line error for a checkpoint write that failed for the disk's sake; None for other failures.
+    Called before the partial directory is removed (which frees the space `directory`'s check reads)."""
+    if isinstance(e, (NanoseekError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return None
+    reason = storage.disk_reason(e, directory)
+    if reason is None:
+        return None
+    file = storage.failed_file(e)
+    writing = f" writing {Path(file).name}" if file else ""
+    done = list_checkpoints(out)
+    kept = f"{done[-1].name} is the newest checkpoint, intact" if done else "there is no earlier checkpoint"
+    return NanoseekError(
+        f"{checkpoints_dir(out) / _name(step)}: checkpoint not written: {reason}{writing}; "
+        f"the partial write was removed and {kept}"
+    )
 
 
 def save_sharded_checkpoint(
@@ -137,22 +177,35 @@ def save_sharded_checkpoint(
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    tmp = checkpoints_dir(out) / f".tmp-step-{step:08d}"  # one name for all ranks
-    if ctx.is_main:
-        _fresh(tmp)
-    ctx.barrier()
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))
-    ctx.barrier()  # every rank's files are written and fsynced, and rank 0's .metadata
-    mine = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name.startswith(f"__{ctx.rank}_")}
-    hashes = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(mine, hashes, dst=0)
-    final = None
-    if ctx.is_main:
-        files = {name: h for part in hashes for name, h in part.items()}
-        files[".metadata"] = _sha256(tmp / ".metadata")
-        final = _publish(out, tmp, step, {**state, "files": files, "sharded": True}, keep)
-    ctx.barrier()
-    return final or checkpoints_dir(out) / f"step-{step:08d}"
+    root = checkpoints_dir(out)
+    tmp = root / f".tmp-step-{step:08d}"  # one name for all ranks
+    bad = storage.nonfinite_names(tensors)  # this rank's shards; every rank learns whether any has one
+    if ctx.all_reduce(torch.tensor([float(len(bad))], device=ctx.device)).item():
+        what = f"{bad[0]} holds" if bad else "tensors of another rank hold"
+        raise NanoseekError(f"{root / _name(step)}: not written: {what} NaN or inf (the run diverged)")
+    try:
+        if ctx.is_main:
+            _fresh(tmp)
+        ctx.barrier()
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp))  # a failure on one rank raises on all
+        ctx.barrier()  # every rank's files are written and fsynced, and rank 0's .metadata
+        mine = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.name.startswith(f"__{ctx.rank}_")}
+        hashes = [None] * ctx.world_size if ctx.is_main else None
+        dist.gather_object(mine, hashes, dst=0)
+        final = None
+        if ctx.is_main:
+            files = {name: h for part in hashes for name, h in part.items()}
+            files[".metadata"] = _sha256(tmp / ".metadata")
+            final = _publish(out, tmp, step, {**state, "files": files, "sharded": True}, keep)
+        ctx.barrier()
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        error = _write_error(e, out, step, directory=root)
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise
+        raise error from None
+    return final or root / _name(step)
 
 
 def _publish(out: str | Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
@@ -164,13 +217,7 @@ def _publish(out: str | Path, tmp: Path, step: int, state: dict, keep: int) -> P
     record = {"format": FORMAT, "step": step, **state}
     _write(tmp / "trainer.json", (json.dumps(record, indent=1) + "\n").encode())
     _fsync(tmp)
-    if final.exists():  # the same step written again (after a rollback): swap it out
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
+    storage.swap(tmp, final)  # the same step written again (after a rollback) replaces the old one
     _fsync(root)
     for stale in list_checkpoints(out)[:-keep]:
         if stale != final:

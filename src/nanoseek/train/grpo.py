@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
+from nanoseek import storage
 from nanoseek.data.chat import R1_ZERO_TEMPLATE, template_format
 from nanoseek.device import DTYPES, model_device, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
@@ -47,7 +49,7 @@ class GRPOConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     lr: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)  # above 0: clip_grad_norm_ to 0 would zero every update
     beta: float = Field(0.0, ge=0)  # KL weight; 0 drops the reference model entirely
     epsilon: float = Field(0.2, ge=0)
     epsilon_high: float | None = Field(None, ge=0)  # clip-higher (DAPO); None = epsilon
@@ -60,6 +62,10 @@ class GRPOConfig(Section):
     seed: int = 0
 
     def check(self) -> None:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ConfigKeyError(
+                "min_new_tokens", f"{self.min_new_tokens} is above max_new_tokens {self.max_new_tokens}"
+            )
         if self.dynamic_sampling is None:
             self.dynamic_sampling = self.loss_type == "dapo"
 
@@ -252,6 +258,7 @@ class GRPOTrainer:
                 ref = None if self.ref_model is None else [micro_batch_logprobs(self.ref_model, sl)[0] for sl in mbs]
             for _ in range(c.mu):
                 self.optimizer.zero_grad(set_to_none=True)
+                pass_loss = 0.0
                 for j, sl in enumerate(mbs):
                     lp, ent = micro_batch_logprobs(self.model, sl, with_entropy=True)
                     old_lp = old[j] if old is not None else lp.detach()
@@ -270,13 +277,22 @@ class GRPOTrainer:
                     # micro-batches add up to the batch loss: by tokens for the token-level loss
                     share = (mask[sl].sum() / mask.sum()).item() if c.loss_type == "dapo" else len(comp[sl]) / n_total
                     (loss * share).backward()
+                    pass_loss += stats.loss * share
                     loss_sum += stats.loss * share
                     kl_sum += stats.kl * share
                     clip_sum += stats.clip_fraction * share
                     m = mask[sl]
                     ent_sum += ((ent.detach() * m).sum() / m.sum().clamp(min=1)).item() * share
                     n_mb += 1
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
+                if not (math.isfinite(pass_loss) and math.isfinite(norm)):  # before the update: weights stay finite
+                    self.optimizer.zero_grad(set_to_none=True)
+                    bad_loss = not math.isfinite(pass_loss)
+                    what = f"the loss is {pass_loss}" if bad_loss else f"the gradient norm is {norm}"
+                    raise NanoseekError(
+                        f"grpo step {self.step_count + 1}: {what}; the run stops here with the weights of step "
+                        f"{self.step_count} (lower lr, or look at this step's rewards and completions)"
+                    )
                 self.optimizer.step()
             self.model.eval()
         passes = max(c.mu, 1) if keep else 1
@@ -437,6 +453,10 @@ class GRPORunConfig(GRPOConfig):
         unknown = set(rewards) - set(REWARD_NAMES)
         if unknown:
             raise ValueError(f"unknown {', '.join(sorted(unknown))} (expected {', '.join(REWARD_NAMES)})")
+        negative = {k: w for k, w in rewards.items() if w < 0}
+        if negative:  # a reward's sign is its own (overlong is a penalty already): a weight only scales it
+            name, w = next(iter(negative.items()))
+            raise ValueError(f"the weight of {name} must be at least 0, got {w:g}")
         return rewards
 
     def check(self) -> None:
@@ -508,7 +528,8 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
         cfg.overlong_buffer,
         think_opened=prompt_opens_reasoning(cfg.template),
     )
-    rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed), cfg.template)
+    # drawn with repeats, so that every difficulty keeps its share of the prompts (Task.sample)
+    rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed, distinct=False), cfg.template)
     trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn)
     start = ckpt.find_resume(out, resume)
     if start is not None:  # check everything before writing anything
@@ -529,16 +550,20 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
         if trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == cfg.steps:
             trainer.save(out, cfg.keep_checkpoints)
 
-    try:
-        trainer.train(max(cfg.steps - trainer.step_count, 0), callback=after_step, progress=cfg.progress)
-    finally:
-        metrics.close()
-    hf = save_pretrained(trainer.model, out / "hf")
-    # The policy now answers in the template's format: the saved tokenizer names it (chat,
-    # serve and generate then prompt it that way); another template keeps the tokenizer's.
-    tokenizer.save_pretrained(hf, prompt_format=template_format(cfg.template))
-    plots = plot_grpo(out / "metrics.jsonl", out)
-    summary = {"stage": "grpo", "steps": trainer.step_count, "hf": str(hf), "plots": [str(p) for p in plots]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    with storage.disk_errors(out):  # metrics, plots, summary: checkpoints and the model say more themselves
+        try:
+            trainer.train(max(cfg.steps - trainer.step_count, 0), callback=after_step, progress=cfg.progress)
+        finally:
+            metrics.close()
+        storage.check_finite(trainer.model.state_dict(), out / "hf")
+        hf = out / "hf"
+        with storage.replacing_directory(hf) as tmp:  # a failed write leaves the previous export
+            save_pretrained(trainer.model, tmp)
+            # The policy now answers in the template's format: the saved tokenizer names it (chat,
+            # serve and generate then prompt it that way); another template keeps the tokenizer's.
+            tokenizer.save_pretrained(tmp, prompt_format=template_format(cfg.template))
+        plots = plot_grpo(out / "metrics.jsonl", out)
+        summary = {"stage": "grpo", "steps": trainer.step_count, "hf": str(hf), "plots": [str(p) for p in plots]}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"grpo: {trainer.step_count} steps; model in {hf}", file=sys.stderr)
     return summary

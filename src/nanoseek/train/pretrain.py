@@ -4,9 +4,11 @@ One optimizer step:
 1. the batch (this rank's rows of the global batch) in micro-batches, forward and backward;
    the loss is L_main + lambda / D * sum_k L_MTP_k + alpha * L_balance (V3 sections 2.1.2,
    2.2), with token-level means over the whole global batch;
-2. the loss-spike guard: a non-finite loss, or one far above its running mean, skips the
-   step; repeated spikes roll back to the last checkpoint;
-3. gradient clipping, AdamW (beta 0.9 / 0.95, weight decay 0.1) at the schedule's lr;
+2. gradient clipping; the loss-spike guard: a non-finite loss or gradient, or a loss far above
+   its running mean, skips the step; repeated spikes roll back to the last checkpoint. Non-finite
+   values that outlast a rollback, or that come with no checkpoint to go back to, stop the run
+   with an error naming the step: nothing non-finite is written as a checkpoint or a model;
+3. AdamW (beta 0.9 / 0.95, weight decay 0.1) at the schedule's lr;
 4. auxiliary-loss-free balancing: every routing bias, the MTP modules' too, moves by gamma
    against its expert's load in this step (V3 section 2.1.2);
 5. every `log_every` steps a metrics record, every `checkpoint_every` a checkpoint.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek import storage
 from nanoseek.config import ModelConfig
 from nanoseek.data.stream import IGNORE_INDEX
 from nanoseek.errors import NanoseekError
@@ -176,7 +179,8 @@ def train(cfg: TrainConfig, out: str | Path, stage: str = "pretrain", resume: st
     ctx = distributed.setup(cfg.device)
     ctx.expert_parallel = cfg.expert_parallel and ctx.distributed
     try:
-        return Run(cfg, Path(out), stage, ctx).go(resume)
+        with storage.disk_errors(out):  # metrics, plots, summary: checkpoints and the model say more themselves
+            return Run(cfg, Path(out), stage, ctx).go(resume)
     finally:
         distributed.teardown(ctx)
 
@@ -212,6 +216,7 @@ class Run:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.streak: dict | None = None  # the steps with non-finite values in a row, and any rollback among them
 
     def make_data(self):
         cfg = self.cfg
@@ -258,6 +263,11 @@ class Run:
             "elapsed": self.elapsed,
             "world_size": self.ctx.world_size,
         }
+
+    def weights_finite(self) -> bool:
+        """Whether every rank's weights and buffers are finite (the same answer on all ranks)."""
+        bad = storage.nonfinite_names(self.model.state_dict())
+        return not self.ctx.all_reduce(torch.tensor([float(len(bad))], device=self.ctx.device)).item()
 
     def save(self) -> None:
         if self.ctx.distributed:  # each rank writes its own shards: nothing is gathered
@@ -362,12 +372,10 @@ class Run:
                 x, y = self.next_batch()
                 self.optimizer.zero_grad(set_to_none=False)
                 result = self.train_step(x, y)
-                verdict = self.guard.check(result["loss"])
-                grad_norm = math.nan
-                if verdict == "ok":
-                    grad_norm = distributed.clip_grad_norm(self.params, cfg.grad_clip, ctx)
-                    if not math.isfinite(grad_norm):
-                        verdict = "skip"
+                # Clipped on every step, so that a non-finite gradient counts as a non-finite loss.
+                grad_norm = distributed.clip_grad_norm(self.params, cfg.grad_clip, ctx)
+                nonfinite = _nonfinite(result["loss"], grad_norm)
+                verdict = self.guard.check(math.nan if nonfinite else result["loss"])
                 if verdict == "ok":
                     self.optimizer.step()
                     if result["loads"] is not None and cfg.bias_gamma > 0:
@@ -376,8 +384,10 @@ class Run:
                 self.tokens += result["tokens"]
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
+                if nonfinite is None:
+                    self.streak = None
                 if verdict != "ok":
-                    self.on_spike(verdict, result, metrics)
+                    self.on_spike(verdict, result["loss"], metrics, nonfinite)
                     bar.update(self.step, result["loss"], result["tokens"] / dt)
                     continue
                 first_loss = result["loss"] if first_loss is None else first_loss
@@ -405,6 +415,9 @@ class Run:
                     bar.log(record)
                 bar.update(self.step, result["loss"], result["tokens"] / dt)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    if not self.weights_finite():  # finite loss and gradient, but the update overflowed
+                        self.on_spike("rollback", result["loss"], metrics, "the weights hold NaN or inf")
+                        continue
                     self.save()
         finally:
             bar.close()
@@ -414,34 +427,58 @@ class Run:
             self.save()
         return self.finish(first_loss)
 
-    def on_spike(self, verdict: str, result: dict, metrics: Metrics | None) -> None:
+    def on_spike(self, verdict: str, loss: float, metrics: Metrics | None, nonfinite: str | None = None) -> None:
         """Skip the step, or go back to the last checkpoint; the data reader goes on forward,
-        so the batches that spiked are not seen again."""
+        so the batches that spiked are not seen again. `nonfinite` (what was not finite) stops
+        the run where a rollback is due but cannot help: there is no checkpoint, or the values
+        are still not finite after one."""
         self.optimizer.zero_grad(set_to_none=False)
-        loss = result["loss"]
         event = {
             "step": self.step,
             "event": "spike_skipped",
             "spike_loss": loss if math.isfinite(loss) else None,
             "running_mean": self.guard.mean,
         }
+        if nonfinite:
+            self.streak = self.streak or {"count": 0, "rolled_back_to": None}
+            self.streak["count"] += 1
+            event["nonfinite"] = nonfinite
         if verdict == "rollback":
             found = ckpt.list_checkpoints(self.out)
+            if nonfinite and (not found or self.streak["rolled_back_to"] is not None):
+                self.stop_nonfinite(nonfinite, metrics, event)
             if found:
                 data_state = self.data.state_dict()
                 c = self.verify(found[-1])
                 self.restore(c, data=False)
                 self.data.load_state_dict(data_state)
                 event.update(event="rollback", to_step=c.step)
+                if nonfinite:
+                    self.streak["rolled_back_to"] = c.step
             else:
                 event["event"] = "spike_skipped_no_checkpoint"
         if metrics:
             metrics.log(event)
         if self.ctx.is_main:
-            print(
-                f"step {event['step']}: loss spike ({loss:.4g} vs running mean {self.guard.mean}): {event['event']}",
-                file=sys.stderr,
+            what = nonfinite or f"loss spike ({loss:.4g} vs running mean {self.guard.mean})"
+            print(f"step {event['step']}: {what}: {event['event']}", file=sys.stderr)
+
+    def stop_nonfinite(self, nonfinite: str, metrics: Metrics | None, event: dict) -> None:
+        """End the run: non-finite values that skipping and rolling back did not cure."""
+        n, back = self.streak["count"], self.streak["rolled_back_to"]
+        if metrics:
+            metrics.log({**event, "event": "stopped_nonfinite"})
+        if back is None:
+            where = f"no checkpoint to roll back to (the first is written at step {self.cfg.checkpoint_every})"
+        else:
+            where = (
+                f"also after rolling back to step {back}; {ckpt.checkpoints_dir(self.out) / f'step-{back:08d}'} "
+                "is intact"
             )
+        raise NanoseekError(
+            f"step {event['step']}: {nonfinite} ({n} steps in a row); {where}; the run stops here "
+            "(lower the learning rate, or look for bad data at this step)"
+        )
 
     def finish(self, first_loss: float | None) -> dict:
         """Write the model in Hugging Face format (with the tokenizer) and the plots."""
@@ -450,6 +487,7 @@ class Run:
         model_sd, _ = distributed.full_state(self.model, None, self.ctx)
         summary = {}
         if self.ctx.is_main:
+            storage.check_finite(model_sd, self.out / "hf")
             model = self.model
             if self.ctx.distributed:
                 with torch.device("meta"):
@@ -457,8 +495,10 @@ class Run:
                 model.load_state_dict(model_sd, assign=True)
                 model.rope.inv_freq = torch.empty(0)
                 model.rope.reset_parameters()
-            hf = save_pretrained(model, self.out / "hf")
-            self.tokenizer.save_pretrained(hf)
+            hf = self.out / "hf"
+            with storage.replacing_directory(hf) as tmp:  # a failed write leaves the previous export
+                save_pretrained(model, tmp)
+                self.tokenizer.save_pretrained(tmp)
             plots = plot_metrics(
                 self.out / "metrics.jsonl", self.out, moe_names=[name for name, _ in self.model.named_moe_layers()]
             )
@@ -510,6 +550,15 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _nonfinite(loss: float, grad_norm: float) -> str | None:
+    """What of a step is not finite, in words; None when both are."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    return None
 
 
 def _full_shapes(mc: ModelConfig) -> dict[str, torch.Tensor]:
