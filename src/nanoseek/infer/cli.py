@@ -104,8 +104,6 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args) -> int:
     from rich.console import Console
 
-    from nanoseek.data.chat import format_chat
-
     params = _params(args)
     prompts: list = list(args.prompt or []) + [_parse_ids(t) for t in args.prompt_ids or []]
     if not prompts:
@@ -115,8 +113,11 @@ def cmd_generate(args) -> int:
         raise NanoseekError(f"{args.model}: no tokenizer.json, so only --prompt-ids prompts work")
     if args.format != "raw" and engine.tokenizer is not None:  # without one every prompt is token ids
         fmt = engine.tokenizer.prompt_format if args.format == "model" else args.format
+        # Ids from encode_chat: a prompt that spells "<｜Assistant｜>" is text, not the control token
         prompts = [
-            format_chat([{"role": "user", "content": p}], prompt_format=fmt) if isinstance(p, str) else p
+            engine.tokenizer.encode_chat([{"role": "user", "content": p}], prompt_format=fmt)
+            if isinstance(p, str)
+            else p
             for p in prompts
         ]
     results = engine.generate(prompts, params)
