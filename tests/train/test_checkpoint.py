@@ -1,10 +1,13 @@
 """Checkpoints: atomic writes, exact resume after SIGKILL, and clean failure on a bad checkpoint."""
 
+import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +150,103 @@ def test_read_checkpoint_errors(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(NanoseekError, match="trainer.json is missing"):
         ckpt.read_checkpoint(tmp_path / "half")
+
+
+# ---- nothing non-finite, and a full disk ---------------------------------------------------
+STATE = {"config": {}, "model_config": {}}
+
+
+def _save(out, step, w=1.0, **kw):
+    return ckpt.save_checkpoint(out, step, {"w": torch.full((2,), w)}, {"state.0.exp_avg": torch.zeros(2)}, STATE, **kw)
+
+
+def _entries(out):
+    return sorted(p.name for p in ckpt.checkpoints_dir(out).iterdir())
+
+
+@pytest.mark.parametrize(
+    "model_sd, optim_sd, named",
+    [
+        ({"w": torch.tensor([1.0, float("nan")])}, {"state.0.exp_avg": torch.zeros(2)}, "w"),
+        ({"w": torch.ones(2)}, {"state.0.exp_avg": torch.tensor([float("inf"), 0.0])}, "optimizer.state.0.exp_avg"),
+    ],
+)
+def test_save_refuses_nonfinite_tensors_and_writes_nothing(tmp_path, model_sd, optim_sd, named):
+    _save(tmp_path, 1)
+    before = snapshot(tmp_path)
+    with pytest.raises(NanoseekError) as e:
+        ckpt.save_checkpoint(tmp_path, 2, model_sd, optim_sd, STATE)
+    assert str(e.value).startswith(f"{ckpt.checkpoints_dir(tmp_path) / 'step-00000002'}: not written: {named} hold")
+    assert snapshot(tmp_path) == before and _entries(tmp_path) == ["step-00000001"]
+    assert ckpt.read_checkpoint(ckpt.list_checkpoints(tmp_path)[-1]).model["w"].tolist() == [1.0, 1.0]
+
+
+class _FullDiskFile:
+    """A file whose first write puts a few bytes down and then fails as write() on a full disk
+    does: OSError(ENOSPC) with no file name."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[:7])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def _fill_disk_at(monkeypatch, name):
+    """The checkpoint module's open(): writing the file `name` fails for a full disk."""
+    real = open
+
+    def fake_open(path, mode="r", *args, **kw):
+        f = real(path, mode, *args, **kw)
+        return _FullDiskFile(f) if Path(path).name == name and "w" in mode else f
+
+    monkeypatch.setattr(ckpt, "open", fake_open, raising=False)
+
+
+@pytest.mark.parametrize("failing", ["model.safetensors", "optimizer.safetensors", "trainer.json"])
+def test_full_disk_is_one_line_the_partial_write_removed_the_previous_checkpoint_intact(tmp_path, monkeypatch, failing):
+    _save(tmp_path, 1)
+    before = snapshot(tmp_path)
+    _fill_disk_at(monkeypatch, failing)
+    with pytest.raises(NanoseekError) as e:
+        _save(tmp_path, 2, w=2.0)
+    assert str(e.value) == (
+        f"{ckpt.checkpoints_dir(tmp_path) / 'step-00000002'}: checkpoint not written: no space left on device "
+        f"writing {failing}; the partial write was removed and step-00000001 is the newest checkpoint, intact"
+    )
+    assert snapshot(tmp_path) == before and _entries(tmp_path) == ["step-00000001"]
+    assert ckpt.read_checkpoint(tmp_path / "checkpoints" / "step-00000001").model["w"].tolist() == [1.0, 1.0]
+
+
+def test_full_disk_with_no_checkpoint_yet_and_when_a_step_is_written_again(tmp_path, monkeypatch):
+    _fill_disk_at(monkeypatch, "optimizer.safetensors")
+    with pytest.raises(NanoseekError, match=r"optimizer.safetensors; the partial write was removed and there is no "):
+        _save(tmp_path, 1)
+    assert _entries(tmp_path) == []
+    monkeypatch.undo()
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    before = snapshot(tmp_path)
+    _fill_disk_at(monkeypatch, "trainer.json")
+    with pytest.raises(NanoseekError, match="step-00000002 is the newest checkpoint, intact"):
+        _save(tmp_path, 2, w=5.0)  # the same step again (after a rollback): the old one stays until the new is whole
+    assert snapshot(tmp_path) == before
+    assert ckpt.read_checkpoint(tmp_path / "checkpoints" / "step-00000002").model["w"].tolist() == [1.0, 1.0]
+
+
+def test_other_write_errors_pass_unchanged_and_leave_no_partial_directory(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+    monkeypatch.setattr(ckpt, "save_safetensors", lambda sd: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        _save(tmp_path, 2)
+    assert _entries(tmp_path) == ["step-00000001"]
