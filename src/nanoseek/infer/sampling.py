@@ -94,8 +94,9 @@ def filter_logits(
     ordered = ordered.masked_fill(remove, float("-inf"))
     if use_p.any():
         probs = ordered.softmax(dim=-1)
-        # Drop a token once the more likely ones already hold top_p; the first always stays.
-        remove = remove | ((probs.cumsum(dim=-1) - probs) >= top_p[:, None])
+        # Drop a token once the more likely ones already hold top_p; the first always stays (also
+        # where top_p is below float32's smallest number and rounds to 0).
+        remove = remove | (((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (ranks > 0))
         ordered = ordered.masked_fill(remove, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
 
