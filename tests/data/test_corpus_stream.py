@@ -190,6 +190,40 @@ def test_stream_errors(data, tmp_path):
         PackedStream(tmp_path / "missing.jsonl", tok, 8)
 
 
+def _bad_third_line(path: Path, kind: str) -> Path:
+    """A .txt or .jsonl whose third line holds a Latin-1 byte (0xe9, 'é' in Latin-1)."""
+    lines = (
+        [b"one plus one", b"", b"caf\xe9 au lait", b"two"]
+        if kind == "txt"
+        else [json.dumps({"text": t}).encode() for t in ("a", "b")] + [b'{"text": "caf\xe9"}']
+    )
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_a_file_that_is_not_utf8_names_the_file_and_line(data, tmp_path, kind):
+    """Not text silently replaced with U+FFFD, nor a UnicodeDecodeError: one line naming path:line."""
+    tok, _, _ = data
+    path = _bad_third_line(tmp_path / f"latin1.{kind}", kind)
+    with pytest.raises(NanoseekError) as e:
+        list(iter_documents(path))
+    column = 4 if kind == "txt" else 14  # the byte after "caf"
+    assert str(e.value) == f"{path}:3: not UTF-8 text (byte 0xe9 at column {column})"
+    with pytest.raises(NanoseekError, match=re.escape(f"{path}:3: not UTF-8 text")):
+        next(PackedStream(path, tok, 8))
+
+
+def test_a_utf16_file_gets_a_hint_and_a_utf8_bom_is_dropped(tmp_path):
+    (tmp_path / "wide.txt").write_bytes("hello\n\nworld\n".encode("utf-16"))
+    with pytest.raises(NanoseekError, match=r"wide.txt:1: not UTF-8 text .*\(UTF-16\? save it as UTF-8\)$"):
+        list(iter_documents(tmp_path / "wide.txt"))
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello\n\nworld\n".encode())
+    assert list(iter_documents(tmp_path / "bom.txt")) == ["hello", "world"]
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + json.dumps({"text": "hi"}) + "\n").encode())
+    assert list(iter_documents(tmp_path / "bom.jsonl")) == ["hi"]
+
+
 # ---- SFT ----------------------------------------------------------------------------------------
 CHATS = [
     [
@@ -217,6 +251,16 @@ def test_sft_mask_covers_what_the_assistant_writes(data):
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "2+2=4\n</think>\n\n4" + EOS + "\n</think>\n\n5" + EOS
     prompt = [i for i, m in zip(ids, mask) if not m]
     assert tok.decode(prompt).endswith("<｜Assistant｜><think>\n")
+
+
+def test_sft_chat_data_that_is_not_utf8_names_the_file_and_line(data, tmp_path):
+    tok, _, _ = data
+    path = tmp_path / "chats.jsonl"
+    good = [json.dumps({"messages": m}).encode() for m in CHATS]
+    path.write_bytes(b"\n".join([*good, b'{"messages": [{"role": "user", "content": "\xff"}]}']) + b"\n")
+    with pytest.raises(NanoseekError) as e:
+        SFTDataset(path, tok)
+    assert str(e.value) == f"{path}:3: not UTF-8 text (byte 0xff at column 44)"
 
 
 def test_sft_collate_and_batches(data, tmp_path):
