@@ -244,7 +244,7 @@ def test_rewards_on_the_corpus_shapes():
     for name in ("arith", "countdown"):
         task = tasks.get(name)
         by_prompt = {p.prompt: p for p in task.sample(60, seed=1)}  # the corpus's problems
-        for kind, text in corpus(task, 60, seed=1, mix={"worked": 1, "direct": 1, "terse": 1}):
+        for kind, text in corpus(task, 60, seed=1, mix={"worked": 1 / 3, "direct": 1 / 3, "terse": 1 / 3}):
             prompt, completion = text.split("\nUser: ", 1)[1].split("\nAssistant:", 1)
             problem = by_prompt[prompt]
             assert task.reward(completion, problem) == 1.0, (kind, completion)

@@ -93,6 +93,49 @@ def test_corpus_bad_mix():
         list(corpus(tasks.get("gsm8k"), 2))
 
 
+@pytest.mark.parametrize(
+    "mix, message",
+    [
+        ({"worked": 1.5, "direct": -0.5}, "corpus mix: share of 'worked' must be in [0, 1], got 1.5"),
+        ({"worked": 0.5, "direct": -0.5, "plain": 1.0}, "corpus mix: share of 'direct' must be in [0, 1], got -0.5"),
+        ({"worked": float("nan"), "direct": 1.0}, "corpus mix: share of 'worked' must be in [0, 1], got nan"),
+        ({"worked": float("inf")}, "corpus mix: share of 'worked' must be in [0, 1], got inf"),
+        ({"worked": "half", "direct": 0.5}, "corpus mix: share of 'worked' must be in [0, 1], got 'half'"),
+        ({"worked": 0.5, "direct": 0.4}, "corpus mix: shares add up to 0.9, not 1"),
+        ({"worked": 1, "direct": 1}, "corpus mix: shares add up to 2, not 1"),
+        ({"worked": 0.0}, "corpus mix: shares add up to 0, not 1"),
+    ],
+)
+def test_corpus_mix_shares_are_in_0_1_and_add_up_to_1(mix, message):
+    """Not renormalised in silence: a share of 1.5 or a sum of 0.9 is a typo."""
+    with pytest.raises(NanoseekError) as e:
+        list(corpus(tasks.get("arith"), 10, mix=mix))
+    assert str(e.value) == message
+
+
+def test_corpus_mix_within_rounding_of_1_and_the_shipped_mixes():
+    from nanoseek.demo import Plan
+
+    assert abs(sum(DEFAULT_MIX.values()) - 1) < 1e-9 and abs(sum(dict(Plan.mix).values()) - 1) < 1e-9
+    kinds = [k for k, _ in corpus(tasks.get("arith"), 30, mix={"worked": 0.1 + 0.2, "direct": 0.7 - 1e-7})]
+    assert (kinds.count("worked"), kinds.count("direct")) == (9, 21)
+
+
+def test_data_corpus_flags_that_do_not_add_up_are_one_line(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    out = tmp_path / "c.jsonl"
+    assert main(["data", "corpus", "--docs", "20", "--recall", "0.3", "--task", "chain", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "error: corpus mix: shares add up to 1.3, not 1 "
+        "(--worked 0.5 --direct 0.3 --terse 0.1 --plain 0.1 --recall 0.3)"
+    )
+    assert not out.exists()
+    assert main(["data", "corpus", "--docs", "20", "--out", str(out)]) == 0  # the defaults add up to 1
+    assert "20 documents" in capsys.readouterr().out and len(out.read_text().splitlines()) == 20
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
 def test_write_and_read_back(tmp_path, suffix):
     docs = list(corpus(tasks.get("arith", max_ops=3), 50, seed=2))

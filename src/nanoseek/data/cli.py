@@ -150,12 +150,16 @@ def _task(args):
 
 
 def cmd_data_corpus(args) -> int:
-    from nanoseek.data.corpus import corpus, write_corpus
+    from nanoseek.data.corpus import check_mix, corpus, write_corpus
 
     if args.docs < 1:
         raise NanoseekError(f"--docs {args.docs}: must be at least 1")
     task = _task(args)
     mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain", "recall")}
+    try:  # the flags' defaults add up to 1: a share raised means another lowered
+        check_mix(mix)
+    except NanoseekError as e:
+        raise NanoseekError(f"{e} ({' '.join(f'--{k} {v:g}' for k, v in mix.items())})") from None
     mix = {k: v for k, v in mix.items() if v}
     counts = write_corpus(args.out, corpus(task, args.docs, seed=args.seed, mix=mix, preamble=args.preamble))
     print(f"wrote {sum(counts.values())} documents to {args.out}: " + ", ".join(f"{counts[k]} {k}" for k in mix))

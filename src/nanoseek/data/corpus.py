@@ -12,7 +12,8 @@ that the base model already has between thinking and guessing):
 - recall: no template, a chain problem's bindings and then each of them again in a random
   order ("a=3,b=-1. b=-1,a=3"): the lookup that chain's worked steps make, drilled.
 
-Default mix: 50% worked, 30% direct, 10% terse, 10% plain. Problems come from the task's
+Default mix: 50% worked, 30% direct, 10% terse, 10% plain; a mix's shares are each in [0, 1]
+and add up to 1 (anything else is a NanoseekError naming the kind). Problems come from the task's
 train split only, so the test split stays unseen, drawn with repeats so that every difficulty
 keeps its share (`Task.sample(distinct=False)`: chain has only 92 train problems of 2 values).
 `preamble` < 1 drops the R1-Zero preamble (the sentence before "User:") from that share of the
@@ -82,10 +83,20 @@ def document(
     raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(KINDS)})")
 
 
+def check_mix(mix: dict[str, float]) -> None:
+    """Each share is a finite number in [0, 1] and the shares add up to 1 (within 1e-6): a mix
+    of 1.3 is a typo, not a request to renormalise."""
+    for kind, share in mix.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise NanoseekError(f"corpus mix: share of {kind!r} must be in [0, 1], got {share!r}")
+    total = sum(mix.values())
+    if abs(total - 1) > 1e-6:
+        raise NanoseekError(f"corpus mix: shares add up to {total:g}, not 1")
+
+
 def _counts(n: int, mix: dict[str, float]) -> dict[str, int]:
     """Exact document counts for the shares (largest remainder)."""
-    if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
-        raise NanoseekError(f"corpus mix {mix}: shares must be non-negative with a positive sum")
+    check_mix(mix)
     total = sum(mix.values())
     raw = {k: n * v / total for k, v in mix.items()}
     counts = {k: int(v) for k, v in raw.items()}
@@ -99,7 +110,8 @@ def corpus(
 ) -> Iterator[tuple[str, str]]:
     """(kind, text) for n_docs documents in a seeded order. `preamble` is the share of chat
     documents that carry the R1-Zero preamble; the others start at "User:" (the preamble is a
-    fifth of a document's tokens, learnt after a few hundred copies)."""
+    fifth of a document's tokens, learnt after a few hundred copies). `mix` maps kinds to
+    shares in [0, 1] that add up to 1."""
     if not 0 <= preamble <= 1:
         raise NanoseekError(f"corpus: preamble share {preamble} must be in [0, 1]")
     mix = dict(mix or DEFAULT_MIX)
