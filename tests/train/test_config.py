@@ -201,3 +201,108 @@ def test_shipped_configs_load_and_match_the_demo(name, tmp_path):
             FULL.grpo_lr,
             FULL.loss_type,
         )
+
+
+# ---- hyperparameters that cannot be right (issue 14) --------------------------------------
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("lr: .inf\n", [], "{path}: config key 'lr' expects a finite number, got inf"),
+        ("lr: .nan\n", [], "{path}: config key 'lr' expects a finite number, got nan"),
+        ("lr: -0.1\n", [], "{path}: config key 'lr': must be at least 0, got -0.1"),
+        ("mtp_lambda: -1\n", [], "{path}: config key 'mtp_lambda': must be at least 0, got -1"),
+        ("mtp_lambda: .inf\n", [], "{path}: config key 'mtp_lambda' expects a finite number, got inf"),
+        ("", ["lr=inf"], "--set lr=inf: config key 'lr' expects a finite number, got 'inf'"),
+        ("", ["mtp_lambda=nan"], "--set mtp_lambda=nan: config key 'mtp_lambda' expects a finite number, got 'nan'"),
+        ("steps: 5\nlr: 1e-3\nsteps: 6\n", [], "{path}: duplicate key 'steps' (lines 1 and 3)"),
+        (
+            "data:\n  files: [a]\n  tokenizer: x\n  files: [b]\n",
+            [],
+            "{path}: duplicate key 'data.files' (lines 2 and 4)",
+        ),
+        (
+            "model:\n  hidden_size: 0\n",
+            [],
+            "{path}: config key 'model.hidden_size': hidden_size must be a positive integer, got 0",
+        ),
+        (
+            "",
+            ["model.hidden_size=0"],
+            "--set model.hidden_size=0: config key 'model.hidden_size': hidden_size must be a positive integer, got 0",
+        ),
+        (
+            "model:\n  rms_norm_eps: .inf\n",
+            [],
+            "{path}: config key 'model.rms_norm_eps' expects a finite number, got inf",
+        ),
+    ],
+)
+def test_values_that_cannot_be_right_are_refused_naming_the_key(tmp_path, text, overrides, message):
+    """An lr of .inf used to train a model of NaNs with exit 0; YAML kept a duplicate's last value."""
+    path = write(tmp_path, text)
+    with pytest.raises(NanoseekError) as e:
+        load_config(path, overrides)
+    assert str(e.value) == message.format(path=path)
+
+
+def test_a_yaml_merge_key_then_the_key_is_an_override_not_a_duplicate(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  <<: {hidden_size: 32, num_hidden_layers: 3}\n  hidden_size: 64\n"))
+    mc = cfg.to_model_config()
+    assert (mc.hidden_size, mc.num_hidden_layers) == (64, 3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["temperature=-1"], "--set temperature=-1: config key 'temperature': must be at least 0, got -1"),
+        (
+            ["rewards={accuracy: -1}"],
+            "--set rewards={accuracy: -1}: config key 'rewards': the weight of accuracy must be at least 0, got -1",
+        ),
+        (
+            ["max_new_tokens=5", "min_new_tokens=10"],
+            "--set min_new_tokens=10: config key 'min_new_tokens': 10 is above max_new_tokens 5",
+        ),
+        (["grad_clip=0"], "--set grad_clip=0: config key 'grad_clip': must be above 0, got 0"),
+        (["lr=inf"], "--set lr=inf: config key 'lr' expects a finite number, got 'inf'"),
+    ],
+)
+def test_grpo_values_that_cannot_be_right(tmp_path, overrides, message):
+    from nanoseek.train.grpo import GRPORunConfig
+
+    with pytest.raises(NanoseekError) as e:
+        load_config(None, [f"init_from={tmp_path}", *overrides], cls=GRPORunConfig)
+    assert str(e.value) == message
+
+
+def test_grpo_config_built_in_python_refuses_the_same():
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(NanoseekError, match=r"^config key 'temperature': must be at least 0, got -1$"):
+        GRPOConfig(temperature=-1)
+    with pytest.raises(NanoseekError, match=r"^config key 'min_new_tokens': 10 is above max_new_tokens 5$"):
+        GRPOConfig(min_new_tokens=10, max_new_tokens=5)
+    assert GRPOConfig(temperature=0).temperature == 0  # greedy rollouts are allowed
+
+
+def test_cli_refuses_an_infinite_lr_before_training(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["pretrain", "--config", str(write(tmp_path, "steps: 2\n")), "--set", "lr=inf", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == "error: --set lr=inf: config key 'lr' expects a finite number, got 'inf'\n"
+    assert not out.exists()
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("lr: 1e-3\nsteps: 2\nlr: 1e-4\n")
+    assert main(["pretrain", "--config", str(dup), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {dup}: duplicate key 'lr' (lines 1 and 3)\n" and not out.exists()
+
+
+def test_a_config_that_is_not_utf8_is_one_line_naming_the_path(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"lr: 1e-3\n# caf\xe9\n")
+    with pytest.raises(NanoseekError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset 14)"
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: not UTF-8") and len(err.splitlines()) == 1
