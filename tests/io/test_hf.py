@@ -348,3 +348,62 @@ def test_cli_reports_one_line_and_exits_nonzero(saved):
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "model.safetensors" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_config_json_missing_a_shape_field_names_it(saved):
+    """No V3-sized default for kv_lora_rank: the weights would not match it."""
+    from nanoseek.config import ModelConfig
+
+    cfg = json.loads((saved / "config.json").read_text())
+    del cfg["kv_lora_rank"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NanoseekError) as e:
+        ModelConfig.from_hf(saved)
+    assert str(e.value) == (
+        f"{saved / 'config.json'}: missing required field 'kv_lora_rank' "
+        "(the weights' shapes depend on it; no default is assumed)"
+    )
+    with pytest.raises(NanoseekError, match="missing required field 'kv_lora_rank'"):
+        load_pretrained(saved)
+    del cfg["hidden_size"]
+    with pytest.raises(NanoseekError, match=r"^config: missing required fields 'hidden_size', 'kv_lora_rank' "):
+        ModelConfig.from_hf(cfg)
+
+
+def test_convert_of_a_config_json_missing_a_field_exits_nonzero_and_writes_nothing(saved, tmp_path_factory):
+    cfg = json.loads((saved / "config.json").read_text())
+    del cfg["kv_lora_rank"]
+    (saved / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path_factory.mktemp("convert") / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "nanoseek.cli", "convert", "--to", "bf16", str(saved), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and not out.exists()
+    assert r.stderr.startswith("error: ") and "missing required field 'kv_lora_rank'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_config_json_that_is_not_utf8_is_one_line_naming_the_path(saved):
+    from nanoseek.config import ModelConfig
+
+    path = saved / "config.json"
+    data = b'{"architectures": ["DeepseekV3ForCausalLM"], "name": "caf\xe9"}'
+    path.write_bytes(data)
+    for read in (ModelConfig.from_hf, load_pretrained):
+        with pytest.raises(NanoseekError) as e:
+            read(saved)
+        assert str(e.value) == f"{path}: not UTF-8 text (byte 0xe9 at offset {data.index(0xE9)})"
+
+
+def test_tokenizer_config_json_that_is_not_utf8_is_one_line_naming_the_path(tmp_path):
+    from nanoseek.data import Tokenizer, train_tokenizer
+
+    train_tokenizer(["3+4=7", "7-2=5", "12-3=9"] * 20, vocab_size=300).save_pretrained(tmp_path)
+    assert Tokenizer.from_pretrained(tmp_path).vocab_size > 0
+    path = tmp_path / "tokenizer_config.json"
+    path.write_bytes(b'{"chat_template": "\xff"}')
+    with pytest.raises(NanoseekError) as e:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(e.value) == f"{path}: not UTF-8 text (byte 0xff at offset 19)"
