@@ -9,6 +9,7 @@ from nanoseek import tasks
 from nanoseek.data.chat import R1_ZERO_TEMPLATE
 from nanoseek.data.corpus import corpus
 from nanoseek.data.tokenizer import train_tokenizer
+from nanoseek.errors import NanoseekError
 from nanoseek.eval import consensus, evaluate, majority_vote, pass_at_k
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, task_prompts, task_rewards
@@ -121,3 +122,8 @@ def test_grpo_accuracy_is_the_task_reward():
     _, metrics_fn = task_rewards(task, {"accuracy": 1.0}, tokenizer=None, max_tokens=64)
     accuracy = metrics_fn(None, completions, problem=[p] * 3)["accuracy"]
     assert accuracy == [task.reward(c, p) for c in completions] == [1.0, 0.0, 0.0]
+
+
+def test_evaluate_refuses_a_negative_temperature_before_sampling():
+    with pytest.raises(NanoseekError, match=r"^SamplingParams.temperature = -1: expected a number >= 0$"):
+        evaluate(None, tasks.get("arith"), [], R1_ZERO_TEMPLATE, temperature=-1)

@@ -645,3 +645,15 @@ def test_cuda_cache_that_cannot_fit_is_one_line():
     assert torch.cuda.memory_allocated() == before
     engine = Engine(model, max_batch_size=4, max_seq_len=64)
     assert torch.cuda.memory_allocated() - before >= _cache_bytes(engine)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_cli_negative_temperature_is_refused_before_the_model_loads(tmp_path, capsys, command, value):
+    from nanoseek.cli import main
+
+    args = [command, "--model", str(tmp_path / "missing"), "--temperature", value]
+    assert main(args + (["--prompt", "hi"] if command == "generate" else [])) == 2
+    assert capsys.readouterr().err == (
+        f"error: --temperature {float(value):g}: must be a finite number of at least 0 (0 is greedy)\n"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 
 from nanoseek.device import add_device_arguments, device_arguments
 from nanoseek.errors import NanoseekError
@@ -65,8 +66,11 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: i
 
 
 def _params(args):
+    """The flags' SamplingParams; a temperature below 0 (or not a finite number) names the flag."""
     from nanoseek.infer.sampling import SamplingParams
 
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise NanoseekError(f"--temperature {args.temperature:g}: must be a finite number of at least 0 (0 is greedy)")
     return SamplingParams(
         n=args.n,
         temperature=args.temperature,
@@ -147,7 +151,8 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from nanoseek.infer.chat import run_chat
 
+    params = _params(args)  # a bad flag is refused before the model loads
     engine = _engine(args, max_batch_size=1)
     if engine.tokenizer is None:
         raise NanoseekError(f"{args.model}: no tokenizer.json; chat needs one")
-    return run_chat(engine, _params(args), system=args.system)
+    return run_chat(engine, params, system=args.system)
