@@ -210,8 +210,9 @@ def requests(draw):
     body = {"model": MODEL, **draw(CHAT_BODY if path == CHAT else CMPL_BODY)}
     for key in draw(st.sampled_from([[], []]) | st.lists(st.sampled_from(KEYS), min_size=1, max_size=2, unique=True)):
         if key.startswith("message."):
-            if isinstance(body.get("messages"), list):
-                body["messages"][0][key.removeprefix("message.")] = draw(VALUES)
+            messages = body.get("messages")  # perhaps replaced by a value of any shape already
+            if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+                messages[0][key.removeprefix("message.")] = draw(VALUES)
         else:
             body[key] = draw(VALUES)
     raw = json.dumps(body)  # allow_nan: NaN and Infinity as literals; ensure_ascii: surrogates as escapes
