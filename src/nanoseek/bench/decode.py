@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.bench import shapes
 from nanoseek.errors import NanoseekError
 from nanoseek.fp8 import WeightMemory
 
@@ -108,7 +109,6 @@ def bench_decode(
         import transformers
     except ImportError:
         raise NanoseekError("bench decode compares with transformers: pip install 'nanoseek[hf]'") from None
-    from nanoseek.config import ModelConfig
     from nanoseek.device import place_model, resolve_device
     from nanoseek.infer.engine import Engine
     from nanoseek.infer.sampling import SamplingParams
@@ -124,7 +124,7 @@ def bench_decode(
     if model_dir:
         model = load_pretrained(model_dir, device=device)
     else:
-        model = place_model(Transformer(ModelConfig.preset(preset)).eval(), device)
+        model = place_model(Transformer(shapes.model_config(preset)).eval(), device)
     config = model.config
     if prompt_len + new_tokens > config.max_position_embeddings:
         raise NanoseekError(
@@ -340,7 +340,7 @@ def add_arguments(p) -> None:
         "weights, in one run: tokens/s and KV-cache bytes per token. Then the engine with FP8 "
         "weights against bf16 weights on the same prompts: weight bytes and tokens/s."
     )
-    p.add_argument("--preset", default="small", help="model preset with random weights (default small)")
+    shapes.add_arguments(p)
     p.add_argument("--model", metavar="DIR", help="a checkpoint directory instead of a preset")
     p.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (default 32)")
@@ -376,7 +376,7 @@ def main(args) -> int:
     if not sizes or min(sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise NanoseekError("--batch-sizes, --prompt-len, --new-tokens and --repeats must be positive")
     bench = bench_decode(
-        args.preset,
+        shapes.spec(args),
         args.model,
         sizes,
         args.prompt_len,

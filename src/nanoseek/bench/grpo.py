@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.bench import shapes
 from nanoseek.errors import NanoseekError
 
 
@@ -121,14 +122,13 @@ def digit_share_reward(prompts, completions, **_) -> list[float]:
 
 def write_checkpoint(directory: str | Path, preset: str = "small", seed: int = 0) -> Path:
     """The preset with random weights plus an arith tokenizer, as a Hugging Face directory."""
-    from nanoseek.config import ModelConfig
     from nanoseek.data.corpus import corpus
     from nanoseek.data.tokenizer import train_tokenizer
     from nanoseek.io.hf import save_pretrained
     from nanoseek.model import Transformer
     from nanoseek.tasks import get
 
-    config = ModelConfig.preset(preset)
+    config = shapes.model_config(preset)
     tokenizer = train_tokenizer(
         (text for _, text in corpus(get("arith"), 300, seed=seed)), vocab_size=config.vocab_size
     )
@@ -432,7 +432,7 @@ def add_arguments(p) -> None:
         "One GRPO step (sample, reward, KL to a reference, update) by nanoseek and by TRL's GRPOTrainer "
         "on the same checkpoint and prompts, in one run: seconds per step and the ratio."
     )
-    p.add_argument("--preset", default="small", help="model preset with random weights (default small)")
+    shapes.add_arguments(p)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step (default 8)")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (default 8)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens per completion, forced (default 64)")
@@ -448,7 +448,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     bench = bench_grpo(
-        args.preset,
+        shapes.spec(args),
         args.prompts,
         args.group,
         args.new_tokens,

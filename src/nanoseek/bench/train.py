@@ -18,9 +18,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nanoseek.bench import shapes
+
 
 def add_arguments(p) -> None:
-    p.add_argument("--preset", default="small", help="model preset (default small)")
+    shapes.add_arguments(p, "model preset")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per tool (default 6)")
@@ -120,7 +122,6 @@ def main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from nanoseek.config import ModelConfig
     from nanoseek.device import resolve_device
     from nanoseek.errors import NanoseekError
     from nanoseek.io.hf import save_pretrained
@@ -136,7 +137,8 @@ def main(args) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     console = Console()
-    config = ModelConfig.preset(args.preset)
+    shape = shapes.spec(args)
+    config = shapes.model_config(shape)
     torch.manual_seed(0)
     reference = Transformer(config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +150,7 @@ def main(args) -> int:
     x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     console.print(
-        f"bench train: preset {args.preset}, batch {args.batch} x {args.seq} tokens, fp32, "
+        f"bench train: preset {shape}, batch {args.batch} x {args.seq} tokens, fp32, "
         f"{where}; nanoseek vs transformers {hf_name}, alternating steps"
     )
     times = {"nanoseek": [], "transformers": []}
@@ -165,7 +167,7 @@ def main(args) -> int:
     flops = training_flops_per_token(config, args.seq)
     n_tokens = args.batch * args.seq
     result = {
-        "preset": args.preset,
+        "preset": shape,
         "batch": args.batch,
         "seq": args.seq,
         "threads": torch.get_num_threads(),
