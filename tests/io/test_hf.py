@@ -407,3 +407,52 @@ def test_tokenizer_config_json_that_is_not_utf8_is_one_line_naming_the_path(tmp_
     with pytest.raises(NanoseekError) as e:
         Tokenizer.from_pretrained(tmp_path)
     assert str(e.value) == f"{path}: not UTF-8 text (byte 0xff at offset 19)"
+
+
+@pytest.mark.parametrize(
+    "drop, change, message",
+    [
+        (["q_lora_rank"], {}, "missing required field 'q_lora_rank'"),
+        (
+            ["moe_intermediate_size", "n_shared_experts"],
+            {},
+            "missing required fields 'moe_intermediate_size', 'n_shared_experts'",
+        ),
+        (
+            [],
+            {"rope_theta": float("nan"), "rope_parameters": {"rope_theta": float("nan"), "rope_type": "default"}},
+            "invalid model config: rope_theta must be a finite number above 0, got nan",
+        ),
+        ([], {"hidden_size": 0}, "invalid model config: hidden_size must be a positive integer, got 0"),
+        (
+            [],
+            {"rope_scaling": {**YARN, "factor": 0}},
+            "invalid model config: rope_scaling 'factor' must be a finite number above 0, got 0",
+        ),
+    ],
+)
+def test_config_json_fields_that_cannot_make_the_model_are_named(saved, drop, change, message):
+    path = saved / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in drop:
+        del cfg[key]
+    path.write_text(json.dumps({**cfg, **change}))  # json writes NaN, as transformers may
+    with pytest.raises(NanoseekError) as e:
+        ModelConfig.from_hf(saved)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_null_is_a_value_for_q_lora_rank_and_a_dense_model_needs_no_expert_fields():
+    """V2-Lite writes q_lora_rank: null; a dense config (n_routed_experts null) has no expert sizes."""
+    cfg = ModelConfig(**{**BASE, "q_lora_rank": None}).to_hf()
+    assert ModelConfig.from_hf(cfg).q_lora_rank is None
+    dense = {k: v for k, v in cfg.items() if k not in ("moe_intermediate_size", "num_experts_per_tok")}
+    assert ModelConfig.from_hf({**dense, "n_routed_experts": None}).n_routed_experts == 0
+
+
+def test_an_index_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    save_pretrained(randomize(Transformer(make_config("v3")), seed=0), tmp_path, max_shard_bytes=60_000)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(index.read_bytes().replace(b'"metadata"', b'"m\xe9tadata"'))
+    with pytest.raises(NanoseekError, match=rf"^{index}: not UTF-8 text \(byte 0xe9 at offset \d+\)$"):
+        load_pretrained(tmp_path)

@@ -306,3 +306,94 @@ def test_a_config_that_is_not_utf8_is_one_line_naming_the_path(tmp_path, capsys)
     assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: not UTF-8") and len(err.splitlines()) == 1
+
+
+# ---- more numbers that cannot be right: loss weights, the model section, GRPO's weights ----
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("balance_alpha: -0.0001\n", [], "{path}: config key 'balance_alpha': must be at least 0, got -0.0001"),
+        ("balance_alpha: .inf\n", [], "{path}: config key 'balance_alpha' expects a finite number, got inf"),
+        ("bias_gamma: .nan\n", [], "{path}: config key 'bias_gamma' expects a finite number, got nan"),
+        ("min_lr: .inf\n", [], "{path}: config key 'min_lr' expects a finite number, got inf"),
+        ("grad_clip: .inf\n", [], "{path}: config key 'grad_clip' expects a finite number, got inf"),
+        ("", ["lr=.nan"], "--set lr=.nan: config key 'lr' expects a finite number, got nan"),
+        ("model:\n  rope_theta: .inf\n", [], "{path}: config key 'model.rope_theta' expects a finite number, got inf"),
+        (
+            "model:\n  rope_theta: -10000.0\n",
+            [],
+            "{path}: config key 'model.rope_theta': rope_theta must be a finite number above 0, got -10000.0",
+        ),
+        (
+            "",
+            ["model.num_experts_per_tok=9"],
+            "--set model.num_experts_per_tok=9: config key 'model.num_experts_per_tok': "
+            "num_experts_per_tok 9 must be in 1..n_routed_experts",
+        ),
+    ],
+)
+def test_loss_weights_and_model_numbers_that_cannot_be_right_name_the_key(tmp_path, text, overrides, message):
+    path = write(tmp_path, text)
+    with pytest.raises(NanoseekError) as e:
+        load_config(path, overrides)
+    assert str(e.value) == message.format(path=path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model:\n  preset: tiny\n  hidden_size: 64\n  'hidden_size': 32\n", "'model.hidden_size' (lines 3 and 4)"),
+        ("data:\n  files: [a]\ndata:\n  shuffle: false\n", "'data' (lines 1 and 3)"),
+    ],
+)
+def test_a_key_given_twice_quoted_or_as_a_section_names_it(tmp_path, text, message):
+    """A quoted key is the same key; a section given twice would drop the first one's keys."""
+    path = write(tmp_path, text)
+    with pytest.raises(NanoseekError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: duplicate key {message}"
+
+
+def test_a_key_given_twice_inside_one_set_value_names_it_from_the_top():
+    """One line, no line numbers (the value is one line), the key dotted as --set spells it."""
+    with pytest.raises(NanoseekError) as e:
+        load_config(None, ["data={files: [a.jsonl], files: [b.jsonl]}"])
+    assert str(e.value) == "--set data={files: [a.jsonl], files: [b.jsonl]}: duplicate key 'data.files'"
+    with pytest.raises(NanoseekError) as e:
+        load_config(None, ["model={hidden_size: 64, hidden_size: 32}"])
+    assert str(e.value) == "--set model={hidden_size: 64, hidden_size: 32}: duplicate key 'model.hidden_size'"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": float("nan")}, "config key 'temperature' expects a finite number, got nan"),
+        ({"beta": -0.04}, "config key 'beta': must be at least 0, got -0.04"),
+        ({"beta": float("inf")}, "config key 'beta' expects a finite number, got inf"),
+        ({"epsilon": float("nan")}, "config key 'epsilon' expects a finite number, got nan"),
+        ({"epsilon": -0.2}, "config key 'epsilon': must be at least 0, got -0.2"),
+        ({"epsilon_high": -0.28}, "config key 'epsilon_high': must be at least 0, got -0.28"),
+    ],
+)
+def test_grpo_loss_weights_that_cannot_be_right_are_refused(kwargs, message):
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(NanoseekError) as e:
+        GRPOConfig(**kwargs)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rewards={accuracy: .nan}", "config key 'rewards.accuracy' expects a finite number, got nan"),
+        ("rewards.format=.inf", "config key 'rewards.format' expects a finite number, got inf"),
+    ],
+)
+def test_grpo_reward_weights_must_be_finite(tmp_path, override, message):
+    """A NaN weight passes `w < 0`: the finite check is what refuses it."""
+    from nanoseek.train.grpo import GRPORunConfig
+
+    with pytest.raises(NanoseekError) as e:
+        load_config(None, [f"init_from={tmp_path}", override], cls=GRPORunConfig)
+    assert str(e.value) == f"--set {override}: {message}"

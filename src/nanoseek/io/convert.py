@@ -68,6 +68,8 @@ def convert(src: str | Path, dst: str | Path, to: str) -> dict:
     files = _checkpoint_files(src)
     shapes, quantised = hub_layout(config)
     quantised = quantised if to == "fp8" else set()
+    for f in files:  # before anything is written: a failed convert leaves OUT as it was
+        _check_shapes(f, shapes)
 
     dst.mkdir(parents=True, exist_ok=True)
     for stale in list(dst.glob("*.safetensors")) + [dst / INDEX]:
@@ -75,7 +77,7 @@ def convert(src: str | Path, dst: str | Path, to: str) -> dict:
     stats = {"fp8_tensors": 0, "other_tensors": 0, "bytes": 0}
     weight_map = {}
     for f in files:
-        out = _convert_file(f, quantised, to, shapes)
+        out = _convert_file(f, quantised, to)
         for t in out.values():
             stats["bytes"] += t.numel() * t.element_size()
         stats["fp8_tensors"] += sum(t.dtype == E4M3 for t in out.values())
@@ -99,9 +101,25 @@ def convert(src: str | Path, dst: str | Path, to: str) -> dict:
     return stats
 
 
-def _convert_file(f: Path, quantised: set[str], to: str, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """One shard converted; a tensor whose shape is not the one config.json gives is an error
-    (the output would not load)."""
+def _check_shapes(f: Path, shapes: dict[str, tuple]) -> None:
+    """Each tensor of the shard `f` has the shape config.json gives it (read from the header
+    only): otherwise the output would not load."""
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                shape = tuple(sf.get_slice(key).get_shape())
+                if key in shapes and shape != shapes[key]:
+                    raise NanoseekError(
+                        f"{f}: tensor {key} has shape {list(shape)}, config.json gives {list(shapes[key])}"
+                    )
+    except SafetensorError as e:
+        raise NanoseekError(f"{f}: not a readable safetensors file ({e})") from None
+    except OSError as e:
+        raise NanoseekError(f"{f}: cannot read ({e})") from None
+
+
+def _convert_file(f: Path, quantised: set[str], to: str) -> dict[str, torch.Tensor]:
+    """One shard converted (its shapes checked already by _check_shapes)."""
     out: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(f), framework="pt") as sf:
@@ -110,10 +128,6 @@ def _convert_file(f: Path, quantised: set[str], to: str, shapes: dict[str, tuple
                 if key.endswith(".weight_scale_inv"):
                     continue  # travels with its weight
                 t = sf.get_tensor(key)
-                if key in shapes and tuple(t.shape) != shapes[key]:
-                    raise NanoseekError(
-                        f"{f}: tensor {key} has shape {list(t.shape)}, config.json gives {list(shapes[key])}"
-                    )
                 scale_key = key[: -len("weight")] + "weight_scale_inv"
                 scale = None
                 if t.dtype == E4M3:

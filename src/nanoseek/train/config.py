@@ -291,7 +291,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 class DuplicateKeyError(ValueError):
-    """A YAML mapping that gives one key twice."""
+    """A YAML mapping that gives one key twice: `loc` is its place from the document's top."""
+
+    def __init__(self, loc: tuple, first: int, second: int):
+        super().__init__(f"duplicate key '{dotted_location(loc)}' (lines {first} and {second})")
+        self.loc = loc
 
 
 def read_yaml(text: str):
@@ -320,10 +324,7 @@ def _no_duplicate_keys(node, loc: tuple, seen: set[int]) -> None:
             if isinstance(key, yaml.ScalarNode):
                 here = (key.tag, key.value)
                 if here in lines:
-                    raise DuplicateKeyError(
-                        f"duplicate key '{dotted_location((*loc, key.value))}' "
-                        f"(lines {lines[here]} and {key.start_mark.line + 1})"
-                    )
+                    raise DuplicateKeyError((*loc, key.value), lines[here], key.start_mark.line + 1)
                 lines[here] = key.start_mark.line + 1
                 _no_duplicate_keys(value, (*loc, key.value), seen)
             else:
@@ -349,8 +350,8 @@ def apply_override(raw: dict, item: str, cls) -> str:
         value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    except DuplicateKeyError as e:
-        raise NanoseekError(f"--set {item}: {e}") from None
+    except DuplicateKeyError as e:  # one line: no line numbers, the key from the config's top
+        raise NanoseekError(f"--set {item}: duplicate key '{dotted_location((key, *e.loc))}'") from None
     parts = key.split(".")
     for i in range(1, len(parts)):
         if _annotation(cls, parts[:i]) is not None and not _is_mapping(_annotation(cls, parts[:i])):
