@@ -478,3 +478,25 @@ def test_cli_from_a_fresh_process(tmp_path):
         text=True,
     )
     assert done.returncode == 0 and "wrote 10 documents" in done.stdout, done.stderr
+
+
+def test_a_followup_document_is_what_a_chat_sends_for_a_second_question():
+    """The history turn as the web chat and the API send it back (the answer, no reasoning), in
+    the R1-Zero format the tokenizer names; then the second problem worked with its own values."""
+    from nanoseek.data.chat import BOS, format_chat
+    from nanoseek.data.corpus import completion, corpus
+    from nanoseek.tasks import get
+
+    task = get("chain", min_values=2, max_values=4, signed=True)
+    docs = [text for kind, text in corpus(task, 20, seed=3, mix={"followup": 1.0}) if kind == "followup"]
+    assert len(docs) == 20
+    problems = task.sample(40, "train", 3, distinct=False)
+    second, first = problems[0], problems[1]  # the document's problem, then its history's
+    history = [
+        {"role": "user", "content": first.prompt},
+        {"role": "assistant", "content": first.answer},
+        {"role": "user", "content": second.prompt},
+    ]
+    prompt = format_chat(history, prompt_format="r1-zero").removeprefix(BOS)
+    assert docs[0] == prompt + completion(task.worked(second), second.answer)
+    assert docs[0].count("User: ") == 2 and task.worked(second) in docs[0]

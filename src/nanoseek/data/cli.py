@@ -67,7 +67,8 @@ def register(subparsers) -> None:
     corpus.add_argument("--out", required=True, metavar="FILE", help="output .jsonl (text, kind) or .txt")
     corpus.add_argument("--docs", type=int, default=20000, help="number of documents (default 20000)")
     corpus.add_argument("--seed", type=int, default=0)
-    for kind, share in (("worked", 0.5), ("direct", 0.3), ("terse", 0.1), ("plain", 0.1), ("recall", 0.0)):
+    shares = (("worked", 0.5), ("direct", 0.3), ("terse", 0.1), ("plain", 0.1), ("recall", 0.0), ("followup", 0.0))
+    for kind, share in shares:
         corpus.add_argument(f"--{kind}", type=float, default=share, help=f"share of {kind} documents (default {share})")
     corpus.add_argument(
         "--preamble",
@@ -155,11 +156,11 @@ def cmd_data_corpus(args) -> int:
     if args.docs < 1:
         raise NanoseekError(f"--docs {args.docs}: must be at least 1")
     task = _task(args)
-    mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain", "recall")}
+    mix = {k: getattr(args, k) for k in ("worked", "direct", "terse", "plain", "recall", "followup")}
     try:  # the flags' defaults add up to 1: a share raised means another lowered
         check_mix(mix)
     except NanoseekError as e:
-        raise NanoseekError(f"{e} ({' '.join(f'--{k} {v:g}' for k, v in mix.items())})") from None
+        raise NanoseekError(f"{e} ({' '.join(f'--{k} {v:g}' for k, v in mix.items() if v)})") from None
     mix = {k: v for k, v in mix.items() if v}
     counts = write_corpus(args.out, corpus(task, args.docs, seed=args.seed, mix=mix, preamble=args.preamble))
     print(f"wrote {sum(counts.values())} documents to {args.out}: " + ", ".join(f"{counts[k]} {k}" for k in mix))

@@ -9,6 +9,9 @@ that the base model already has between thinking and guessing):
 - direct: empty reasoning, the answer at once. Hard for a small model: room for RL.
 - terse: two operations a step, "3+4-2=5, ...": shorter reasoning, less reliable.
 - plain: no template, lines of single steps ("12-3=9"), so the steps themselves are drilled.
+- followup: a worked problem asked second in a conversation, after an earlier problem and its
+  answer as a chat sends the history back (the reasoning dropped: "<think></think> <answer>6</answer>"),
+  so that a second question is worked with its own values, not the first one's.
 - recall: no template, a chain problem's bindings and then each of them again in a random
   order ("a=3,b=-1. b=-1,a=3"): the lookup that chain's worked steps make, drilled.
 
@@ -29,12 +32,12 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from nanoseek.data.chat import r1_zero_prompt
+from nanoseek.data.chat import R1_ZERO_ASSISTANT, R1_ZERO_USER, r1_zero_prompt
 from nanoseek.errors import NanoseekError
 from nanoseek.tasks import Problem, Step, Task
 
 DEFAULT_MIX = {"worked": 0.5, "direct": 0.3, "terse": 0.1, "plain": 0.1}
-KINDS = ("worked", "direct", "terse", "plain", "recall")
+KINDS = ("worked", "direct", "terse", "plain", "recall", "followup")
 PLAIN_PROBLEMS = 4  # problems whose steps make one plain document
 
 
@@ -73,6 +76,10 @@ def document(
         return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
     if kind == "recall":
         return task.recall(problem, rng or random.Random(problem.prompt))
+    if kind == "followup":  # extra[0] asked and answered first, as the history of a chat
+        first = r1_zero_prompt(extra[0].prompt, preamble) + completion("", extra[0].answer)
+        second = f"\n{R1_ZERO_USER}{problem.prompt}\n{R1_ZERO_ASSISTANT}"
+        return first + second + completion(task.worked(problem), problem.answer)
     prompt = r1_zero_prompt(problem.prompt, preamble)
     if kind == "worked":
         return prompt + completion(task.worked(problem), problem.answer)
@@ -122,11 +129,11 @@ def corpus(
     kinds = [k for k, c in counts.items() for _ in range(c)]
     rng = random.Random(f"corpus:{seed}")
     rng.shuffle(kinds)
-    n_problems = n_docs + counts.get("plain", 0) * (PLAIN_PROBLEMS - 1)
+    n_problems = n_docs + counts.get("plain", 0) * (PLAIN_PROBLEMS - 1) + counts.get("followup", 0)
     problems = iter(task.sample(n_problems, "train", seed, distinct=False)) if n_problems else iter(())
     for kind in kinds:
         problem = next(problems)
-        extra = [next(problems) for _ in range(PLAIN_PROBLEMS - 1)] if kind == "plain" else []
+        extra = [next(problems) for _ in range({"plain": PLAIN_PROBLEMS - 1, "followup": 1}.get(kind, 0))]
         yield kind, document(kind, problem, task, extra, preamble=rng.random() < preamble, rng=rng)
 
 
