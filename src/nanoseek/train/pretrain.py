@@ -216,7 +216,10 @@ class Run:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
-        self.streak: dict | None = None  # the steps with non-finite values in a row, and any rollback among them
+        self.streak = 0  # steps with non-finite values in a row
+        # The checkpoint that non-finite values last rolled back to, until a newer one is written:
+        # going back to it a second time would repeat the same steps for ever (the data never ends).
+        self.rolled_back_to: int | None = None
 
     def make_data(self):
         cfg = self.cfg
@@ -279,11 +282,12 @@ class Run:
                 self.ctx,
                 keep=self.cfg.keep_checkpoints,
             )
-            return
-        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, self.ctx)
-        ckpt.save_checkpoint(
-            self.out, self.step, model_sd, optim_sd, self.trainer_state(), keep=self.cfg.keep_checkpoints
-        )
+        else:
+            model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, self.ctx)
+            ckpt.save_checkpoint(
+                self.out, self.step, model_sd, optim_sd, self.trainer_state(), keep=self.cfg.keep_checkpoints
+            )
+        self.rolled_back_to = None  # the run got past that checkpoint: a new one to go back to
 
     def verify(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.read_checkpoint(path)
@@ -385,7 +389,10 @@ class Run:
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 if nonfinite is None:
-                    self.streak = None
+                    self.streak = 0
+                if verdict != "ok" and self.step == cfg.steps and not self.weights_finite():
+                    # the run ends on a skipped step, and these weights (spoilt since the last check) would be written
+                    verdict, nonfinite = "rollback", "the weights hold NaN or inf"
                 if verdict != "ok":
                     self.on_spike(verdict, result["loss"], metrics, nonfinite)
                     bar.update(self.step, result["loss"], result["tokens"] / dt)
@@ -431,7 +438,7 @@ class Run:
         """Skip the step, or go back to the last checkpoint; the data reader goes on forward,
         so the batches that spiked are not seen again. `nonfinite` (what was not finite) stops
         the run where a rollback is due but cannot help: there is no checkpoint, or the values
-        are still not finite after one."""
+        came back after a rollback to the newest one."""
         self.optimizer.zero_grad(set_to_none=False)
         event = {
             "step": self.step,
@@ -440,12 +447,11 @@ class Run:
             "running_mean": self.guard.mean,
         }
         if nonfinite:
-            self.streak = self.streak or {"count": 0, "rolled_back_to": None}
-            self.streak["count"] += 1
+            self.streak += 1
             event["nonfinite"] = nonfinite
         if verdict == "rollback":
             found = ckpt.list_checkpoints(self.out)
-            if nonfinite and (not found or self.streak["rolled_back_to"] is not None):
+            if nonfinite and (not found or self.rolled_back_to is not None):
                 self.stop_nonfinite(nonfinite, metrics, event)
             if found:
                 data_state = self.data.state_dict()
@@ -454,7 +460,7 @@ class Run:
                 self.data.load_state_dict(data_state)
                 event.update(event="rollback", to_step=c.step)
                 if nonfinite:
-                    self.streak["rolled_back_to"] = c.step
+                    self.rolled_back_to = c.step
             else:
                 event["event"] = "spike_skipped_no_checkpoint"
         if metrics:
@@ -465,18 +471,20 @@ class Run:
 
     def stop_nonfinite(self, nonfinite: str, metrics: Metrics | None, event: dict) -> None:
         """End the run: non-finite values that skipping and rolling back did not cure."""
-        n, back = self.streak["count"], self.streak["rolled_back_to"]
+        n, back = self.streak, self.rolled_back_to
         if metrics:
             metrics.log({**event, "event": "stopped_nonfinite"})
         if back is None:
-            where = f"no checkpoint to roll back to (the first is written at step {self.cfg.checkpoint_every})"
+            first = min(self.cfg.checkpoint_every, self.cfg.steps)  # a short run writes its one at the end
+            where = f"no checkpoint to roll back to (the first is written at step {first})"
         else:
             where = (
                 f"also after rolling back to step {back}; {ckpt.checkpoints_dir(self.out) / f'step-{back:08d}'} "
                 "is intact"
             )
+        in_a_row = f" ({n} steps in a row)" if n > 1 else ""
         raise NanoseekError(
-            f"step {event['step']}: {nonfinite} ({n} steps in a row); {where}; the run stops here "
+            f"step {event['step']}: {nonfinite}{in_a_row}; {where}; the run stops here "
             "(lower the learning rate, or look for bad data at this step)"
         )
 
