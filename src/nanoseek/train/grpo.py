@@ -185,6 +185,12 @@ class GRPOTrainer:
         rewards = self.reward_fn(flat_prompts, texts, **columns)
         if len(rewards) != len(texts):
             raise NanoseekError(f"reward_fn returned {len(rewards)} rewards for {len(texts)} completions")
+        bad = next((i for i, r in enumerate(rewards) if not math.isfinite(r)), None)
+        if bad is not None:  # a NaN would make its group's advantages 0 (std > 0 fails) without a word
+            raise NanoseekError(
+                f"grpo step {self.step_count + 1}: reward_fn returned {rewards[bad]} for completion {bad} "
+                f"(prompt {bad // self.config.group_size}); rewards must be finite numbers"
+            )
         extra = self.metrics_fn(flat_prompts, texts, **columns) if self.metrics_fn else {}
         return torch.tensor(rewards, dtype=torch.float32).view(len(rows), self.config.group_size), extra
 
@@ -256,7 +262,7 @@ class GRPOTrainer:
             with torch.no_grad():
                 old = [micro_batch_logprobs(self.model, sl)[0] for sl in mbs] if c.mu > 1 else None
                 ref = None if self.ref_model is None else [micro_batch_logprobs(self.ref_model, sl)[0] for sl in mbs]
-            for _ in range(c.mu):
+            for done in range(c.mu):
                 self.optimizer.zero_grad(set_to_none=True)
                 pass_loss = 0.0
                 for j, sl in enumerate(mbs):
@@ -287,11 +293,15 @@ class GRPOTrainer:
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
                 if not (math.isfinite(pass_loss) and math.isfinite(norm)):  # before the update: weights stay finite
                     self.optimizer.zero_grad(set_to_none=True)
+                    self.model.eval()
                     bad_loss = not math.isfinite(pass_loss)
                     what = f"the loss is {pass_loss}" if bad_loss else f"the gradient norm is {norm}"
+                    weights = f"the weights of step {self.step_count}"
+                    if done:  # the earlier passes of this step have updated them
+                        weights = f"finite weights, {done} of this step's {c.mu} updates made"
                     raise NanoseekError(
-                        f"grpo step {self.step_count + 1}: {what}; the run stops here with the weights of step "
-                        f"{self.step_count} (lower lr, or look at this step's rewards and completions)"
+                        f"grpo step {self.step_count + 1}: {what}; the run stops here with {weights} "
+                        "(lower lr, or look at this step's rewards and completions)"
                     )
                 self.optimizer.step()
             self.model.eval()
