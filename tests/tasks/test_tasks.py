@@ -285,3 +285,15 @@ def test_sample_with_repeats_keeps_each_difficulty_share():
     pool = gsm8k.sample(None, "train")
     again = gsm8k.sample(3 * len(pool), "train", seed=1, distinct=False)
     assert len(again) == 3 * len(pool) and {p.prompt for p in again} <= {p.prompt for p in pool}
+
+
+@pytest.mark.parametrize("glob", [False, True])
+def test_a_task_file_that_is_not_utf8_names_the_file_and_line(tmp_path, glob):
+    """pyarrow reads the bytes as they are; the rows used to fail later as a bare UnicodeDecodeError."""
+    good = json.dumps({"question": "What is 1+1?", "answer": "2\n#### 2"}) + "\n"
+    (tmp_path / "a.jsonl").write_text(good * 3)
+    (tmp_path / "b.jsonl").write_bytes(good.encode() * 2 + good.encode().replace(b"1+1", b"1\xff+1"))
+    path = str(tmp_path / "*.jsonl") if glob else tmp_path / "b.jsonl"
+    with pytest.raises(NanoseekError) as e:
+        tasks.get("gsm8k", path=path)
+    assert str(e.value) == f"{tmp_path / 'b.jsonl'}:3: not UTF-8 text (byte 0xff at column 24)"

@@ -46,7 +46,26 @@ def load_records(path: str | Path | list) -> list[dict]:
     finally:
         if bars:
             datasets.enable_progress_bars()
-    return ds.to_list()
+    try:
+        return ds.to_list()
+    except UnicodeDecodeError:  # pyarrow reads JSON bytes as they are and decodes them only here
+        raise _not_utf8(paths) from None
+
+
+def _not_utf8(paths: list[str]) -> NanoseekError:
+    """The error that names the file and line that are not UTF-8 (read again only on failure)."""
+    from glob import glob
+
+    from nanoseek.data.stream import read_lines
+
+    for p in paths:
+        for f in sorted(glob(p)) if any(c in p for c in "*?[") else [p]:
+            try:
+                for _ in read_lines(Path(f)):
+                    pass
+            except NanoseekError as e:
+                return e
+    return NanoseekError(f"{', '.join(paths)}: not UTF-8 text")
 
 
 class FileTask(Task):
