@@ -6,8 +6,11 @@ import math
 import pytest
 import torch
 
+from nanoseek import storage
 from nanoseek.data.stream import IGNORE_INDEX
+from nanoseek.errors import NanoseekError
 from nanoseek.io.hf import load_pretrained
+from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import pretrain
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import SpikeGuard
@@ -224,3 +227,99 @@ def test_document_mask_changes_the_loss_of_packed_rows_and_trains(tmp_path, data
         losses[masked] = [r["loss"] for r in records]
     assert losses[True][0] != pytest.approx(losses[False][0], rel=1e-4)
     assert losses[True][-1] < losses[True][0]
+
+
+def _nonfinite_from(monkeypatch, call: int, what: str = "loss"):
+    """From the `call`-th training step on, the loss (or one gradient) is NaN."""
+    real = pretrain.Run.train_step
+    calls = []
+
+    def poisoned(self, x, y):
+        result = real(self, x, y)
+        calls.append(self.step + 1)
+        if len(calls) >= call:
+            if what == "loss":
+                result["loss"] = float("nan")
+            else:  # a finite loss with a NaN in one gradient
+                next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(pretrain.Run, "train_step", poisoned)
+    return calls
+
+
+def _all_finite(path):
+    c = ckpt.read_checkpoint(path)  # verifies the files
+    return not storage.nonfinite_names(c.model) and not storage.nonfinite_names(c.optimizer)
+
+
+@pytest.mark.parametrize("what, said", [("loss", "the loss is nan"), ("grad", "the gradient norm is nan")])
+def test_nonfinite_values_that_outlast_a_rollback_stop_the_run(tmp_path, data, monkeypatch, what, said):
+    """NaN from step 6 on: steps 6 and 7 are skipped, 8 rolls back to step 4, and when steps 5, 6
+    and 7 are NaN again the run stops naming step 7; only the checkpoint of step 4 is on disk, it
+    is intact, and no model was written."""
+    _nonfinite_from(monkeypatch, 6, what)
+    out = tmp_path / "run"
+    with pytest.raises(NanoseekError) as e:
+        train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=12", "checkpoint_every=4"])
+    message = str(e.value)
+    step4 = ckpt.checkpoints_dir(out) / "step-00000004"
+    assert message.startswith(
+        f"step 7: {said} (6 steps in a row); also after rolling back to step 4; {step4} is intact; the run stops here"
+    ), message
+    assert "\n" not in message
+    events = [(r["step"], r["event"], r.get("nonfinite")) for r in read_metrics(out / "metrics.jsonl") if "event" in r]
+    assert events == [
+        (6, "spike_skipped", said),
+        (7, "spike_skipped", said),
+        (8, "rollback", said),
+        (5, "spike_skipped", said),
+        (6, "spike_skipped", said),
+        (7, "stopped_nonfinite", said),
+    ]
+    assert ckpt.list_checkpoints(out) == [step4] and _all_finite(step4)
+    assert not (out / "hf").exists() and not (out / "summary.json").exists()
+
+
+def test_nonfinite_values_with_no_checkpoint_stop_the_run(tmp_path, data, monkeypatch):
+    _nonfinite_from(monkeypatch, 2)
+    out = tmp_path / "run"
+    with pytest.raises(NanoseekError) as e:
+        train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=10", "checkpoint_every=100"])
+    assert str(e.value).startswith(
+        "step 4: the loss is nan (3 steps in a row); no checkpoint to roll back to "
+        "(the first is written at step 10); the run stops here"
+    ), str(e.value)
+    events = [(r["step"], r["event"]) for r in read_metrics(out / "metrics.jsonl") if "event" in r]
+    assert events == [(2, "spike_skipped"), (3, "spike_skipped"), (4, "stopped_nonfinite")]
+    assert ckpt.list_checkpoints(out) == [] and not (out / "hf").exists()
+
+
+def test_weights_that_are_not_finite_are_never_written(tmp_path, data, monkeypatch):
+    """The update of step 8 leaves a NaN in the weights with a finite loss and gradient: the
+    checkpoint of step 8 is not written, the run rolls back to step 4 and finishes; every
+    checkpoint and the model are finite."""
+    real = pretrain.Run.train_step
+    calls = []
+
+    def overflowing(self, x, y):
+        result = real(self, x, y)
+        calls.append(self.step + 1)
+        if len(calls) == 8:
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(pretrain.Run, "train_step", overflowing)
+    out = tmp_path / "run"
+    summary = train_here(out, [*data_args(data), *SMALL_MODEL, *FAST, "steps=12", "checkpoint_every=4"])
+    events = [r for r in read_metrics(out / "metrics.jsonl") if "event" in r]
+    assert [(r["step"], r["event"], r.get("to_step"), r.get("nonfinite")) for r in events] == [
+        (8, "rollback", 4, "the weights hold NaN or inf")
+    ]
+    assert summary["steps"] == 12
+    found = ckpt.list_checkpoints(out)
+    assert [p.name for p in found] == ["step-00000008", "step-00000012"]  # keep_checkpoints 2
+    assert all(_all_finite(p) for p in found)
+    model = load_pretrained(out / "hf")
+    assert not storage.nonfinite_names(model.state_dict())
