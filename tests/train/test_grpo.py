@@ -87,3 +87,26 @@ def test_reward_fn_columns_and_bad_config(tokenizer):
         GRPOConfig(loss_type="ppo")
     with pytest.raises(NanoseekError, match="group_size"):
         GRPOConfig(group_size=1)
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_nonfinite_loss_or_gradient_stops_before_the_update(tokenizer, what):
+    """A NaN advantage (so a NaN loss), or a NaN gradient under a finite loss: a NanoseekError
+    naming the grpo step and what was not finite, and the weights are those from before, finite."""
+    trainer = make_trainer(tokenizer, mu=2)
+    trainer.step_count = 4  # as if four steps were done: the error names the fifth
+    prompt = [tokenizer.encode("Compute 3+4:")]
+    group = [[SimpleNamespace(token_ids=tokenizer.encode(" <answer>7</answer>"))] * 2]
+    advantages = torch.tensor([[1.0, -1.0]])
+    if what == "loss":
+        advantages[0, 0] = float("nan")
+    else:
+        next(trainer.model.parameters()).register_hook(lambda g: g * float("nan"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NanoseekError) as e:
+        trainer.update(prompt, group, advantages, keep=[0])
+    said = "the loss is nan" if what == "loss" else "the gradient norm is nan"
+    assert str(e.value).startswith(f"grpo step 5: {said}; the run stops here with the weights of step 4"), str(e.value)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(t.isfinite().all() for t in after.values() if t.is_floating_point())
