@@ -26,7 +26,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from nanoseek.config import read_utf8
+from nanoseek.config import read_json_object
 from nanoseek.data.chat import (
     ANSWER,
     ASSISTANT,
@@ -169,14 +169,7 @@ class Tokenizer:
         except Exception as e:  # the Rust error says what is wrong in the file
             raise NanoseekError(f"{file}: not a tokenizers file ({str(e).splitlines()[0]})") from e
         config_file = file.with_name("tokenizer_config.json")
-        config = None
-        if config_file.is_file():
-            try:
-                config = json.loads(read_utf8(config_file))
-            except json.JSONDecodeError as e:
-                raise NanoseekError(f"{config_file}: invalid JSON ({e})") from e
-            if not isinstance(config, dict):
-                raise NanoseekError(f"{config_file}: expected a JSON object")
+        config = read_json_object(config_file) if config_file.is_file() else None
         return cls(backend, config, where=str(config_file))
 
     def save_pretrained(self, path: str | Path, prompt_format: str | None = None) -> Path:
