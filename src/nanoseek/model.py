@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig, yarn_mscale
+from nanoseek.experts import run_experts
 
 
 class RMSNorm(nn.Module):
@@ -331,17 +332,12 @@ class MoE(nn.Module):
         return out
 
     def routed(self, x, weights, indices, counts) -> torch.Tensor:
-        """Grouped by expert: sort the (token, slot) pairs by expert, one matmul per expert
-        on its contiguous slice, then scatter the weighted results back to their tokens."""
+        """Grouped by expert: sort the (token, slot) pairs by expert, run each expert on its
+        contiguous slice (one grouped matmul for all of them, see `run_experts`), then scatter
+        the weighted results back to their tokens."""
         order = indices.flatten().argsort(stable=True)
         token_of = order // self.top_k
-        xs = x[token_of]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                ys[start : start + n] = self.experts[e](xs[start : start + n])
-                start += n
+        ys = run_experts(list(self.experts), x[token_of], counts)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 

@@ -2,7 +2,8 @@
 
 Both train the same weights (the preset, written by nanoseek in Hugging Face format and
 opened by `DeepseekV3ForCausalLM`) on the same random batch: forward, next-token
-cross-entropy, backward, gradient clipping and an AdamW step, in fp32. nanoseek runs the
+cross-entropy, backward, gradient clipping and an AdamW step (torch's fused kernel, the
+transformers Trainer's default), in fp32. nanoseek runs the
 step of its trainer with the MTP loss off, because `transformers` has no MTP; the steps of
 the two alternate, so both see the same machine load. Also printed: nanoseek's model FLOP
 utilisation against the fp32 matmul throughput measured on this machine.
@@ -75,7 +76,7 @@ def measured_peak_flops(seconds: float = 1.0, n: int = 1024, device: torch.devic
 def nanoseek_step(config, state_dict, device: torch.device = CPU):
     from nanoseek.model import Transformer
     from nanoseek.train.distributed import Context, clip_grad_norm, distribute_experts
-    from nanoseek.train.pretrain import Objective
+    from nanoseek.train.pretrain import Objective, adamw
 
     model = Transformer(config)
     model.load_state_dict(state_dict)
@@ -83,8 +84,8 @@ def nanoseek_step(config, state_dict, device: torch.device = CPU):
     distribute_experts(model, 0, 1)  # the trainer's expert loop
     objective = Objective(model, mtp=False)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     ctx = Context(device=device)
+    opt = adamw(params, ctx, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)  # the trainer's (fused)
 
     def step(x, y):
         opt.zero_grad(set_to_none=False)
@@ -104,7 +105,8 @@ def transformers_step(path, device: torch.device = CPU):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.to(device).train()
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # The transformers Trainer's default optimizer with torch >= 2.8 (`adamw_torch_fused`).
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step(x, y):
         opt.zero_grad(set_to_none=False)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nanoseek.errors import NanoseekError
+from nanoseek.experts import run_experts
 from nanoseek.model import MoE
 
 
@@ -137,14 +138,11 @@ class DistributedMoE(MoE):
             expert_of = torch.arange(n_local, device=x.device).repeat(self.ep_world)
             expert_of = expert_of.repeat_interleave(incoming.flatten())
             regroup = expert_of.argsort(stable=True)
-            xs, sizes = received[regroup], incoming.sum(0).tolist()
+            xs, sizes = received[regroup], incoming.sum(0)
         else:
-            xs, sizes = send, counts.tolist()
-        ys = torch.empty_like(xs)
-        start = 0
-        for j, n in enumerate(sizes):
-            ys[start : start + n] = self.experts[str(first + j)](xs[start : start + n])
-            start += n
+            xs, sizes = send, counts
+        local = [self.experts[str(first + j)] for j in range(n_local)]
+        ys = run_experts(local, xs, sizes)
         if self.ep_world > 1:
             ys = all_to_all(ys[regroup.argsort()], send_splits, recv_splits)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
