@@ -657,3 +657,30 @@ def test_cli_negative_temperature_is_refused_before_the_model_loads(tmp_path, ca
     assert capsys.readouterr().err == (
         f"error: --temperature {float(value):g}: must be a finite number of at least 0 (0 is greedy)\n"
     )
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("folded", [True, False])
+def test_logprobs_are_those_of_a_full_forward(model, speculative, folded):
+    """Each sampled token's log-prob (and the top 3) equal a full forward's log-softmax at its
+    position; temperature and top-p change what is drawn, not the log-probs reported."""
+    ps = prompts([6, 13], seed=5)
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=10, seed=1, logprobs=3)
+    engine = Engine(model, max_batch_size=4, max_seq_len=64, speculative=speculative, folded=folded)
+    outs = engine.generate(ps, params)
+    for p, out in zip(ps, outs):
+        for o in out.outputs:
+            assert len(o.logprobs) == len(o.top_logprobs) == len(o.token_ids)
+            with torch.no_grad():
+                logits = model(torch.tensor([p + o.token_ids]))[0, len(p) - 1 : -1]
+            want = torch.log_softmax(logits.float(), -1)
+            got = torch.tensor(o.logprobs)
+            torch.testing.assert_close(got, want.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0], atol=1e-4, rtol=0)
+            for row, top in zip(want, o.top_logprobs):
+                values, indices = row.topk(3)
+                assert [t for t, _ in top] == indices.tolist()
+                torch.testing.assert_close(torch.tensor([v for _, v in top]), values, atol=1e-4, rtol=0)
+    plain = engine.generate(ps, SamplingParams(temperature=0, max_tokens=4))
+    assert plain[0].outputs[0].logprobs is None and plain[0].outputs[0].top_logprobs is None
+    with pytest.raises(NanoseekError, match="logprobs"):
+        SamplingParams(logprobs=-1)

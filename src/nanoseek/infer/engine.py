@@ -56,6 +56,10 @@ class CompletionOutput:
     reasoning: str = ""
     answer: str = ""
     reasoning_tokens: int = 0
+    # With SamplingParams.logprobs: log pi(token) of each generated token, from the forward pass
+    # that chose it, and per token the `logprobs` likeliest (token id, log-probability) pairs.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -170,6 +174,9 @@ class Sequence:
         self.request, self.index, self.params = request, index, request.params
         self.generator = None if self.params.greedy else make_generator(self.params.seed, index)
         self.token_ids: list[int] = []
+        wants = self.params.logprobs is not None
+        self.logprobs: list[float] | None = [] if wants else None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = [] if wants else None
         self.slot: int | None = None
         self.draft: int | None = None  # the MTP module's guess at the token after token_ids[-1]
         # The thinking budget watches the <think> / </think> token ids: it forces the </think> token.
@@ -493,6 +500,8 @@ class Engine:
             reasoning,
             answer,
             reasoning_tokens,
+            None if seq.logprobs is None else list(seq.logprobs),
+            None if seq.top_logprobs is None else list(seq.top_logprobs),
         )
 
     # ---- the forward passes --------------------------------------------------------
@@ -601,6 +610,7 @@ class Engine:
 
     # ---- choosing and committing tokens ----------------------------------------------
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        model_logits = logits
         rows, cols = [], []  # stop tokens are banned until min_tokens: one indexed write for the batch
         for i, s in enumerate(seqs):
             if len(s.token_ids) < s.params.min_tokens:
@@ -618,7 +628,27 @@ class Engine:
             budget = s.params.max_thinking_tokens
             if s.thinking and budget is not None and s.thinking_tokens >= budget:
                 tokens[i] = self.end_think_id  # the thinking budget is spent: close the reasoning
+        self._record_logprobs(seqs, model_logits, tokens)
         return tokens
+
+    def _record_logprobs(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> None:
+        """The chosen tokens' log-probabilities under the model (and the top-n), for the rows that
+        asked: one log-softmax of the logits they were sampled from."""
+        want = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        if not want:
+            return
+        dev = logits.device
+        index = torch.tensor(want, device=dev)
+        logp = torch.log_softmax(logits[index].float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor([tokens[i] for i in want], device=dev)[:, None])[:, 0].tolist()
+        n_top = max(seqs[i].params.logprobs for i in want)
+        top = logp.topk(min(n_top, logp.shape[-1]), dim=-1) if n_top else None
+        for j, i in enumerate(want):
+            seq = seqs[i]
+            seq.logprobs.append(chosen[j])
+            n = seq.params.logprobs
+            pairs = [] if top is None else list(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist()))
+            seq.top_logprobs.append(pairs)
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         ids = list(seq.params.stop_token_ids)

@@ -29,6 +29,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     max_thinking_tokens: int | None = None  # reasoning budget: then "</think>" is forced and the answer follows
+    # None: no log-probs; N >= 0: each generated token's log-probability under the model (the
+    # softmax of its logits, before temperature, top-k, top-p and bans), and the N likeliest.
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -63,6 +66,8 @@ class SamplingParams:
             not isinstance(self.max_thinking_tokens, int) or self.max_thinking_tokens < 0
         ):
             bad("max_thinking_tokens", "an integer >= 0 or None")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            bad("logprobs", "an integer >= 0 or None")
 
     @property
     def greedy(self) -> bool:

@@ -171,6 +171,7 @@ class GRPOTrainer:
             min_tokens=c.min_new_tokens,
             stop=list(c.stop),
             seed=c.seed * 1_000_003 + self.step_count,
+            logprobs=0,  # the log-probs sampled with, against the training forward's (the mismatch metric)
         )
         prompt_ids = [self.tokenizer.encode(r["prompt"], bos=True) for r in rows]  # as the corpus documents
         self.model.eval()
@@ -249,8 +250,10 @@ class GRPOTrainer:
         """mu passes of the clipped objective over the kept groups' completions."""
         c = self.config
         loss_sum, kl_sum, clip_sum, ent_sum, n_mb = 0.0, 0.0, 0.0, 0.0, 0
+        mismatch = {"logprob_diff_mean": None, "logprob_diff_max": None}
         if keep:
             prompts, prompt_lens, comp, group, mask = self.batch_tensors(prompt_ids, completions, keep)
+            sampled = self.sampled_logprobs(completions, keep, comp)
             adv = advantages[keep].flatten().to(comp.device)  # rewards are scored on the CPU
             self.model.train()
             n_total = len(comp)
@@ -262,12 +265,15 @@ class GRPOTrainer:
             with torch.no_grad():
                 old = [micro_batch_logprobs(self.model, sl)[0] for sl in mbs] if c.mu > 1 else None
                 ref = None if self.ref_model is None else [micro_batch_logprobs(self.ref_model, sl)[0] for sl in mbs]
+            trained = [None] * len(mbs)  # the training forward's log-probs before this step's updates
             for done in range(c.mu):
                 self.optimizer.zero_grad(set_to_none=True)
                 pass_loss = 0.0
                 for j, sl in enumerate(mbs):
                     lp, ent = micro_batch_logprobs(self.model, sl, with_entropy=True)
                     old_lp = old[j] if old is not None else lp.detach()
+                    if done == 0:
+                        trained[j] = old_lp
                     loss, stats = grpo_loss(
                         lp,
                         old_lp,
@@ -305,13 +311,28 @@ class GRPOTrainer:
                     )
                 self.optimizer.step()
             self.model.eval()
+            diff = None if sampled is None else (torch.cat(trained) - sampled).abs()[mask.bool()]
+            if diff is not None and diff.numel():
+                mismatch = {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
         passes = max(c.mu, 1) if keep else 1
         return {
             "loss": loss_sum / passes,
             "kl": kl_sum / passes,
             "clip_fraction": clip_sum / passes,
             "entropy": ent_sum / passes,
+            **mismatch,
         }
+
+    def sampled_logprobs(self, completions, keep_groups, comp) -> torch.Tensor | None:
+        """The log-probs the rollout sampled the kept completions' tokens with [N, C] (0 past the
+        end), as the engine computed them in its own (folded, cached) decode steps. Against the
+        training forward's they measure the train/inference mismatch: `logprob_diff_mean` and
+        `logprob_diff_max` over the completion tokens, before the step's update."""
+        rows = [getattr(o, "logprobs", None) for g in keep_groups for o in completions[g]]
+        if any(r is None for r in rows):  # completions that did not come from the engine
+            return None
+        width = comp.shape[1]
+        return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32, device=comp.device)
 
     def step(self) -> dict:
         c = self.config
