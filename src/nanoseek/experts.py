@@ -2,10 +2,10 @@
 
 The (token, expert) pairs arrive sorted by expert, expert e's `counts[e]` rows after expert
 e-1's. A Python loop of one small matmul per expert grows with the expert count (V3 routes to
-8 of 256), so where the shapes allow it the experts run as one grouped matmul up (gate and up
-projections stacked) and one down, with `torch._grouped_mm`, forward and backward. The expert
-modules keep their own weights (the Hugging Face layout, one `MLP` per expert): they are
-stacked for each call, and the stack's backward hands each expert its gradient.
+8 of 256), so where the shapes allow it the experts run as three grouped matmuls (gate, up,
+down) with `torch._grouped_mm`, forward and backward. The expert modules keep their own
+weights (the Hugging Face layout, one `MLP` per expert): they are stacked for each call, and
+the stack's backward hands each expert its gradient.
 """
 
 from __future__ import annotations
@@ -62,9 +62,12 @@ def run_experts(experts: list[nn.Module], xs: torch.Tensor, counts: torch.Tensor
     expert (each expert runs, on an empty slice too, so each gets a gradient)."""
     if can_group(experts, xs):
         ends = counts.cumsum(0).to(torch.int32)
-        w_up = torch.cat(
-            [torch.stack([e.gate_proj.weight for e in experts]), torch.stack([e.up_proj.weight for e in experts])], 1
-        )
-        gate, up = grouped_linear(xs, w_up, ends).chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, torch.stack([e.down_proj.weight for e in experts]), ends)
+
+        def stacked(name):
+            return torch.stack([getattr(e, name).weight for e in experts])
+
+        # Gate and up stay two matmuls, as in the experts' own forward: the input's gradient then
+        # adds up the same two products, so training is bit for bit that of the per-expert loop.
+        hidden = F.silu(grouped_linear(xs, stacked("gate_proj"), ends)) * grouped_linear(xs, stacked("up_proj"), ends)
+        return grouped_linear(hidden, stacked("down_proj"), ends)
     return torch.cat([e(part) for e, part in zip(experts, xs.split(counts.tolist()))])
