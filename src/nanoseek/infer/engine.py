@@ -564,9 +564,9 @@ class Engine:
         slots = [s.slot for s in seqs]
         rows = torch.tensor(slots, device=self.device)
         if self.runner is None:
-            return self.model.hidden_states(ids, positions, self.cache, rows), positions, rows, slots, starts
+            return self.model.hidden_states(ids, positions, self.cache, rows), positions, rows, slots, starts, None
         ctx = self.runner.context(positions, rows, slots, starts)
-        return self.runner.hidden_states(ids, ctx, self.latents), positions, rows, slots, starts
+        return self.runner.hidden_states(ids, ctx, self.latents), positions, rows, slots, starts, ctx
 
     def _decode(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
         hidden, *_ = self._forward(seqs, [[s.token_ids[-1]] for s in seqs])
@@ -577,7 +577,7 @@ class Engine:
     def _decode_speculative(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
         """Feed [last token, draft] per row; keep the draft when it is the model's own choice."""
         n = len(seqs)
-        hidden, positions, rows, slots, starts = self._forward(seqs, [[s.token_ids[-1], s.draft] for s in seqs])
+        hidden, positions, rows, slots, starts, ctx = self._forward(seqs, [[s.token_ids[-1], s.draft] for s in seqs])
         logits = self.model.lm_head(hidden)
         first = self._choose(seqs, logits[:, 0])
         drafts = [s.draft for s in seqs]
@@ -604,6 +604,7 @@ class Engine:
             [slots[i] for i in live],
             [starts[i] for i in live],
             take,
+            ctx if len(live) == n else None,  # the same positions and rows: the same step context
         )
         for i, d in zip(live, new):
             seqs[i].draft = d

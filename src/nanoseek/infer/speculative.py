@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.runner import DecodeRunner, latent_cache_views
+from nanoseek.infer.runner import DecodeRunner, StepContext, latent_cache_views
 from nanoseek.model import Transformer
 
 
@@ -85,9 +85,11 @@ class MTPDrafter:
         slots: list[int],
         starts: list[int],
         take: torch.Tensor,
+        ctx: StepContext | None = None,
     ) -> list[int]:
-        """The same for a decoding step, on the runner's folded weights when there is one."""
+        """The same for a decoding step, on the runner's folded weights when there is one (`ctx`:
+        the main model's step context, when it is that of these positions and rows)."""
         if runner is None:
             return self.prefill(hidden, next_ids, positions, rows, take)
-        ctx = runner.context(positions, rows, slots, starts)
+        ctx = ctx or runner.context(positions, rows, slots, starts)
         return self._draft(runner.mtp_hidden_states(hidden, next_ids, ctx, self.latents), take)
