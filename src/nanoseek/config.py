@@ -239,7 +239,8 @@ class ModelConfig:
             known = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
             if not known:
                 raise NanoseekError(
-                    f"{where}: unknown architecture {archs[0]!r} (expected {' or '.join(ARCHITECTURES)})"
+                    f"{where}: unknown architecture {archs[0]!r} (expected {' or '.join(ARCHITECTURES)}, "
+                    "or a dense Qwen2ForCausalLM / LlamaForCausalLM)"
                 )
             model_type = known[0]
         if model_type not in ARCHITECTURES.values():

@@ -368,6 +368,35 @@ class RotaryEmbedding(nn.Module):
 # ---------------------------------------------------------------------------------------
 # Grouped-query attention (Ainslie et al., 2023): each KV head serves a group of query heads.
 # ---------------------------------------------------------------------------------------
+@dataclass
+class KVCache:
+    """The inference cache of grouped-query attention: each layer's keys (after RoPE) and values,
+    k[layer], v[layer]: [batch, max_len, num_key_value_heads, head_dim]. Preallocated once; each
+    forward writes the new tokens at their positions."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, config: DenseConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> KVCache:
+        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+        n = config.num_hidden_layers
+        return cls(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
+        )
+
+    @staticmethod
+    def bytes_per_token(config: DenseConfig, bytes_per_value: int) -> int:
+        return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * bytes_per_value
+
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor, width: int) -> None:
+        """Rows `dst` get the first `width` positions of rows `src` (n samples of one prompt)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :width] = k[src, :width]
+            v[dst, :width] = v[src, :width]
+
+
 class Attention(nn.Module):
     """num_attention_heads query heads share num_key_value_heads key/value heads, so the cache
     holds heads / kv_heads times fewer values per token (R1-Distill-Qwen-1.5B: 12 / 2)."""
@@ -381,13 +410,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.o_bias)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D]: causal self-attention over x, or attention where `mask` [B, T, T] allows."""
+    def forward(self, x, cos, sin, mask: torch.Tensor | None = None, positions=None, cache=None, rows=None):
+        """x [B, T, D]: causal self-attention over x, or attention where `mask` [B, T, T] allows.
+        With a cache (k, v) of this layer: the new keys and values are written at `positions`
+        [B, T] of cache rows `rows` [B], and each query attends to the cached ones at positions
+        <= its own."""
         b, t, _ = x.shape
         # Rotary pairs x_i with x_{i + head_dim/2}, as the Qwen2 and Llama checkpoints are laid out.
         q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), cos, sin, interleave=False)
         k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin, interleave=False)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            if mask is not None:
+                raise ValueError("Attention: a mask cannot be combined with a cache (pass positions instead)")
+            k_cache, v_cache = cache
+            rows = torch.arange(b, device=x.device) if rows is None else rows
+            k_cache[rows[:, None], positions] = k.to(k_cache.dtype)
+            v_cache[rows[:, None], positions] = v.to(v_cache.dtype)
+            span = int(positions.max()) + 1
+            k, v = k_cache[rows, :span].to(x.dtype), v_cache[rows, :span].to(x.dtype)
+            mask = torch.arange(span, device=x.device) <= positions[:, :, None]  # [B, T, S]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -420,8 +462,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, positions=None, cache=None, rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, cache, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -462,21 +504,26 @@ class DenseTransformer(nn.Module):
                 nn.init.ones_(m.weight)
         self.model.rotary_emb.reset_parameters()
 
-    def hidden_states(self, input_ids, positions=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids, positions=None, cache: KVCache | None = None, rows=None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The final-normed hidden states [B, T, D]; `mask` [B, T, T] replaces the causal mask
-        (nanoseek.model.document_mask for packed rows), `positions` [B, T] the positions 0..T-1."""
+        (nanoseek.model.document_mask for packed rows), `positions` [B, T] the positions 0..T-1.
+        With a KVCache (the engine's), the tokens at `positions` of cache rows `rows` attend to
+        what the cache holds before them, as nanoseek.model.Transformer does with its latents."""
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         cos, sin = self.model.rotary_emb(positions)
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x = layer(x, cos, sin, mask, positions, layer_cache, rows)
         return self.model.norm(x)
 
     def forward(self, input_ids, positions=None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab]."""
-        return self.lm_head(self.hidden_states(input_ids, positions, mask))
+        return self.lm_head(self.hidden_states(input_ids, positions, mask=mask))
 
 
 def count_dense_parameters(config: DenseConfig) -> int:

@@ -123,6 +123,12 @@ class LatentCache:
     def max_len(self) -> int:
         return self.kv[0].shape[1]
 
+    def copy_rows(self, dst: torch.Tensor, src: torch.Tensor, width: int) -> None:
+        """Rows `dst` get the first `width` positions of rows `src` (n samples of one prompt)."""
+        for kv, pe in zip(self.kv, self.pe):
+            kv[dst, :width] = kv[src, :width]
+            pe[dst, :width] = pe[src, :width]
+
 
 class MLA(nn.Module):
     """Queries and keys/values pass through low-rank latents; only the KV latent

@@ -300,9 +300,9 @@ def test_malformed_config(saved):
 
 def test_unknown_architecture(saved):
     cfg = json.loads((saved / "config.json").read_text())
-    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["architectures"] = ["GPT2LMHeadModel"]
     (saved / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(NanoseekError, match="unknown architecture 'LlamaForCausalLM'"):
+    with pytest.raises(NanoseekError, match="unknown architecture 'GPT2LMHeadModel'"):
         load_pretrained(saved)
 
 

@@ -33,11 +33,13 @@ import torch
 
 from nanoseek.data.chat import BOS
 from nanoseek.data.reasoning import ReasoningSplitter, span_tokens, split_reasoning
+from nanoseek.dense import DenseConfig, KVCache
 from nanoseek.device import model_device, model_dtype, place_model, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.runner import DecodeRunner, latent_cache_views
 from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
 from nanoseek.infer.speculative import MTPDrafter, SpeculativeStats
+from nanoseek.io.dense_hf import is_dense_checkpoint
 from nanoseek.model import Transformer
 
 
@@ -97,9 +99,11 @@ def kv_cache_bytes(config, max_batch_size: int, max_seq_len: int, dtype: torch.d
     the RoPE dims). The weights are already loaded and the runner's folded copies of them do
     not grow with these sizes: they are not counted."""
     span = max_seq_len + 1  # the spare position a speculative step writes its draft to
+    size = torch.empty(0, dtype=dtype).element_size()
+    if isinstance(config, DenseConfig):  # keys and values per KV head; no runner, no MTP
+        return max_batch_size * span * KVCache.bytes_per_token(config, size)
     layers = config.num_hidden_layers + (1 if speculative else 0)
     width = config.kv_lora_rank + config.qk_rope_head_dim
-    size = torch.empty(0, dtype=dtype).element_size()
     return layers * max_batch_size * span * width * size + span * config.qk_rope_head_dim * size
 
 
@@ -239,27 +243,35 @@ class Engine:
                 f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} must be at least 1 and 2"
             )
         self.dtype, self.device = model_dtype(model), model_device(model)
-        mtp = speculative and len(model.mtp) > 0  # without an MTP module MTPDrafter says so below
+        mtp = speculative and len(getattr(model, "mtp", ())) > 0  # without an MTP module MTPDrafter says so
         check_cache_fits(config, max_batch_size, self.max_seq_len, self.dtype, self.device, mtp, max_seq_len)
         # One spare position: a speculative step writes its draft one past the last token.
         span = self.max_seq_len + 1
-        self.latents = torch.zeros(
-            config.num_hidden_layers,
-            max_batch_size,
-            span,
-            config.kv_lora_rank + config.qk_rope_head_dim,
-            dtype=self.dtype,
-            device=self.device,
-        )
-        self.cache = latent_cache_views(self.latents, config.kv_lora_rank)
-        self.runner = DecodeRunner(model, span) if folded else None
-        self.drafter = MTPDrafter(model, max_batch_size, span, self.dtype, self.device) if speculative else None
+        if isinstance(config, DenseConfig):  # a dense student (Qwen2, Llama): keys and values per KV head
+            if speculative:
+                raise NanoseekError("speculative decoding needs an MTP module; a dense Qwen2/Llama model has none")
+            self.latents, self.runner, self.drafter = None, None, None
+            self.cache = KVCache.empty(config, max_batch_size, span, self.dtype, self.device)
+        else:
+            self.latents = torch.zeros(
+                config.num_hidden_layers,
+                max_batch_size,
+                span,
+                config.kv_lora_rank + config.qk_rope_head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            self.cache = latent_cache_views(self.latents, config.kv_lora_rank)
+            self.runner = DecodeRunner(model, span) if folded else None
+            self.drafter = MTPDrafter(model, max_batch_size, span, self.dtype, self.device) if speculative else None
         ids = tokenizer.special_ids if tokenizer is not None else {}
         self.eos_id = (
             eos_token_id
             if eos_token_id is not None
             else (ids.get("eos") if tokenizer is not None else config.eos_token_id)
         )
+        if isinstance(self.eos_id, list):  # Llama 3.1 lists several: the first ends a completion
+            self.eos_id = self.eos_id[0] if self.eos_id else None
         self.think_id, self.end_think_id = ids.get("think"), ids.get("end_think")
         self.pad_id = 0
         self.free_slots = list(range(max_batch_size))  # a heap: the lowest rows first, so that the
@@ -288,12 +300,15 @@ class Engine:
         dtype = resolve_dtype(dtype, target, "Engine dtype") or torch.float32
         config = None
         if (directory / "config.json").is_file():
-            config = ModelConfig.from_hf(directory / "config.json")
+            dense = is_dense_checkpoint(directory)
+            config = (DenseConfig if dense else ModelConfig).from_hf(directory / "config.json")
             asked = kwargs.get("max_seq_len")
             seq_len = min(asked or DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings)
-            mtp = bool(kwargs.get("speculative")) and config.num_nextn_predict_layers > 0
+            mtp = bool(kwargs.get("speculative")) and not dense and config.num_nextn_predict_layers > 0
             batch = kwargs.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
             check_cache_fits(config, batch, seq_len, dtype, target, mtp, asked)
+            if dense:
+                config = None  # load_pretrained reads the dense config itself
         model = load_pretrained(directory, dtype=dtype, device=target, config=config)
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
@@ -307,8 +322,11 @@ class Engine:
         return None if self.drafter is None else self.drafter.stats
 
     def kv_cache_bytes_per_token(self) -> int:
-        """layers x (kv_lora_rank + qk_rope_head_dim) x bytes of the cache dtype."""
+        """layers x (kv_lora_rank + qk_rope_head_dim) x bytes of the cache dtype (a dense model:
+        layers x 2 x num_key_value_heads x head_dim x bytes)."""
         c = self.config
+        if isinstance(c, DenseConfig):
+            return KVCache.bytes_per_token(c, self.cache.k[0].element_size())
         return c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * self.latents.element_size()
 
     # ---- the public API ------------------------------------------------------------
@@ -535,9 +553,7 @@ class Engine:
         if copies:
             dst = torch.tensor([d for d, _ in copies], device=self.device)
             src = torch.tensor([s for _, s in copies], device=self.device)
-            for kv, pe in zip(self.cache.kv, self.cache.pe):
-                kv[dst, :width] = kv[src, :width]
-                pe[dst, :width] = pe[src, :width]
+            self.cache.copy_rows(dst, src, width)
         logits = self.model.lm_head(hidden[which, last])
         tokens = self._choose(seqs, logits)
         for seq, token in zip(seqs, tokens):

@@ -29,6 +29,7 @@ from nanoseek.fp8 import (
     dequantize_blockwise,
     fp8_linears,
 )
+from nanoseek.io.dense_hf import is_dense_checkpoint, load_dense_pretrained
 from nanoseek.model import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -165,7 +166,8 @@ def load_pretrained(
     config: ModelConfig | None = None,
     keep_fp8: bool = False,
 ) -> Transformer:
-    """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer.
+    """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer (a
+    Qwen2 or Llama one, the layouts of the R1-Distill models, as a nanoseek.dense.DenseTransformer).
     One that holds no MTP weights (transformers saves none) loads without MTP, with a note on
     stderr (`without_absent_mtp`); `model.config` says so.
 
@@ -175,6 +177,8 @@ def load_pretrained(
     directory = Path(directory)
     if not directory.is_dir():
         raise NanoseekError(f"{directory}: not a directory")
+    if config is None and is_dense_checkpoint(directory):  # an R1-Distill student: Qwen2 or Llama
+        return load_dense_pretrained(directory, device=device, dtype=dtype)
     config = config or ModelConfig.from_hf(directory / "config.json")
     files = _checkpoint_files(directory)
     config = without_absent_mtp(config, _checkpoint_keys(files), directory)
