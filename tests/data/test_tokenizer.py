@@ -293,7 +293,11 @@ def deepseek_style_dir(path):
         "model_max_length": 16384,
         "tokenizer_class": "LlamaTokenizerFast",
         "clean_up_tokenization_spaces": False,
-        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        # The directory's own template is the model's format (as transformers renders it): R1's shape.
+        "chat_template": "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+        "{% else %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}",
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     return path

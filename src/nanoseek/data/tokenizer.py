@@ -108,6 +108,24 @@ def _token_string(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _own_template(config: dict, where: str) -> str | None:
+    """The Jinja chat template of a tokenizer_config.json that names no nanoseek prompt_format
+    (transformers writes one string, or a list of named ones of which "default" is used)."""
+    if "prompt_format" in config:
+        return None
+    template = config.get("chat_template")
+    if template in CHAT_TEMPLATES.values():  # nanoseek's own, saved before the prompt_format key
+        return None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None:
+        return None
+    if not isinstance(template, str) or not template.strip():
+        raise NanoseekError(f"{where}: key 'chat_template': expected a Jinja template string")
+    return template
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` with the ids of nanoseek's special tokens (None where absent)."""
 
@@ -127,9 +145,16 @@ class Tokenizer:
                 "chat_template": CHAT_TEMPLATES["chat"],
             }
         )
-        self.prompt_format = check_prompt_format(
-            self.config.get("prompt_format", "chat"), f"{where}: key 'prompt_format'"
-        )
+        # A directory written elsewhere (an R1-Distill model from the hub) names no prompt_format and
+        # holds its own Jinja chat template: that template is the model's format ("template").
+        self.chat_template = _own_template(self.config, where)
+        if self.chat_template is not None:
+            self.prompt_format = "template"
+        else:
+            ours = {t: name for name, t in CHAT_TEMPLATES.items()}.get(self.config.get("chat_template"), "chat")
+            self.prompt_format = check_prompt_format(
+                self.config.get("prompt_format", ours), f"{where}: key 'prompt_format'"
+            )
         strings = dict(SPECIAL_TOKENS)
         for name in ("bos", "eos", "pad"):
             strings[name] = _token_string(self.config.get(f"{name}_token")) or strings[name]
@@ -242,10 +267,17 @@ class Tokenizer:
         here, what transformers' `apply_chat_template(messages, tokenize=False)` gives. As text,
         a message that spells a control token cannot be told from the template's: to prompt a
         model use `encode_chat`, not `encode(format_chat(...))`."""
+        if self.prompt_format == "template":
+            return render_chat_template(self.chat_template, messages, add_generation_prompt, **self._template_tokens())
         return format_chat(messages, add_generation_prompt, self.prompt_format)
 
     def chat_segments(self, messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
         """`format_chat` as (text, is_assistant_output) pieces, for SFT."""
+        if self.prompt_format == "template":
+            raise NanoseekError(
+                "SFT on a tokenizer's own Jinja chat template (a directory written elsewhere) is not supported: "
+                "save the tokenizer with prompt_format 'chat' or 'r1-zero'"
+            )
         return chat_segments(messages, add_generation_prompt, self.prompt_format)
 
     def encode_chat(
@@ -261,6 +293,12 @@ class Tokenizer:
         (nor an assistant content's "</think>" split off a reasoning). For messages without
         such text, the ids of `format_chat(messages)`: for a directory saved here, what
         transformers' `apply_chat_template(messages, tokenize=True)` gives."""
+
+        fmt = prompt_format or self.prompt_format
+        if chat_template is None and fmt == "template":
+            if self.chat_template is None:
+                raise NanoseekError("prompt format 'template': this tokenizer has no chat template of its own")
+            chat_template = self.chat_template
 
         def render(messages):
             if chat_template is None:
@@ -299,6 +337,10 @@ class Tokenizer:
 
     def prompt_template(self) -> str:
         """One question's prompt in this tokenizer's format, with a {prompt} field."""
+        if self.prompt_format == "template":
+            marker = "\x00prompt\x00"
+            text = self.format_chat([{"role": "user", "content": marker}])
+            return text.replace("{", "{{").replace("}", "}}").replace(marker, "{prompt}")
         return prompt_template(self.prompt_format)
 
     def token_to_id(self, token: str) -> int | None:
