@@ -396,6 +396,11 @@ class KVCache:
             k[dst, :width] = k[src, :width]
             v[dst, :width] = v[src, :width]
 
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache of rows `rows` of this one (repeats allowed), as new tensors that keep the
+        gradient's path back to these (GRPO's completions read their prompt's keys and values)."""
+        return KVCache([k[rows] for k in self.k], [v[rows] for v in self.v])
+
 
 class Attention(nn.Module):
     """num_attention_heads query heads share num_key_value_heads key/value heads, so the cache
@@ -487,6 +492,7 @@ class DenseTransformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = nn.ModuleList()  # no Multi-Token Prediction: the trainers' MTP loss finds nothing to add
         self.reset_parameters()
 
     @torch.no_grad()
@@ -524,6 +530,27 @@ class DenseTransformer(nn.Module):
     def forward(self, input_ids, positions=None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab]."""
         return self.lm_head(self.hidden_states(input_ids, positions, mask=mask))
+
+    # ---- what the trainers ask of nanoseek.model.Transformer: a dense model has no MTP and no MoE
+    def mtp_logits(self, hidden, input_ids, mask=None) -> list[torch.Tensor]:
+        return []
+
+    def named_moe_layers(self) -> list:
+        return []
+
+    def moe_layers(self) -> list:
+        return []
+
+    def expert_counts(self) -> list[torch.Tensor]:
+        return []
+
+    def balance_loss(self) -> torch.Tensor:
+        return torch.zeros((), device=self.lm_head.weight.device)
+
+    def update_routing_bias(self, counts: list[torch.Tensor], gamma: float) -> None:
+        """Nothing to balance: `counts` must be empty (one tensor per MoE layer, of which there are none)."""
+        if counts:
+            raise ValueError(f"update_routing_bias: {len(counts)} count tensors for a dense model (no MoE layers)")
 
 
 def count_dense_parameters(config: DenseConfig) -> int:

@@ -129,6 +129,11 @@ class LatentCache:
             kv[dst, :width] = kv[src, :width]
             pe[dst, :width] = pe[src, :width]
 
+    def select(self, rows: torch.Tensor) -> LatentCache:
+        """A cache of rows `rows` of this one (repeats allowed), as new tensors that keep the
+        gradient's path back to these: GRPO's completions each read their prompt's latents."""
+        return LatentCache([kv[rows] for kv in self.kv], [pe[rows] for pe in self.pe])
+
 
 class MLA(nn.Module):
     """Queries and keys/values pass through low-rank latents; only the KV latent

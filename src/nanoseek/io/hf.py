@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig, read_utf8
+from nanoseek.dense import DenseTransformer
 from nanoseek.errors import NanoseekError
 from nanoseek.fp8 import (
     E4M3,
@@ -29,7 +30,7 @@ from nanoseek.fp8 import (
     dequantize_blockwise,
     fp8_linears,
 )
-from nanoseek.io.dense_hf import is_dense_checkpoint, load_dense_pretrained
+from nanoseek.io.dense_hf import is_dense_checkpoint, load_dense_pretrained, save_dense_pretrained
 from nanoseek.model import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -257,7 +258,10 @@ def save_pretrained(
     model: Transformer, directory: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30
 ) -> Path:
     """Write config.json and safetensors weights (sharded with an index past max_shard_bytes)
-    that `transformers.AutoModelForCausalLM.from_pretrained(directory)` opens."""
+    that `transformers.AutoModelForCausalLM.from_pretrained(directory)` opens (a dense student
+    in its own Qwen2 / Llama layout, by nanoseek.io.dense_hf)."""
+    if isinstance(model, DenseTransformer):
+        return save_dense_pretrained(model, directory, dtype, max_shard_bytes)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = hub_state_dict(model, dtype)

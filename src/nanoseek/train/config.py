@@ -7,7 +7,9 @@ infinite or NaN (an `lr` of .inf trains a model of NaNs), the `model` section is
 the ModelConfig it makes, and a YAML file that gives a key twice is an error naming the key
 and both lines (YAML itself keeps the last one silently). Nested sections use dotted
 keys on the command line (`--set data.files=[a.jsonl] model.hidden_size=64`). The `model`
-section takes a `preset` and any ModelConfig field under its Hugging Face name.
+section takes a `preset` and any field of its config under its Hugging Face name: ModelConfig's
+for a DeepSeek preset (`tiny`, `small`, ...), DenseConfig's for a dense student (`student`, the
+R1-Distill layouts).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from typing_extensions import TypedDict  # pydantic reads TypedDicts from typing_extensions on Python 3.11
 
 from nanoseek.config import PRESETS, ModelConfig, ModelConfigError, read_utf8
+from nanoseek.dense import DENSE_PRESETS, DenseConfig
 from nanoseek.errors import NanoseekError, dotted_location
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -97,10 +100,15 @@ class Section(BaseModel):
 
 
 def _model_section() -> type:
-    """The `model` section: `preset` plus ModelConfig's fields, all optional, checked by type.
+    """The `model` section: `preset` plus the fields of ModelConfig and DenseConfig, all optional,
+    checked by type (whether a field belongs to the preset's kind is checked with the preset).
     It stays a plain dict (only the keys given), so config.yaml shows what was asked for."""
-    hints = typing.get_type_hints(ModelConfig)
-    fields = {"preset": Literal[tuple(PRESETS)], **{f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}}
+    fields: dict[str, Any] = {"preset": str}
+    for kind in (ModelConfig, DenseConfig):
+        hints = typing.get_type_hints(kind)
+        for f in dataclasses.fields(kind):
+            known = fields.get(f.name, hints[f.name])
+            fields[f.name] = known if known == hints[f.name] else known | hints[f.name]
     section = TypedDict("ModelSection", fields, total=False)
     section.__pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
     return section
@@ -118,7 +126,7 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    # The model: a preset plus ModelConfig fields, or a Hugging Face checkpoint to start from.
+    # The model: a preset plus its config's fields (DeepSeek or dense), or a Hugging Face checkpoint to start from.
     model: ModelSection = Field(default_factory=lambda: {"preset": "tiny"})
     init_from: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
@@ -171,13 +179,43 @@ class TrainConfig(Section):
             self._model_config()
         except ModelConfigError as e:
             raise ConfigKeyError(f"model.{e.field}" if e.field else "model", e.detail) from None
+        if self.dense_student():  # no FP8 linears, no experts: what the DeepSeek model has
+            if self.precision == "fp8":
+                raise ConfigKeyError(
+                    "precision", "fp8 is for the DeepSeek model; a dense student trains in fp32 or bf16"
+                )
+            if self.expert_parallel:
+                raise ConfigKeyError("expert_parallel", "a dense student has no experts to split across ranks")
 
-    def _model_config(self) -> ModelConfig:
+    def dense_student(self) -> bool:
+        """Whether the run trains a dense student: init_from a Qwen2/Llama directory, or a dense preset."""
+        if self.init_from:
+            from nanoseek.io.dense_hf import is_dense_checkpoint
+
+            return is_dense_checkpoint(self.init_from)
+        return self.model.get("preset") in DENSE_PRESETS
+
+    def _model_config(self) -> ModelConfig | DenseConfig:
+        name = self.model.get("preset", "tiny")
         overrides = {k: v for k, v in self.model.items() if k != "preset"}
-        return ModelConfig(**{**PRESETS[self.model.get("preset", "tiny")], **overrides})
+        if name in DENSE_PRESETS:
+            kind, preset, words = DenseConfig, DENSE_PRESETS[name], "dense"
+        elif name in PRESETS:
+            kind, preset, words = ModelConfig, PRESETS[name], "DeepSeek"
+        else:
+            raise ConfigKeyError(
+                "model.preset",
+                f"unknown preset '{name}' (DeepSeek: {', '.join(PRESETS)}; dense: {', '.join(DENSE_PRESETS)})",
+            )
+        fields = {f.name for f in dataclasses.fields(kind)}
+        foreign = next((k for k in overrides if k not in fields), None)
+        if foreign is not None:
+            raise ConfigKeyError(f"model.{foreign}", f"not a field of the {words} preset '{name}' ({kind.__name__})")
+        return kind(**{**preset, **overrides})
 
-    def to_model_config(self) -> ModelConfig:
-        """The ModelConfig of `model`: its preset with the other keys replaced."""
+    def to_model_config(self) -> ModelConfig | DenseConfig:
+        """The config of `model`: its preset (a ModelConfig, or a DenseConfig for a dense
+        student) with the other keys replaced."""
         try:
             return self._model_config()
         except NanoseekError as e:

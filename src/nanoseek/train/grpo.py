@@ -29,6 +29,7 @@ from pydantic import Field, field_validator
 
 from nanoseek import storage
 from nanoseek.data.chat import R1_ZERO_TEMPLATE, template_format
+from nanoseek.dense import DenseConfig, KVCache
 from nanoseek.device import DTYPES, model_device, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
 from nanoseek.model import LatentCache
@@ -223,20 +224,26 @@ class GRPOTrainer:
 
     def completion_logprobs(self, model, prompts, prompt_lens, comp, group, with_entropy=False):
         """log pi of each completion token [N, C] (and the entropy there, without grad), where
-        completion i follows prompt group[i]. Each prompt runs once: its MLA latent cache is copied
-        to its completions, which read it as context, and their gradients flow back through it."""
+        completion i follows prompt group[i]. Each prompt runs once: its cache (MLA's latents, or a
+        dense student's keys and values) is copied to its completions, which read it as context,
+        and their gradients flow back through it."""
         used, group = group.unique(return_inverse=True)
         prompts, lens = prompts[used], prompt_lens[used]
         n, width = prompts.shape
-        weight = model.embed_tokens.weight
-        cache = LatentCache.empty(model.config, n, width + comp.shape[1], dtype=weight.dtype, device=weight.device)
+        weight = model.lm_head.weight
+        dense = isinstance(model.config, DenseConfig)
+        cache = (KVCache if dense else LatentCache).empty(
+            model.config, n, width + comp.shape[1], dtype=weight.dtype, device=weight.device
+        )
+        # MLA in its naive form: the absorbed one is the engine's, for decoding without gradients
+        impl = {} if dense else {"impl": "naive"}
         positions = torch.arange(width, device=prompts.device).expand(n, width)
-        hidden = model.hidden_states(prompts, positions, cache, impl="naive")
-        cache = LatentCache([kv[group] for kv in cache.kv], [pe[group] for pe in cache.pe])
+        hidden = model.hidden_states(prompts, positions, cache, **impl)
+        cache = cache.select(group)
         positions = lens[group, None] + torch.arange(comp.shape[1], device=comp.device)  # right after the prompt
         # The prompt's last position predicts the first completion token.
         hidden = torch.cat(
-            [hidden[group, lens[group] - 1, None], model.hidden_states(comp, positions, cache, impl="naive")[:, :-1]],
+            [hidden[group, lens[group] - 1, None], model.hidden_states(comp, positions, cache, **impl)[:, :-1]],
             dim=1,
         )
         logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)

@@ -12,6 +12,10 @@ One optimizer step:
 4. auxiliary-loss-free balancing: every routing bias, the MTP modules' too, moves by gamma
    against its expert's load in this step (V3 section 2.1.2);
 5. every `log_every` steps a metrics record, every `checkpoint_every` a checkpoint.
+
+A dense student (nanoseek.dense: `model: {preset: student}`, or init_from a Qwen2/Llama
+directory) runs the same loop in one process: it has no MTP module, no MoE layers to balance
+and no FP8 linears, so its loss is L_main alone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 from nanoseek import storage
 from nanoseek.config import ModelConfig
 from nanoseek.data.stream import IGNORE_INDEX
+from nanoseek.dense import DenseConfig, DenseTransformer, count_dense_parameters
 from nanoseek.errors import NanoseekError
 from nanoseek.model import Transformer, document_mask
 from nanoseek.train import checkpoint as ckpt
@@ -116,10 +121,12 @@ def load_tokenizer(cfg: TrainConfig):
     return Tokenizer.from_pretrained(source)
 
 
-def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
+def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig | DenseConfig:
     if cfg.init_from:  # what load_pretrained builds: without MTP if the checkpoint has none
         from nanoseek.io.hf import checkpoint_config
 
+        if cfg.dense_student():
+            return DenseConfig.from_hf(Path(cfg.init_from) / "config.json")
         return checkpoint_config(cfg.init_from)
     mc = cfg.to_model_config()
     changes = {}
@@ -136,14 +143,20 @@ def build_model_config(cfg: TrainConfig, tokenizer) -> ModelConfig:
     return mc.replace(**changes)
 
 
-def build_model(cfg: TrainConfig, mc: ModelConfig, device: torch.device) -> Transformer:
+def architecture(mc: ModelConfig | DenseConfig) -> type[Transformer] | type[DenseTransformer]:
+    """The model class a config builds: DeepSeek's Transformer, or a dense student."""
+    return DenseTransformer if isinstance(mc, DenseConfig) else Transformer
+
+
+def build_model(cfg: TrainConfig, mc: ModelConfig | DenseConfig, device: torch.device) -> Transformer:
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         from nanoseek.io.hf import load_pretrained
 
-        model = load_pretrained(cfg.init_from, config=mc)
+        # a dense directory is opened by its own loader (config=None dispatches on config.json)
+        model = load_pretrained(cfg.init_from, config=None if isinstance(mc, DenseConfig) else mc)
     else:
-        model = Transformer(mc)
+        model = architecture(mc)(mc)
     if cfg.precision == "fp8":  # V3 section 3.3: attention and expert linears in FP8, master weights FP32
         from nanoseek.fp8 import fp8_swap
 
@@ -212,6 +225,10 @@ class Run:
             )
         self.tokenizer = load_tokenizer(cfg)
         self.model_config = build_model_config(cfg, self.tokenizer)
+        if isinstance(self.model_config, DenseConfig) and ctx.distributed:
+            raise NanoseekError(
+                f"a dense student trains in one process, not on {world} ranks (run it without torchrun)"
+            )
         self.model = build_model(cfg, self.model_config, ctx.device)
         self.objective = Objective(self.model, mtp=cfg.mtp_lambda > 0, document_mask=cfg.document_mask)
         if ctx.distributed:
@@ -579,14 +596,16 @@ def _nonfinite(loss: float, grad_norm: float) -> str | None:
     return None
 
 
-def _full_shapes(mc: ModelConfig) -> dict[str, torch.Tensor]:
+def _full_shapes(mc: ModelConfig | DenseConfig) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
-        return Transformer(mc).state_dict()
+        return architecture(mc)(mc).state_dict()
 
 
-def _describe(mc: ModelConfig) -> str:
+def _describe(mc: ModelConfig | DenseConfig) -> str:
     from nanoseek.model import count_parameters
 
+    if isinstance(mc, DenseConfig):
+        return f"{count_dense_parameters(mc) / 1e6:.2f}M parameters (dense {mc.model_type})"
     n = count_parameters(mc)
     return f"{n['total'] / 1e6:.2f}M parameters ({n['active'] / 1e6:.2f}M active)"
 
