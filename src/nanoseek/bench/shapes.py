@@ -8,6 +8,9 @@ with E routed experts, K of them active per token. The shape travels as one stri
 Routing stays the preset's (V3's sigmoid gate with the bias, group-limited): 8 groups with the
 top 4 kept where E is a multiple of 8 of at least 64 (V3's own grouping at 256), else the
 preset's groups where they divide E into groups of 2 or more, else one group.
+
+A benchmark that also runs the dense students (`bench decode`) takes their presets by name
+(`r1-distill-qwen-1.5b`, ..., `student`: nanoseek.dense.DENSE_PRESETS); they have no experts.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from nanoseek.config import PRESETS, ModelConfig
+from nanoseek.dense import DENSE_PRESETS, DenseConfig
 from nanoseek.errors import NanoseekError
 
 
-def add_arguments(p, what: str = "model preset with random weights") -> None:
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help=f"{what} (default small)")
+def add_arguments(p, what: str = "model preset with random weights", dense: bool = False) -> None:
+    """`--preset` (with `dense`: DeepSeek's presets and the dense students'), `--experts`, `--active`."""
+    choices = sorted(PRESETS) + (list(DENSE_PRESETS) if dense else [])
+    p.add_argument("--preset", default="small", choices=choices, help=f"{what} (default small)")
     p.add_argument("--experts", type=int, metavar="E", help="routed experts (default: the preset's)")
     p.add_argument("--active", type=int, metavar="K", help="experts active per token (default: the preset's)")
 
@@ -29,13 +35,28 @@ def spec(args) -> str:
     experts, active = getattr(args, "experts", None), getattr(args, "active", None)
     if experts is None and active is None:
         return args.preset
+    if is_dense(args.preset):
+        raise NanoseekError(f"--experts/--active: {args.preset} is a dense model, it has no experts")
     base = ModelConfig.preset(args.preset)
     return f"{args.preset}:{experts or base.n_routed_experts}/{active or base.num_experts_per_tok}"
+
+
+def is_dense(shape: str) -> bool:
+    """Whether the shape names a dense student preset (nanoseek.dense) rather than a DeepSeek one."""
+    return shape in DENSE_PRESETS
+
+
+def dense_config(shape: str) -> DenseConfig:
+    if not is_dense(shape):
+        raise NanoseekError(f"unknown dense preset {shape!r} (expected one of {', '.join(DENSE_PRESETS)})")
+    return DenseConfig.preset(shape)
 
 
 def model_config(shape: str) -> ModelConfig:
     """The ModelConfig of a shape string; a bad expert count is a one-line error naming the flags."""
     preset, _, experts = shape.partition(":")
+    if is_dense(preset):
+        raise NanoseekError(f"{preset} is a dense student preset: this benchmark runs DeepSeek presets only")
     if preset not in PRESETS:
         raise NanoseekError(f"unknown preset {preset!r} (expected one of {', '.join(sorted(PRESETS))})")
     config = ModelConfig.preset(preset)
