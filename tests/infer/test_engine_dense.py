@@ -53,3 +53,11 @@ def test_speculative_decoding_is_refused_for_a_dense_model(tmp_path):
     transformers_model("qwen2-gqa2-tied").save_pretrained(tmp_path)
     with pytest.raises(NanoseekError, match="MTP module"):
         Engine.from_pretrained(tmp_path, max_batch_size=1, max_seq_len=32, speculative=True)
+
+
+def test_an_end_of_sequence_id_outside_the_vocabulary_is_one_line(tmp_path):
+    hf = transformers_model("qwen2-gqa2-tied")
+    hf.config.eos_token_id = 151643  # a 151K-vocabulary id in a 96-token model
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(NanoseekError, match="end-of-sequence id 151643 is not in the model's vocabulary of 96"):
+        Engine.from_pretrained(tmp_path, max_batch_size=1, max_seq_len=16)

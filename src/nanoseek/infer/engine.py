@@ -272,6 +272,10 @@ class Engine:
         )
         if isinstance(self.eos_id, list):  # Llama 3.1 lists several: the first ends a completion
             self.eos_id = self.eos_id[0] if self.eos_id else None
+        if self.eos_id is not None and not 0 <= self.eos_id < config.vocab_size:
+            raise NanoseekError(
+                f"Engine: end-of-sequence id {self.eos_id} is not in the model's vocabulary of {config.vocab_size}"
+            )
         self.think_id, self.end_think_id = ids.get("think"), ids.get("end_think")
         self.pad_id = 0
         self.free_slots = list(range(max_batch_size))  # a heap: the lowest rows first, so that the
