@@ -61,3 +61,23 @@ def test_an_end_of_sequence_id_outside_the_vocabulary_is_one_line(tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(NanoseekError, match="end-of-sequence id 151643 is not in the model's vocabulary of 96"):
         Engine.from_pretrained(tmp_path, max_batch_size=1, max_seq_len=16)
+
+
+def test_streaming_and_stop_strings_on_a_dense_model(tmp_path):
+    """The engine's streaming and stop strings run unchanged on the dense family."""
+    from nanoseek.data import train_tokenizer
+
+    texts = ["What is 3+4? The sum is 7.", "<think>2+5=7</think> It is 7.", "The quick brown fox."] * 20
+    tok = train_tokenizer(texts, vocab_size=300)
+    hf = transformers_model("llama3-gqa2-scaled")
+    hf.resize_token_embeddings(tok.vocab_size, mean_resizing=False)
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, max_batch_size=2, max_seq_len=64)
+    params = SamplingParams(temperature=0, max_tokens=12, min_tokens=12)
+    whole = engine.generate(["The quick"], params)[0].outputs[0]
+    streamed = "".join(e.text for e in engine.stream(["The quick"], params))
+    assert streamed == whole.text and whole.text
+    cut = whole.text[len(whole.text) // 2 :][:3]  # a piece of the text as a stop string
+    stopped = engine.generate(["The quick"], SamplingParams(temperature=0, max_tokens=12, stop=[cut]))[0].outputs[0]
+    assert stopped.finish_reason == "stop" and whole.text.startswith(stopped.text) and cut not in stopped.text
