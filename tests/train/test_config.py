@@ -60,7 +60,11 @@ def test_errors_name_the_key(tmp_path, text, overrides, key):
             [],
             "{path}: unknown config key 'data.filez' (known: files, messages_field, shuffle, text_field, tokenizer)",
         ),
-        ("model:\n  hidden: 3\n", [], "{path}: unknown config key 'model.hidden' (a ModelConfig field or 'preset')"),
+        (
+            "model:\n  hidden: 3\n",
+            [],
+            "{path}: unknown config key 'model.hidden' (a ModelConfig or DenseConfig field, or 'preset')",
+        ),
         ("beta2: 1\nlr: -1\n", [], "{path}: config key 'lr': must be at least 0, got -1 (and 1 more)"),
         (
             "",

@@ -272,7 +272,7 @@ def explain(error: dict, cls: type) -> str:
     if kind == "extra_forbidden":
         known = _fields_at(cls, tuple(error["loc"])[:-1])
         return f"unknown config key '{key}' (" + (
-            f"known: {', '.join(known)})" if known is not None else "a ModelConfig field or 'preset')"
+            f"known: {', '.join(known)})" if known is not None else "a ModelConfig or DenseConfig field, or 'preset')"
         )
     if kind == "missing":
         return f"config key '{key}' is required"
