@@ -311,8 +311,6 @@ class Engine:
             mtp = bool(kwargs.get("speculative")) and not dense and config.num_nextn_predict_layers > 0
             batch = kwargs.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
             check_cache_fits(config, batch, seq_len, dtype, target, mtp, asked)
-            if dense:
-                config = None  # load_pretrained reads the dense config itself
         model = load_pretrained(directory, dtype=dtype, device=target, config=config)
         tokenizer = None
         if (directory / "tokenizer.json").is_file():

@@ -37,10 +37,14 @@ def is_dense_checkpoint(directory: str | Path) -> bool:
 
 
 def load_dense_pretrained(
-    directory: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    directory: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    config: DenseConfig | None = None,
 ) -> DenseTransformer:
     """Open a Qwen2ForCausalLM / LlamaForCausalLM checkpoint directory as a DenseTransformer, in
-    `dtype` (float32 when None) on `device` (the CPU when None), in eval mode."""
+    `dtype` (float32 when None) on `device` (the CPU when None), in eval mode. `config`: its
+    config.json as already read (None: read here)."""
     # The DeepSeek loader's readers (index checks, FP8 dequantisation), imported here so that it can
     # import this module to dispatch dense directories to load_dense_pretrained.
     from nanoseek.io.hf import _checkpoint_files, _read_tensors
@@ -49,7 +53,7 @@ def load_dense_pretrained(
     if not directory.is_dir():
         raise NanoseekError(f"{directory}: not a directory")
     device, dtype = device or "cpu", dtype or torch.float32
-    config = DenseConfig.from_hf(directory / "config.json")
+    config = config or DenseConfig.from_hf(directory / "config.json")
     files = _checkpoint_files(directory)
     with torch.device("meta"):
         model = DenseTransformer(config)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from nanoseek.config import ModelConfig, read_utf8
-from nanoseek.dense import DenseTransformer
+from nanoseek.dense import DenseConfig, DenseTransformer
 from nanoseek.errors import NanoseekError
 from nanoseek.fp8 import (
     E4M3,
@@ -30,7 +29,7 @@ from nanoseek.fp8 import (
     dequantize_blockwise,
     fp8_linears,
 )
-from nanoseek.io.dense_hf import is_dense_checkpoint, load_dense_pretrained, save_dense_pretrained
+from nanoseek.io.dense_hf import is_dense_checkpoint, load_dense_pretrained, save_dense_pretrained, write_safetensors
 from nanoseek.model import Transformer
 
 INDEX = "model.safetensors.index.json"
@@ -164,7 +163,7 @@ def load_pretrained(
     directory: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-    config: ModelConfig | None = None,
+    config: ModelConfig | DenseConfig | None = None,
     keep_fp8: bool = False,
 ) -> Transformer:
     """Open a Hugging Face DeepSeek-V3/V2 checkpoint directory as a nanoseek Transformer (a
@@ -178,8 +177,8 @@ def load_pretrained(
     directory = Path(directory)
     if not directory.is_dir():
         raise NanoseekError(f"{directory}: not a directory")
-    if config is None and is_dense_checkpoint(directory):  # an R1-Distill student: Qwen2 or Llama
-        return load_dense_pretrained(directory, device=device, dtype=dtype)
+    if isinstance(config, DenseConfig) or (config is None and is_dense_checkpoint(directory)):
+        return load_dense_pretrained(directory, device=device, dtype=dtype, config=config)  # Qwen2 or Llama
     config = config or ModelConfig.from_hf(directory / "config.json")
     files = _checkpoint_files(directory)
     config = without_absent_mtp(config, _checkpoint_keys(files), directory)
@@ -269,28 +268,6 @@ def save_pretrained(
     config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     if any(t.dtype == E4M3 for t in state.values()):  # FP8WeightLinear modules: the released layout
         config["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(state):
-        nbytes = state[key].numel() * state[key].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = state[key]
-        size += nbytes
-    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / SINGLE), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (directory / INDEX).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+    write_safetensors(state, directory, max_shard_bytes)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
