@@ -243,7 +243,7 @@ class Engine:
                 f"Engine: max_batch_size {max_batch_size} and max_seq_len {self.max_seq_len} must be at least 1 and 2"
             )
         self.dtype, self.device = model_dtype(model), model_device(model)
-        mtp = speculative and len(getattr(model, "mtp", ())) > 0  # without an MTP module MTPDrafter says so
+        mtp = speculative and len(model.mtp) > 0  # without an MTP module MTPDrafter says so below
         check_cache_fits(config, max_batch_size, self.max_seq_len, self.dtype, self.device, mtp, max_seq_len)
         # One spare position: a speculative step writes its draft one past the last token.
         span = self.max_seq_len + 1
