@@ -9,8 +9,10 @@ bytes are a NanoseekError naming the file and the line, not text silently replac
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -245,6 +247,13 @@ class SFTDataset:
     Each piece of `chat_segments`, in the tokenizer's prompt format (so a model keeps the format
     it was pretrained in), is tokenized on its own, the prompt pieces then the assistant's
     output, which is how the engine sees them: the prompt's ids, then generated ids.
+
+    A record may carry the teacher's own generation of its last assistant turn, for logit
+    distillation (what `nanoseek distill` writes): "teacher": {"token_ids": [...],
+    "top_logprobs": [[[id, logprob], ...], ...]}, the ids the teacher sampled after the
+    generation prompt and, for each, the teacher's top-k pairs where it was sampled. That turn's
+    ids are then the sampled ids themselves, not its text encoded again (BPE may split the same
+    text otherwise than it was sampled), and the item carries the pairs aligned to them.
     """
 
     def __init__(
@@ -255,13 +264,20 @@ class SFTDataset:
         messages_field: str = "messages",
     ):
         """`conversations`: lists of messages, or .jsonl/.parquet files (or directories) with a
-        `messages_field` list in each record."""
+        `messages_field` list in each record (and optionally a "teacher" trace)."""
         items = [conversations] if isinstance(conversations, (str, Path)) else list(conversations)
+        teachers: list[TeacherTrace | None] = [None] * len(items)
         if items and all(isinstance(c, (str, Path)) for c in items):
-            items = [
-                self._messages(row, path, messages_field) for path in expand_paths(items) for row in read_rows(path)
-            ]
+            paths, items, teachers = items, [], []
+            for path in expand_paths(paths):
+                for n, row in enumerate(read_rows(path), 1):
+                    items.append(self._messages(row, path, messages_field))
+                    has = row.get("teacher") is not None
+                    teachers.append(
+                        teacher_trace(row["teacher"], items[-1], f"{path}: record {n}", tokenizer) if has else None
+                    )
         self.conversations = items
+        self.teachers = teachers  # per conversation: its TeacherTrace, or None
         self.tokenizer, self.max_len = tokenizer, max_len
 
     @staticmethod
@@ -274,32 +290,61 @@ class SFTDataset:
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
-        """(ids, mask) of conversation i, cut to max_len."""
+    def __getitem__(self, i: int):
+        """(ids, mask) of conversation i, cut to max_len. A conversation with a teacher trace
+        gives (ids, mask, (top_ids, top_logprobs)): two (len(ids), k) tensors holding at index j
+        the teacher's top-k pairs for ids[j] (log-prob -inf in the slots of positions without)."""
+        teacher = self.teachers[i]
+        segments = self.tokenizer.chat_segments(self.conversations[i], add_generation_prompt=False)
+        last = max(j for j, (_, trained) in enumerate(segments) if trained) if teacher is not None else None
         ids: list[int] = []
         mask: list[int] = []
-        for text, trained in self.tokenizer.chat_segments(self.conversations[i], add_generation_prompt=False):
-            piece = self.tokenizer.encode(text)
+        start = 0
+        for j, (text, trained) in enumerate(segments):
+            if j == last:
+                start, piece = len(ids), teacher.token_ids
+            else:
+                piece = self.tokenizer.encode(text)
             ids += piece
             mask += [int(trained)] * len(piece)
         if self.max_len is not None:
             ids, mask = ids[: self.max_len], mask[: self.max_len]
-        return ids, mask
+        if teacher is None:
+            return ids, mask
+        n = max(0, min(len(teacher.token_ids), len(ids) - start))  # what max_len left of the teacher's turn
+        top_ids = torch.zeros(len(ids), teacher.top_ids.shape[1], dtype=torch.long)
+        top_logprobs = torch.full(top_ids.shape, -math.inf)
+        top_ids[start : start + n] = teacher.top_ids[:n]
+        top_logprobs[start : start + n] = teacher.top_logprobs[:n]
+        return ids, mask, (top_ids, top_logprobs)
 
-    def collate(self, items: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate(self, items: list[tuple], teacher: bool = False) -> tuple:
         """(inputs, targets) padded to the longest item; targets are IGNORE_INDEX outside the
-        assistant's tokens and on padding."""
-        width = max(len(ids) for ids, _ in items) - 1
+        assistant's tokens and on padding. With `teacher`, also (top_ids, top_logprobs), each
+        (batch, width, k): at position t the teacher's top-k pairs for targets[t], log-prob -inf
+        where there are none (items without a teacher trace, prompts, padding, unused slots)."""
+        width = max(len(item[0]) for item in items) - 1
         x = torch.full((len(items), max(width, 1)), self.tokenizer.pad_id, dtype=torch.long)
         y = torch.full_like(x, IGNORE_INDEX)
-        for b, (ids, mask) in enumerate(items):
+        for b, (ids, mask, *_) in enumerate(items):
             n = len(ids) - 1
             if n < 1:
                 continue
             x[b, :n] = torch.tensor(ids[:-1])
             target = torch.tensor(ids[1:])
             y[b, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), target, IGNORE_INDEX)
-        return x, y
+        if not teacher:
+            return x, y
+        k = max([item[2][0].shape[1] for item in items if len(item) > 2] + [1])
+        top_ids = torch.zeros(*x.shape, k, dtype=torch.long)
+        top_logprobs = torch.full(top_ids.shape, -math.inf)
+        for b, item in enumerate(items):
+            n = len(item[0]) - 1
+            if len(item) > 2 and n >= 1:  # targets are ids[1:], so their pairs are the pairs from index 1 on
+                ids_b, logprobs_b = item[2]
+                top_ids[b, :n, : ids_b.shape[1]] = ids_b[1:]
+                top_logprobs[b, :n, : ids_b.shape[1]] = logprobs_b[1:]
+        return x, y, (top_ids, top_logprobs)
 
     def batches(
         self, batch_size: int, seed: int = 0, shuffle: bool = True
@@ -310,3 +355,54 @@ class SFTDataset:
             random.Random(seed).shuffle(order)
         for s in range(0, len(order), batch_size):
             yield self.collate([self[i] for i in order[s : s + batch_size]])
+
+
+@dataclass
+class TeacherTrace:
+    """The teacher's generation of a conversation's last assistant turn: the sampled ids and,
+    per id, its top-k (id, log-prob) pairs as (len, k) tensors (log-prob -inf in unused slots)."""
+
+    token_ids: list[int]
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
+def teacher_trace(teacher, messages: list[dict], where: str, tokenizer: Tokenizer) -> TeacherTrace:
+    """A record's "teacher" field, checked: ids in the tokenizer's vocabulary, one list of
+    [id, finite log-prob] pairs per sampled id; an error names `where` (file and record)."""
+    vocab = len(tokenizer)
+
+    def is_id(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab
+
+    if not isinstance(teacher, dict):
+        raise NanoseekError(f"{where}: 'teacher' must be an object with 'token_ids' and 'top_logprobs'")
+    ids, top = teacher.get("token_ids"), teacher.get("top_logprobs")
+    if not isinstance(ids, list) or not ids or not all(map(is_id, ids)):
+        raise NanoseekError(f"{where}: teacher.token_ids must be a non-empty list of token ids below {vocab}")
+    if not isinstance(top, list) or len(top) != len(ids):
+        got = f"{len(top)} top_logprobs" if isinstance(top, list) else "no top_logprobs list"
+        raise NanoseekError(f"{where}: teacher has {len(ids)} token_ids but {got} (one list of pairs per token)")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        raise NanoseekError(f"{where}: 'teacher' is the last assistant turn, but the conversation has none")
+    for i, pairs in enumerate(top):
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, (list, tuple))
+            and len(p) == 2
+            and is_id(p[0])
+            and isinstance(p[1], (int, float))
+            and not isinstance(p[1], bool)
+            and math.isfinite(p[1])
+            for p in pairs
+        ):
+            raise NanoseekError(
+                f"{where}: teacher.top_logprobs[{i}] must be a list of [token id below {vocab}, finite log-prob] pairs"
+            )
+    k = max(1, max(len(pairs) for pairs in top))
+    top_ids = torch.zeros(len(ids), k, dtype=torch.long)
+    top_logprobs = torch.full((len(ids), k), -math.inf)
+    for i, pairs in enumerate(top):
+        if pairs:
+            top_ids[i, : len(pairs)] = torch.tensor([p[0] for p in pairs])
+            top_logprobs[i, : len(pairs)] = torch.tensor([float(p[1]) for p in pairs])
+    return TeacherTrace(list(ids), top_ids, top_logprobs)

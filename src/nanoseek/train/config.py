@@ -152,6 +152,9 @@ class TrainConfig(Section):
     mtp_lambda: float = Field(0.3, ge=0)
     bias_gamma: float = Field(0.001, ge=0)
     balance_alpha: float = Field(0.0001, ge=0)
+    # SFT logit distillation: weight of the KL to the teacher's top-k log-probs on records that carry a
+    # "teacher" trace (what `nanoseek distill` writes); 0 is plain SFT on the traces' tokens
+    distill_kl: float = Field(0.0, ge=0)
     # Loss-spike guard: skip a batch whose loss is non-finite or above spike_factor x running mean;
     # after rollback_after spikes in a row, go back to the last checkpoint.
     spike_factor: float = Field(2.0, gt=1)

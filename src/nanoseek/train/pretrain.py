@@ -16,6 +16,10 @@ One optimizer step:
 A dense student (nanoseek.dense: `model: {preset: student}`, or init_from a Qwen2/Llama
 directory) runs the same loop in one process: it has no MTP module, no MoE layers to balance
 and no FP8 linears, so its loss is L_main alone.
+
+SFT with `distill_kl` > 0 adds distill_kl * L_KL, logit distillation on the teacher's traces
+(top_k_kl_sum), averaged over the positions that have teacher targets as L_main is over its
+tokens.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ from nanoseek.train.schedule import lr_for
 class Objective(nn.Module):
     """The model and its training losses as token sums: main next-token cross-entropy, one per
     MTP depth (depth k at position i predicts token i+k+1: targets y[:, k:]), and the
-    sequence-wise balance loss. The trainer calls this module, so FSDP's root is here."""
+    sequence-wise balance loss. The trainer calls this module, so FSDP's root is here.
+    Given the teacher's (top_ids, top_logprobs) at each target (SFT with distill_kl), a fourth
+    sum follows: top_k_kl_sum of the main logits."""
 
     def __init__(self, model: Transformer, mtp: bool = True, document_mask: bool = False):
         super().__init__()
@@ -55,19 +61,44 @@ class Objective(nn.Module):
         self.mtp = mtp and len(model.mtp) > 0
         self.document_mask = document_mask
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, top_ids=None, top_logprobs=None):
         mask = document_mask(x, self.model.config.bos_token_id) if self.document_mask else None
         hidden = self.model.hidden_states(x, mask=mask)
-        main = cross_entropy_sum(self.model.lm_head(hidden), y)
+        logits = self.model.lm_head(hidden)
+        main = cross_entropy_sum(logits, y)
+        kl = [] if top_ids is None else [top_k_kl_sum(logits, top_ids, top_logprobs)]
+        del logits  # not held while the MTP modules run
         mtp = []
         if self.mtp:
             for k, logits in enumerate(self.model.mtp_logits(hidden, x, mask), start=1):
                 mtp.append(cross_entropy_sum(logits, y[:, k:]))
-        return main, mtp, self.model.balance_loss().to(main.device)
+        return main, mtp, self.model.balance_loss().to(main.device), *kl
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def teacher_positions(top_logprobs: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool: the positions where the teacher gave top-k pairs (a finite log-prob)."""
+    return torch.isfinite(top_logprobs).any(-1)
+
+
+def top_k_kl_sum(logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor) -> torch.Tensor:
+    """Logit distillation: the forward KL(teacher || student) restricted to the teacher's top-k
+    ids, summed over the positions that have them. At such a position, with p the teacher's
+    top-k log-probs renormalised over those k ids (a softmax of them) and log q the student's
+    log-softmax over the whole vocabulary, read at the same ids, the term is
+    sum_j p_j (log p_j - log q_j). This is the forward KL that logit distillation minimises (TRL's
+    GKD at beta 0, DistillKit), taken on the teacher's top-k support as when only its top-k
+    logits are kept: an engine returns no more than that. Since q is normalised over the whole
+    vocabulary, raising it on the teacher's tokens lowers it elsewhere, and the term is >= 0
+    (0 only where the student's q equals p on those ids). Slots with log-prob -inf (fewer than k
+    pairs at a position) have p = 0 and add nothing."""
+    at = teacher_positions(top_logprobs)
+    log_q = F.log_softmax(logits[at].float(), dim=-1).gather(-1, top_ids[at])
+    p = F.softmax(top_logprobs[at].float(), dim=-1)
+    return (torch.xlogy(p, p) - p * log_q).sum()
 
 
 class SpikeGuard:
@@ -213,6 +244,11 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, out: Path, stage: str, ctx: distributed.Context):
         self.cfg, self.out, self.stage, self.ctx = cfg, out, stage, ctx
+        if cfg.distill_kl > 0 and stage != "sft":
+            raise NanoseekError(
+                f"config key 'distill_kl': logit distillation is for SFT on teacher traces, not {stage} "
+                "(set it to 0, or run `nanoseek sft`)"
+            )
         world = ctx.world_size
         if cfg.batch_size % world:
             raise NanoseekError(f"config key 'batch_size': {cfg.batch_size} is not divisible by the {world} ranks")
@@ -270,14 +306,16 @@ class Run:
             shuffle=cfg.data.shuffle,
         )
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the next global batch: rows rank, rank + world_size, ..."""
+    def next_batch(self) -> tuple:
+        """This rank's rows of the next global batch: rows rank, rank + world_size, ...: (x, y),
+        and with distill_kl the teacher's (top_ids, top_logprobs) (train_step's arguments)."""
         try:
-            x, y = next(self.data)
+            batch = next(self.data)
         except StopIteration:
             raise NanoseekError(f"config key 'data.files': the data ran out at step {self.step}") from None
         if self.stage == "sft":  # ChatBatches already picks this rank's conversations
-            return x, y
+            return batch
+        x, y = batch
         return x[self.ctx.rank :: self.ctx.world_size], y[self.ctx.rank :: self.ctx.world_size]
 
     # ---- checkpoints -----------------------------------------------------------------
@@ -333,28 +371,37 @@ class Run:
         self.step, self.tokens, self.elapsed = c.step, c.state["tokens"], c.state["elapsed"]
 
     # ---- one step ----------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """Forward and backward over this rank's rows; returns the global losses and loads."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: tuple | None = None) -> dict:
+        """Forward and backward over this rank's rows; returns the global losses and loads.
+        `teacher`: (top_ids, top_logprobs) at each target, for SFT's distill_kl term."""
         cfg, ctx, dev = self.cfg, self.ctx, self.ctx.device
         x, y = x.to(dev), y.to(dev)
         depth = len(self.model.mtp) if self.objective.mtp else 0
         # Global token counts, so that every token of the global batch weighs the same.
-        counts = torch.tensor(
-            [(y[:, k:] != IGNORE_INDEX).sum().item() for k in range(depth + 1)], dtype=torch.float64, device=dev
-        )
+        counted = [(y[:, k:] != IGNORE_INDEX).sum().item() for k in range(depth + 1)]
+        splits = [x.split(self.micro), y.split(self.micro)]
+        if teacher is not None:  # and the positions with teacher targets, for the KL's mean
+            teacher = [t.to(dev) for t in teacher]
+            counted.append(teacher_positions(teacher[1]).sum().item())
+            splits += [t.split(self.micro) for t in teacher]
+        counts = torch.tensor(counted, dtype=torch.float64, device=dev)
         counts = ctx.all_reduce(counts).clamp(min=1)
-        sums = torch.zeros(depth + 2, dtype=torch.float64, device=dev)  # main, MTP depths, balance
+        sums = torch.zeros(len(counted) + 1, dtype=torch.float64, device=dev)  # main, MTP depths, [KL,] balance
         loads = None
-        for xm, ym in zip(x.split(self.micro), y.split(self.micro)):
+        for xm, ym, *tm in zip(*splits):
             with autocast(cfg, dev):
-                main, mtp, balance = self.objective(xm, ym)
+                main, mtp, balance, *kl = self.objective(xm, ym, *tm)
             # FSDP averages gradients over ranks: scale by world_size to get the global sums' gradient.
             loss = main / counts[0]
             for k, m in enumerate(mtp, start=1):
                 loss = loss + cfg.mtp_lambda / depth * m / counts[k]
+            for d in kl:
+                loss = loss + cfg.distill_kl * d / counts[-1]
             loss = loss + cfg.balance_alpha * balance * xm.shape[0] / self.rows / ctx.world_size
             (loss.float() * ctx.world_size).backward()
-            sums += torch.stack([main.detach(), *[m.detach() for m in mtp], balance.detach() * xm.shape[0]]).double()
+            sums += torch.stack(
+                [main.detach(), *[m.detach() for m in mtp], *[d.detach() for d in kl], balance.detach() * xm.shape[0]]
+            ).double()
             step_counts = (
                 torch.stack([c.float() for c in self.model.expert_counts()])
                 if self.model.moe_layers()
@@ -367,13 +414,16 @@ class Run:
         sums = ctx.all_reduce(sums)
         if loads is not None and loads.numel():
             loads = ctx.all_reduce(loads.to(dev))
-        return {
+        result = {
             "loss": (sums[0] / counts[0]).item(),
             "loss_mtp": [(sums[k] / counts[k]).item() for k in range(1, depth + 1)],
             "balance": (sums[-1] / cfg.batch_size).item(),
             "loads": loads,
             "tokens": int(x.numel()) * ctx.world_size,
         }
+        if teacher is not None:
+            result["kl"] = (sums[-2] / counts[-1]).item()
+        return result
 
     def go(self, resume: str | None) -> dict:
         cfg, ctx, out = self.cfg, self.ctx, self.out
@@ -400,9 +450,9 @@ class Run:
                 lr = lr_for(cfg, self.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                x, y = self.next_batch()
+                batch = self.next_batch()
                 self.optimizer.zero_grad(set_to_none=False)
-                result = self.train_step(x, y)
+                result = self.train_step(*batch)
                 # Clipped on every step, so that a non-finite gradient counts as a non-finite loss.
                 grad_norm = distributed.clip_grad_norm(self.params, cfg.grad_clip, ctx)
                 nonfinite = _nonfinite(result["loss"], grad_norm)
@@ -437,6 +487,8 @@ class Run:
                         "tokens_per_s": result["tokens"] / dt,
                         "elapsed_s": self.elapsed,
                     }
+                    if "kl" in result:
+                        record["kl"] = result["kl"]
                     if result["loads"] is not None and result["loads"].numel():
                         loads = result["loads"]
                         # max / mean tokens per expert; None for a layer that did not run (MTP without its loss)

@@ -1,6 +1,10 @@
 """Supervised fine-tuning on chat conversations: the pretraining loop, with the loss on the
 assistant's tokens only (its reasoning, answer and end-of-sentence), starting from a
-pretrained model (`init_from`, a Hugging Face checkpoint directory)."""
+pretrained model (`init_from`, a Hugging Face checkpoint directory).
+
+With `distill_kl` > 0 it is also logit distillation: conversations whose record carries the
+teacher's trace (token ids and top-k log-probs, see SFTDataset) add a KL term to the teacher's
+distribution at each of those positions (pretrain.top_k_kl_sum)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ from nanoseek.train.config import ConfigKeyError, TrainConfig
 class ChatBatches:
     """Batches of conversations for SFT, in an order fixed by (seed, epoch), that resume at
     any batch: the position is (epoch, index). Each rank takes every world_size-th
-    conversation of the global batch; targets outside the assistant's tokens are ignored."""
+    conversation of the global batch; targets outside the assistant's tokens are ignored.
+    With `distill_kl` > 0 a batch is (inputs, targets, (top_ids, top_logprobs)): the teacher's
+    top-k pairs at each target (SFTDataset.collate)."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, ctx: distributed.Context):
         from nanoseek.data.stream import SFTDataset
@@ -24,6 +30,12 @@ class ChatBatches:
         )
         if len(self.dataset) == 0:
             raise NanoseekError(f"config key 'data.files': no conversations in {', '.join(cfg.data.files)}")
+        self.distill = cfg.distill_kl > 0
+        if self.distill and all(t is None for t in self.dataset.teachers):
+            raise NanoseekError(
+                f"config key 'distill_kl': {cfg.distill_kl:g} distils the teacher's top-k log-probs, but no "
+                f"conversation in {', '.join(cfg.data.files)} has a 'teacher' field (`nanoseek distill` writes them)"
+            )
         self.batch_size, self.seed, self.shuffle = cfg.batch_size, cfg.seed, cfg.data.shuffle
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.epoch, self.index = 0, 0
@@ -54,7 +66,7 @@ class ChatBatches:
             picked.append(self._order[self.index])
             self.index += 1
         mine = picked[self.rank :: self.world_size]
-        return self.dataset.collate([self.dataset[i] for i in mine])
+        return self.dataset.collate([self.dataset[i] for i in mine], teacher=self.distill)
 
 
 class SFTConfig(TrainConfig):
