@@ -127,3 +127,46 @@ def test_grpo_accuracy_is_the_task_reward():
 def test_evaluate_refuses_a_negative_temperature_before_sampling():
     with pytest.raises(NanoseekError, match=r"^SamplingParams.temperature = -1: expected a number >= 0$"):
         evaluate(None, tasks.get("arith"), [], R1_ZERO_TEMPLATE, temperature=-1)
+
+
+def test_evaluate_measures_language_consistency_and_readability(tokenizer, monkeypatch):
+    from nanoseek.data.chat import GENERATION_PROMPT
+    from nanoseek.eval import task_language
+    from nanoseek.tasks import Problem
+
+    task = tasks.get("chain", signed=True, languages=["en", "el"], lookup=0.2)
+    greek = Problem(prompt="α=3,β=-1. α+β", answer="2", difficulty=2, task="chain", meta={"language": "el"})
+    lookup = Problem(prompt="a=3,b=-1,c=4. c", answer="4", difficulty=1, task="chain", meta={"reasoning": False})
+    assert task_language(task, greek) == "el" and task_language(task, lookup) == "en"
+    assert task_language(task, Problem(prompt=greek.prompt, answer="2")) == "el"  # read from the names
+    assert task_language(tasks.get("arith"), Problem(prompt="1+2", answer="3")) == "en"
+    samples = {
+        greek: [
+            " <think>α=3,b=-1. 3-1=2</think> α+β=2. <answer>2</answer>",  # switched: 1/2 Greek; a summary
+            " <think>α=3,β=-1. 3-1=2</think> <answer>2</answer>",  # Greek, terse: no summary
+        ],
+        lookup: [
+            " <think></think> <answer>4</answer>",  # asked without thinking: readable as it is
+            " <think>c=4</think> <answer>4</answer>",  # thinks where none was asked
+        ],
+    }
+    ids = {p.prompt: tokenizer.encode(R1_ZERO_TEMPLATE.format(prompt=p.prompt), bos=True) for p in samples}
+    scripts = {(tuple(ids[p.prompt]), i): text for p, texts in samples.items() for i, text in enumerate(texts)}
+    engine = scripted_engine(tokenizer, monkeypatch, scripts)
+    result = evaluate(engine, task, list(samples), R1_ZERO_TEMPLATE, k=2, max_tokens=64)
+    assert result.pass_at_1 == 1.0 and result.thinking_share == 0.75
+    assert result.language_consistency == pytest.approx((0.5 + 1 + 1) / 3)  # over the 3 samples with reasoning
+    assert result.readability == 0.5 and result.format_rate == 0.75
+    assert result.as_dict()["language_consistency"] == result.language_consistency
+
+    # no sample reasons: no consistency to measure; the chat template's answers need no <answer>
+    chat = "User: {prompt}\n" + GENERATION_PROMPT
+    latin = Problem(prompt="a=3,b=-1. a+b", answer="2", difficulty=2, task="chain", meta={"language": "en"})
+    texts = ["\n</think>\n\n\\boxed{2}", "a=3,b=-1. 3-1=2\n</think>\n\na+b=2. \\boxed{2}"]
+    chat_ids = tuple(tokenizer.encode(chat.format(prompt=latin.prompt), bos=True))
+    engine = scripted_engine(tokenizer, monkeypatch, {(chat_ids, 0): texts[0], (chat_ids, 1): texts[1]})
+    result = evaluate(engine, task, [latin], chat, k=2, max_tokens=64)
+    assert result.format_rate == 1.0 and result.readability == 0.5 and result.language_consistency == 1.0
+    engine = scripted_engine(tokenizer, monkeypatch, {(chat_ids, 0): texts[0]})
+    result = evaluate(engine, task, [latin], chat, k=1, max_tokens=64)
+    assert result.language_consistency is None and result.readability == 0.0 and result.thinking_share == 0.0

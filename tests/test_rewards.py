@@ -30,6 +30,8 @@ from nanoseek.rewards import (
     last_boxed,
     overlong_penalty,
     plain_number,
+    problem_language,
+    readability_reward,
     safe_for_sympy,
 )
 from nanoseek.tasks import Problem
@@ -229,13 +231,83 @@ def test_combined_reward():
         overlong_buffer=10,
     )
     assert scores == pytest.approx(
-        {"accuracy": 1.0, "format": 1.0, "language": 1.0, "overlong": -0.5, "total": 1.0 + 0.5 + 0.1 - 0.5}
+        {
+            "accuracy": 1.0,
+            "format": 1.0,
+            "language": 1.0,
+            "readability": 0.0,  # not weighted: not measured
+            "overlong": -0.5,
+            "total": 1.0 + 0.5 + 0.1 - 0.5,
+        }
     )
     assert combined_reward("<answer>8</answer>", p, {"accuracy": 1.0, "format": 1.0})["total"] == 0.0
     with pytest.raises(NanoseekError, match="unknown acuracy"):
         combined_reward(good, p, {"acuracy": 1.0})
     with pytest.raises(NanoseekError, match="num_tokens"):
         combined_reward(good, p, {"overlong": 1.0})
+
+
+END = "<｜end▁of▁sentence｜>"
+CHAT = "a=3,b=-1. 3-1=2\n</think>\n\na+b=2. \\boxed{2}" + END  # what the chat template's model writes
+
+
+@pytest.mark.parametrize(
+    "text, opened, expected, score",
+    [
+        # the chat format: the prompt opened <think>
+        (CHAT, True, True, 1.0),
+        ("a=3,b=-1. 3-1=2\n</think>\n\n\\boxed{2}" + END, True, True, 0.0),  # no summary
+        ("a=3,b=-1. 3-1=2\n</think>\n\nSo a+b=2." + END, True, True, 0.0),  # no final answer
+        ("a=3,b=-1. 3-1=2 a+b=2. \\boxed{2}" + END, True, True, 0.0),  # never closed
+        ("\n</think>\n\na+b=2. \\boxed{2}" + END, True, True, 0.0),  # no reasoning
+        ("<think>3-1=2</think>\n\na+b=2. \\boxed{2}", True, True, 0.0),  # a second <think>
+        ("3-1=2</think> a+b=2 </think> \\boxed{2}", True, True, 0.0),  # a second </think>
+        ("3-1=2\n</think>\n\na+b=. \\boxed{}", True, True, 0.0),  # an empty answer
+        ("3-1=2\n</think>\n\n\\boxed{1}, so 2. \\boxed{2}", True, True, 1.0),  # the last box is the answer
+        ("\n</think>\n\n\\boxed{4}" + END, True, False, 1.0),  # no thinking asked, none done
+        ("c=4\n</think>\n\n\\boxed{4}" + END, True, False, 0.0),  # thinking where none was asked
+        # R1-Zero's format: the output opens <think>
+        (" <think>a=3,b=-1. 3-1=2</think> <answer>2</answer>", False, True, 0.0),  # terse: no summary
+        (" <think>a=3,b=-1. 3-1=2</think> a+b=2. <answer>2</answer>", False, True, 1.0),
+        (" <think>a=3,b=-1. 3-1=2</think> <answer>a+b=2. \\boxed{2}</answer>", False, True, 1.0),
+        (" <think>a=3,b=-1. 3-1=2</think> <answer> . \\boxed{2}</answer>", False, True, 0.0),
+        (" <think>a=3,b=-1. 3-1=2 <answer>2</answer>", False, True, 0.0),
+        (" <think></think> <answer>4</answer>", False, False, 1.0),
+        (" <think>c=4</think> <answer>4</answer>", False, False, 0.0),
+        (" <answer>4</answer>", False, False, 0.0),  # no <think> at all
+        (" <think></think> <answer>4</answer>", False, True, 0.0),
+        (None, False, True, 0.0),
+    ],
+)
+def test_readability_reward(text, opened, expected, score):
+    assert readability_reward(text, think_opened=opened, reasoning_expected=expected) == score
+
+
+def test_language_of_a_problem_and_of_mixed_names():
+    greek = Problem(prompt="α=3,β=-1,γ=4. α+β+γ", answer="6", task="chain", meta={"language": "el"})
+    assert problem_language(greek) == "el"
+    assert problem_language(Problem(prompt="3+4", answer="7")) == "en" and problem_language("7") == "en"
+    switched = " <think>α=3,b=-1:3-1=2,c=4. 2+4=6</think> <answer>6</answer>"  # switched at value 1
+    assert language_reward(switched, problem_language(greek)) == pytest.approx(1 / 3)
+    assert language_reward(switched, "en") == pytest.approx(2 / 3)
+    assert language_reward(" <think>α=3,β=-1:3-1=2,γ=4. 2+4=6</think>", "el") == 1.0
+    assert language_reward("α=3,β=-1:3-1=2,γ=4. 2+4=6\n</think>\n\nα+β+γ=6. \\boxed{6}", "el", True) == 1.0
+    # combined: the problem's own language wins over the `language` fallback
+    weights = {"accuracy": 1.0, "language": 1.0, "readability": 1.0}
+    scores = combined_reward(switched, greek, weights, language="en")
+    assert scores["language"] == pytest.approx(1 / 3) and scores["readability"] == 0.0
+    assert scores["total"] == pytest.approx(1 + 1 / 3)
+    latin = Problem(prompt="a=3,b=-1,c=4. a+b+c", answer="6")  # no language: the fallback
+    assert combined_reward(switched, latin, weights, language="el")["language"] == pytest.approx(1 / 3)
+    assert combined_reward(switched, latin, weights)["language"] == pytest.approx(2 / 3)
+    lookup = Problem(prompt="a=3,b=-1,c=4. c", answer="4", meta={"language": "en", "reasoning": False})
+    direct = " <think></think> <answer>4</answer>"
+    assert combined_reward(direct, lookup, {"readability": 1.0})["readability"] == 1.0
+    assert combined_reward(direct, latin, {"readability": 1.0})["readability"] == 0.0  # reasoning expected
+    chat = combined_reward(CHAT, "2", {"format": 1.0, "readability": 1.0}, think_opened=True, answer_tags=False)
+    assert chat["format"] == 1.0 and chat["readability"] == 1.0 and chat["total"] == 2.0
+    with pytest.raises(NanoseekError, match="readabilty"):
+        combined_reward(CHAT, "2", {"readabilty": 1.0})
 
 
 def test_rewards_on_the_corpus_shapes():
@@ -554,6 +626,8 @@ def all_rewards(text):
         format_reward(text, True, False),
         language_reward(text),
         language_reward(text, "zh", True),
+        readability_reward(text),
+        readability_reward(text, True, False),
         combined_reward(text, Problem(prompt="", answer="5"), {"accuracy": 1, "format": 1, "language": 1})["total"],
     ]
 

@@ -9,6 +9,15 @@ What RL trains on is what evaluation scores: a sample is right when the task's o
 (`task.reward`, the accuracy term of GRPO's reward) says so, and its thinking length is the
 engine's `reasoning_tokens` (the tokens between <think> and </think>, the rule of
 nanoseek.data.reasoning), which GRPO's metrics read too.
+
+R1's two readability measures (section 2.3) are functions of the text too: language
+consistency, the share of a sample's reasoning written in the problem's language
+(`rewards.language_reward`), averaged over the samples that have reasoning (None when no
+sample does: a model that never thinks has no reasoning to mix languages in); and
+readability, the share of samples in the readable format with a summary
+(`rewards.readability_reward`, which expects no reasoning for a question asked without
+thinking, `meta["reasoning"]` False). The format rate reads the template's answer format:
+<answer> tags when the template asks for them (R1-Zero's), any answer after </think> otherwise.
 """
 
 from __future__ import annotations
@@ -56,6 +65,20 @@ def consensus(engine, prompts: list, k: int, sampling_params=None, key=None) -> 
     return [majority_vote([o.answer for o in r.outputs], key) for r in engine.generate(prompts, params)]
 
 
+def task_language(task, problem) -> str:
+    """The problem's language: its meta's, else what the task reads from its prompt (chain's
+    names), else "en"."""
+    from nanoseek.errors import NanoseekError
+    from nanoseek.rewards import problem_language as meta_language
+
+    if problem.meta.get("language") or not hasattr(task, "language"):
+        return meta_language(problem)
+    try:
+        return task.language(problem)
+    except NanoseekError:
+        return "en"
+
+
 @dataclass
 class EvalResult:
     problems: int
@@ -69,6 +92,9 @@ class EvalResult:
     thinking_accuracy: float | None
     direct_accuracy: float | None
     format_rate: float
+    # share of the reasoning in the problem's language, over samples with reasoning (None: none had any)
+    language_consistency: float | None = None
+    readability: float = 0.0  # samples in the readable format: reasoning, then a summary and the answer
     # {difficulty: {"problems", "pass_at_1", "thinking_len"}}: longer thinking on harder problems?
     by_difficulty: dict = dataclasses.field(default_factory=dict)
 
@@ -91,28 +117,33 @@ def evaluate(
     """Sample k completions per problem from `template` (with a {prompt} field) and score them
     with the task's reward."""
     from nanoseek.infer import SamplingParams
-    from nanoseek.rewards import format_reward
+    from nanoseek.rewards import format_reward, language_reward, readability_reward
 
     params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     think_opened = prompt_opens_reasoning(template)
+    answer_tags = "</answer>" in template
     results = engine.generate([template.format(prompt=p.prompt) for p in problems], params)
     correct = total_len = think_len = thinking = think_right = direct_right = formatted = 0
-    pass_k = cons = 0.0
+    pass_k = cons = consistency = readable = 0.0
     by: dict = {}
     for problem, res in zip(problems, results):
         c = 0
         level = by.setdefault(problem.difficulty, {"problems": 0, "right": 0, "thinking": 0})
         level["problems"] += 1
         level["thinking"] += sum(o.reasoning_tokens for o in res.outputs)
+        language = task_language(task, problem)
+        reasoning_expected = bool(problem.meta.get("reasoning", True))
         for o in res.outputs:
             right = task.reward(o.text, problem) > 0.5
             c += right
             total_len += len(o.token_ids)
             think_len += o.reasoning_tokens
-            formatted += format_reward(o.text, think_opened) > 0.5
+            formatted += format_reward(o.text, think_opened, answer_tags) > 0.5
+            readable += readability_reward(o.text, think_opened, reasoning_expected)
             if o.reasoning:
                 thinking += 1
                 think_right += right
+                consistency += language_reward(o.text, language, think_opened)
             else:
                 direct_right += right
             if samples_out is not None:
@@ -138,6 +169,8 @@ def evaluate(
         thinking_accuracy=think_right / thinking if thinking else None,
         direct_accuracy=direct_right / direct if direct else None,
         format_rate=formatted / n,
+        language_consistency=consistency / thinking if thinking else None,
+        readability=readable / n,
         by_difficulty={
             d: {
                 "problems": v["problems"],

@@ -1,4 +1,4 @@
-"""Rule-based rewards for GRPO (DeepSeek-R1 section 2.2.2): accuracy, format, language, length.
+"""Rule-based rewards for GRPO (DeepSeek-R1 section 2.2.2): accuracy, format, language, readability, length.
 
 No neural reward model. Every reward takes any string and returns a float: adversarial
 outputs (huge powers, division by zero, deep nesting, code, megabytes of text) score 0, and
@@ -832,6 +832,13 @@ _WORD = re.compile(
 )
 
 
+def problem_language(problem) -> str:
+    """The language a problem is asked in: its `meta["language"]` (chain's `languages`), else
+    "en"; a plain ground-truth string is "en"."""
+    meta = getattr(problem, "meta", None)
+    return (meta.get("language") if isinstance(meta, Mapping) else None) or "en"
+
+
 @_never_raises
 def language_reward(completion: str, language: str = "en", think_opened: bool = False) -> float:
     """Share of the reasoning's words written in the target language's script (R1's language
@@ -850,6 +857,49 @@ def language_reward(completion: str, language: str = "en", think_opened: bool = 
     return target / total if total else 1.0
 
 
+# ---- readability (R1 section 2.3.1: "a readable pattern ... a summary at the end") ------------
+_ALNUM = re.compile(r"[^\W_]")
+
+
+@_never_raises
+def readability_reward(completion: str, think_opened: bool = False, reasoning_expected: bool = True) -> float:
+    """1.0 for an output in R1's readable format, else 0.0. The output must have one closed
+    <think>...</think> (the prompt's or its own, as `format_reward` reads it) and an answer that
+    `extract_answer` finds. Then, with `reasoning_expected`:
+
+    - the reasoning is not empty, and
+    - the answer part (the text after </think>) is a summary followed by the final answer,
+      marked by the last \\boxed{...} or, when there is none, by the last <answer>: the text
+      before that marker, <answer> tags and whitespace dropped, has a letter or a digit.
+
+    "a=3,b=-1. 3-1=2\\n</think>\\n\\na+b=2. \\boxed{2}" (chat) and
+    " <think>3-1=2</think> a+b=2. <answer>2</answer>" are readable; R1-Zero's terse
+    " <think>3-1=2</think> <answer>2</answer>" has no summary and is not.
+
+    Without `reasoning_expected` (a question to answer without thinking): the reasoning is
+    empty, " <think></think> <answer>4</answer>", and no summary is needed."""
+    text = strip_end_tokens(completion)
+    split = split_reasoning(text, think_opened)
+    if split.think_tag == think_opened or not split.think_closed:
+        return 0.0
+    if THINK in split.reasoning or END_THINK in split.answer + split.extra:
+        return 0.0
+    if not extract_answer(completion):
+        return 0.0
+    if not reasoning_expected:
+        return float(not split.reasoning)
+    if not split.reasoning:
+        return 0.0
+    part = text[text.rfind(END_THINK) + len(END_THINK) :]
+    marker = part.rfind("\\boxed")
+    if marker < 0:
+        marker = part.rfind(ANSWER)
+    if marker < 0:
+        return 0.0
+    summary = part[:marker].replace(ANSWER, "").replace(END_ANSWER, "")
+    return float(bool(_ALNUM.search(summary)))
+
+
 # ---- length shaping (DAPO section 3.4) ------------------------------------------------------
 def overlong_penalty(num_tokens: int, max_tokens: int, buffer: int) -> float:
     """DAPO's soft overlong punishment, in [-1, 0]: 0 up to max_tokens - buffer, then falling
@@ -863,7 +913,7 @@ def overlong_penalty(num_tokens: int, max_tokens: int, buffer: int) -> float:
 
 
 # ---- all together -----------------------------------------------------------------------------
-REWARD_NAMES = ("accuracy", "format", "language", "overlong")
+REWARD_NAMES = ("accuracy", "format", "language", "readability", "overlong")
 
 
 def combined_reward(
@@ -880,20 +930,29 @@ def combined_reward(
     accuracy: Callable[[str, object], float] = accuracy_reward,
 ) -> dict[str, float]:
     """Each reward and their weighted sum under "total". Weights come from the config, by
-    name (accuracy, format, language, overlong); the overlong term is a penalty in [-1, 0].
-    `accuracy(completion, problem)`: the task's reward (`task.reward`, what the evaluation
-    scores with); by default `accuracy_reward`."""
+    name (accuracy, format, language, readability, overlong); the overlong term is a penalty in
+    [-1, 0]. `accuracy(completion, problem)`: the task's reward (`task.reward`, what the
+    evaluation scores with); by default `accuracy_reward`. The language term is measured
+    against the problem's own language when it has one (`meta["language"]`), else against
+    `language`; readability expects reasoning unless the problem's `meta["reasoning"]` is
+    False (a question to answer without thinking). Unweighted language and readability are 0."""
     unknown = set(weights) - set(REWARD_NAMES)
     if unknown:
         raise NanoseekError(
             f"reward weights: unknown {', '.join(sorted(unknown))} (expected {', '.join(REWARD_NAMES)})"
         )
+    meta = getattr(problem, "meta", None)
+    meta = meta if isinstance(meta, Mapping) else {}
+    target = problem_language(problem) if meta.get("language") else language
     scores = {
         "accuracy": accuracy(completion, problem),
         "format": format_reward(completion, think_opened, answer_tags),
-        "language": language_reward(completion, language, think_opened) if weights.get("language") else 0.0,
+        "language": language_reward(completion, target, think_opened) if weights.get("language") else 0.0,
+        "readability": 0.0,
         "overlong": 0.0,
     }
+    if weights.get("readability"):
+        scores["readability"] = readability_reward(completion, think_opened, bool(meta.get("reasoning", True)))
     if weights.get("overlong"):
         if num_tokens is None or max_tokens is None:
             raise NanoseekError("reward weights: 'overlong' needs num_tokens and max_tokens")

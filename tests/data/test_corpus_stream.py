@@ -500,3 +500,62 @@ def test_a_followup_document_is_what_a_chat_sends_for_a_second_question():
     prompt = format_chat(history, prompt_format="r1-zero").removeprefix(BOS)
     assert docs[0] == prompt + completion(task.worked(second), second.answer)
     assert docs[0].count("User: ") == 2 and task.worked(second) in docs[0]
+
+
+def test_a_default_corpus_is_pinned_and_switch_zero_draws_nothing():
+    """The demo's corpus is the one it was before `switch` existed (a digest taken before)."""
+    import hashlib
+
+    chain = tasks.get("chain", min_values=2, max_values=7, min_value=1, max_value=5, signed=True)
+    docs = list(corpus(chain, 200, seed=0, mix={"worked": 0.4, "direct": 0.4, "plain": 0.2}, preamble=0.25))
+    assert hashlib.sha256(repr(docs).encode()).hexdigest()[:16] == "8986ae1330035136"
+    two = tasks.get("chain", signed=True, languages=["en", "el"])
+    mix = {"worked": 0.5, "followup": 0.3, "recall": 0.2}
+    docs = list(corpus(two, 100, seed=1, mix=mix, preamble=0.5, switch=0.0))
+    assert hashlib.sha256(repr(docs).encode()).hexdigest()[:16] == "a03d6f31b0f39722"
+
+
+def test_corpus_switch_mixes_languages_mid_solution():
+    from nanoseek.tasks.chain import LANGUAGE_NAMES
+
+    def last_think(text):
+        return text.rsplit("<think>", 1)[1].split("</think>")[0]
+
+    task = tasks.get("chain", signed=True, languages=["en", "el"])
+    mix = {"worked": 0.6, "followup": 0.2, "direct": 0.2}
+    plain = list(corpus(task, 300, seed=2, mix=mix, preamble=0.0))
+    mixed = list(corpus(task, 300, seed=2, mix=mix, preamble=0.0, switch=0.5))
+    assert [k for k, _ in plain] == [k for k, _ in mixed]  # the same kinds and problems
+    latin, greek = set(LANGUAGE_NAMES["en"]), set(LANGUAGE_NAMES["el"])
+    switched = worked = 0
+    for (kind, before), (_, after) in zip(plain, mixed):
+        if kind == "direct":
+            assert after == before
+            continue
+        worked += 1
+        think, unswitched = last_think(after), last_think(before)
+        assert not (set(unswitched) & latin and set(unswitched) & greek)  # one language without switch
+        assert after.replace(think, unswitched) == before  # only the reasoning changed
+        if think == unswitched:
+            continue
+        switched += 1
+        letters = [c for c in think if c in latin | greek]
+        mine = latin if letters[0] in latin else greek  # starts in the problem's language
+        k = next(i for i, c in enumerate(letters) if c not in mine)
+        assert k >= 1 and all(c not in mine for c in letters[k:])  # and switches for good
+        assert re.sub(r"[^\d=:,. +-]", "", think) == re.sub(r"[^\d=:,. +-]", "", unswitched)  # same values, steps
+    assert 0.35 * worked <= switched <= 0.65 * worked, (switched, worked)
+
+
+@pytest.mark.parametrize(
+    "task, switch, message",
+    [
+        (("chain", {"languages": ["en", "el"]}), 1.5, r"switch share 1.5 must be in \[0, 1\]"),
+        (("chain", {"languages": ["en", "el"]}), -0.5, r"switch share -0.5"),
+        (("chain", {}), 0.5, r"switch share 0.5 needs a task of two languages .* task 'chain' has \['en'\]"),
+        (("arith", {}), 0.2, r"switch share 0.2 needs a task of two languages .* task 'arith' has \[\]"),
+    ],
+)
+def test_corpus_bad_switch(task, switch, message):
+    with pytest.raises(NanoseekError, match=message):
+        list(corpus(tasks.get(task[0], **task[1]), 10, switch=switch))

@@ -297,3 +297,118 @@ def test_a_task_file_that_is_not_utf8_names_the_file_and_line(tmp_path, glob):
     with pytest.raises(NanoseekError) as e:
         tasks.get("gsm8k", path=path)
     assert str(e.value) == f"{tmp_path / 'b.jsonl'}:3: not UTF-8 text (byte 0xff at column 24)"
+
+
+def test_chain_default_problems_are_pinned():
+    """The default chain (one language, no lookups) draws exactly what it drew before languages
+    and lookups existed: the demo's corpus and held-out problems depend on that stream."""
+    import hashlib
+
+    task = tasks.get("chain")
+    assert [p.prompt for p in task.sample(3, "train", seed=0)] == [
+        "a=4,b=2,c=1,d=2,e=2. a+b+c-d+e",
+        "a=3,b=3,c=2,d=1. a-b+c+d",
+        "a=4,b=1,c=2,d=5,e=1,f=1. a+b-c+d-e+f",
+    ]
+    signed = tasks.get("chain", signed=True)
+    assert [(p.prompt, p.answer) for p in signed.sample(3, "test", seed=1)] == [
+        ("a=2,b=5,c=-5,d=1. a+b+c+d", "3"),
+        ("a=-4,b=3,c=-4,d=-2. a+b+c+d", "-7"),
+        ("a=-1,b=4. a+b", "3"),
+    ]
+    assert signed.sample(1, "train", seed=2)[0].solution == "a=1,b=-1:1-1=0,c=2:0+2=2,d=-4. 2-4=-2"
+    for t, digest in ((task, "3807ac097934f0c7"), (signed, "0a50661745b0a73c")):
+        ps = t.sample(400, "train", seed=0) + t.sample(100, "test", seed=3, distinct=False)
+        text = "\n".join(p.prompt + "|" + p.answer + "|" + p.solution for p in ps)
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest
+
+
+def test_chain_languages_twins_share_a_split_and_switch_mid_solution():
+    from collections import Counter
+
+    from nanoseek.tasks.chain import LANGUAGE_NAMES
+
+    assert len(LANGUAGE_NAMES["el"]) == 24 and "ς" not in LANGUAGE_NAMES["el"]
+    task = tasks.get("chain", signed=True, languages=["en", "el"])
+    problems = task.sample(400, "train", seed=0, distinct=False)
+    languages = Counter(p.meta["language"] for p in problems)
+    assert set(languages) == {"en", "el"} and 150 <= languages["el"] <= 250, languages
+    for p in problems[:40]:
+        names = LANGUAGE_NAMES[p.meta["language"]][: p.difficulty]
+        assert p.prompt.endswith(". " + "+".join(names)) and p.meta["reasoning"] is True
+        assert task.language(p) == p.meta["language"] == task.language(Problem(prompt=p.prompt, answer=p.answer))
+        assert int(p.answer) == sum(int(item.split("=")[1]) for item in p.prompt.split(". ")[0].split(","))
+    # a Greek problem and its Latin twin: the same split, the same key
+    greek = Problem(prompt="α=3,β=-1,γ=4. α+β+γ", answer="6")
+    latin = Problem(prompt="a=3,b=-1,c=4. a+b+c", answer="6")
+    assert task.key(greek) == task.key(latin) == latin.prompt
+    test = {task.key(p) for p in task.sample(200, "test", seed=0)}
+    assert test and not test & {task.key(p) for p in problems}
+    # the worked solution, and one that switches language at value j
+    assert task.worked(greek) == "α=3,β=-1:3-1=2,γ=4. 2+4=6"
+    assert task.worked(greek, switch_at=1) == "α=3,b=-1:3-1=2,c=4. 2+4=6"
+    assert task.worked(greek, switch_at=2) == "α=3,β=-1:3-1=2,c=4. 2+4=6"
+    assert task.worked(latin, switch_at=1) == "a=3,β=-1:3-1=2,γ=4. 2+4=6"
+    assert task.steps(greek) == task.steps(latin)
+    with pytest.raises(NanoseekError, match=r"switch_at 3 must be in \[1, 2\]"):
+        task.worked(greek, switch_at=3)
+    with pytest.raises(NanoseekError, match="switch_at 0"):
+        task.worked(greek, switch_at=0)
+    with pytest.raises(NanoseekError, match="switch_at needs two languages"):
+        tasks.get("chain").worked(latin, switch_at=1)
+    assert task.language(Problem(prompt="a=1,b=2. a+b", answer="3")) == "en"
+    with pytest.raises(NanoseekError, match="no one language"):
+        task.language(Problem(prompt="a=1,β=2. a+β", answer="3"))
+    only_greek = tasks.get("chain", languages=("el",))
+    assert all(p.prompt.startswith("α=") and p.meta["language"] == "el" for p in only_greek.sample(20, "train"))
+
+
+def test_chain_lookups_ask_for_one_value_without_reasoning():
+    task = tasks.get("chain", signed=True, lookup=0.3)
+    problems = task.sample(300, "train", seed=0, distinct=False)
+    lookups = [p for p in problems if not p.meta["reasoning"]]
+    assert 60 <= len(lookups) <= 120, len(lookups)
+    for p in lookups[:30]:
+        bindings, name = p.prompt.split(". ")
+        values = dict(item.split("=") for item in bindings.split(","))
+        assert name in values and p.answer == values[name] and p.difficulty == 1
+        assert p.solution == f"{name}={p.answer}" == task.worked(p)  # the recall alone
+        assert task.steps(p) == [] and task.reward(answer(p.answer), p) == 1.0
+    assert all(p.meta["reasoning"] and p.difficulty >= 2 for p in problems if p not in lookups)
+    p = Problem(prompt="a=3,b=-1,c=4. c", answer="4")
+    assert task.worked(p) == "c=4" and task.steps(p) == []
+    with pytest.raises(NanoseekError, match="switch_at"):
+        tasks.get("chain", languages=["en", "el"]).worked(p, switch_at=1)  # one value: nothing to switch
+    assert all(p.meta["reasoning"] for p in tasks.get("chain", lookup=0.0).sample(50, "train"))
+    assert not any(p.meta["reasoning"] for p in tasks.get("chain", lookup=1).sample(20, "train"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"languages": ["en", "fr"]}, "unknown language 'fr' in languages"),
+        ({"languages": ["en", "en"]}, "languages \\['en', 'en'\\] name a language twice"),
+        ({"languages": []}, "languages must be a non-empty list"),
+        ({"languages": "en"}, "languages must be a non-empty list"),
+        ({"lookup": 1.5}, "lookup share 1.5 must be in \\[0, 1\\]"),
+        ({"lookup": -0.1}, "lookup share -0.1"),
+        ({"languages": ["el"], "max_values": 25}, "max_values <= 24"),
+        ({"languages": ["en", "el"], "max_values": 26}, "max_values <= 24"),
+    ],
+)
+def test_chain_bad_language_and_lookup_options(options, message):
+    with pytest.raises(NanoseekError, match=message) as e:
+        tasks.get("chain", **options)
+    assert "\n" not in str(e.value)
+    tasks.get("chain", max_values=26)  # Latin alone has 26 names
+
+
+def test_chain_recall_states_every_binding_of_a_lookup():
+    import random
+
+    task = tasks.get("chain", lookup=1.0)
+    drill = task.recall(Problem(prompt="a=3,b=-1,c=4. c", answer="4"), random.Random(0))
+    stated, again = drill.split(". ")
+    assert stated == "a=3,b=-1,c=4" and sorted(again.split(",")) == ["a=3", "b=-1", "c=4"]
+    greek = task.recall(Problem(prompt="α=3,β=-1. α+β", answer="2"), random.Random(0))
+    assert greek.split(". ")[0] == "α=3,β=-1" and sorted(greek.split(". ")[1].split(",")) == ["α=3", "β=-1"]

@@ -145,3 +145,54 @@ def test_no_kept_group_logs_no_mismatch(tokenizer):
     prompt_ids, completions = trainer.rollout(rows)
     stats = trainer.update(prompt_ids, completions, torch.zeros(len(rows), 4), keep=[])
     assert stats["logprob_diff_mean"] is None and stats["logprob_diff_max"] is None
+
+
+CHAT_ANSWER = "a=3,b=-1. 3-1=2\n</think>\n\na+b=2. \\boxed{2}<｜end▁of▁sentence｜>"
+ZERO_ANSWER = " <think>a=3,b=-1. 3-1=2</think> <answer>2</answer>"
+
+
+def test_task_rewards_read_the_templates_answer_format_and_log_language_and_readability(tokenizer):
+    from nanoseek.tasks import Problem
+    from nanoseek.train.grpo import task_rewards
+
+    task = get("chain", signed=True, languages=["en", "el"])
+    problem = Problem(prompt="a=3,b=-1. a+b", answer="2", task="chain", meta={"language": "en"})
+    weights = {"accuracy": 1.0, "format": 0.5}
+    chat_reward, chat_metrics = task_rewards(task, weights, tokenizer, 64, think_opened=True, answer_tags=False)
+    assert chat_reward([""], [CHAT_ANSWER], [problem]) == [1.5]  # the chat answer is well formed
+    assert chat_metrics([""], [CHAT_ANSWER], [problem]) == {"accuracy": [1.0], "format": [1.0]}
+    tagged_reward, _ = task_rewards(task, weights, tokenizer, 64, think_opened=True)  # the old default
+    assert tagged_reward([""], [CHAT_ANSWER], [problem]) == [1.0]
+    zero_reward, _ = task_rewards(task, weights, tokenizer, 64)
+    assert zero_reward([""], [ZERO_ANSWER], [problem]) == [1.5]
+    greek = Problem(prompt="α=3,β=-1. α+β", answer="2", task="chain", meta={"language": "el"})
+    weights = {"accuracy": 1.0, "language": 0.5, "readability": 0.25}
+    reward, metrics = task_rewards(task, weights, tokenizer, 64)
+    switched = " <think>α=3,b=-1. 3-1=2</think> α+β=2. <answer>2</answer>"
+    assert metrics([""] * 2, [ZERO_ANSWER, switched], [problem, greek]) == {
+        "accuracy": [1.0, 1.0],
+        "format": [1.0, 0.0],
+        "language": [1.0, 0.5],  # "α" of the Greek problem's two names
+        "readability": [0.0, 1.0],  # R1-Zero's terse answer has no summary
+    }
+    assert reward([""] * 2, [ZERO_ANSWER, switched], [problem, greek]) == [1.5, 1.0 + 0.25 + 0.25]
+
+
+@pytest.mark.parametrize("template, tags", [("chat", False), ("r1-zero", True)])
+def test_run_passes_the_templates_answer_format(tmp_path, monkeypatch, template, tags):
+    from nanoseek.data.chat import GENERATION_PROMPT, R1_ZERO_TEMPLATE
+    from nanoseek.train import grpo
+
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(grpo, "_load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(grpo, "task_rewards", stop)
+    text = "User: {prompt}\n" + GENERATION_PROMPT if template == "chat" else R1_ZERO_TEMPLATE
+    cfg = grpo.GRPORunConfig(init_from=str(tmp_path), template=text, device="cpu")
+    with pytest.raises(RuntimeError, match="stop"):
+        grpo.run(cfg, tmp_path / "out")
+    assert seen["answer_tags"] is tags and seen["think_opened"] is (template == "chat")

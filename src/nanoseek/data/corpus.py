@@ -22,6 +22,14 @@ keeps its share (`Task.sample(distinct=False)`: chain has only 92 train problems
 `preamble` < 1 drops the R1-Zero preamble (the sentence before "User:") from that share of the
 problem documents, so that more of the token budget goes to problems; a few thousand copies
 teach the model the preamble all the same.
+
+`switch` > 0 (a task of two languages: chain's `languages`) makes that share of the worked
+solutions (of "worked" documents, and of the second problem of "followup" ones) switch language
+mid-solution, at a uniform value j in [1, n-1] of a problem of n >= 2 values
+(`Chain.worked(problem, switch_at=j)`): "α=3,b=-1:3-1=2,c=4. 2+4=6", as web text mixes
+languages. A model pretrained on it mixes languages in its own reasoning, the readability
+problem of R1-Zero that R1's language-consistency reward measures. With `switch` 0 nothing
+more is drawn, so a corpus is exactly the one it was before the option existed.
 """
 
 from __future__ import annotations
@@ -71,7 +79,10 @@ def document(
     extra: Sequence[Problem] = (),
     preamble: bool = True,
     rng: random.Random | None = None,
+    switch_at: int | None = None,
 ) -> str:
+    """One document of a kind; `switch_at`: the worked solution switches language at that value
+    (`Chain.worked`), for "worked" and "followup" documents."""
     if kind == "plain":
         return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
     if kind == "recall":
@@ -79,15 +90,28 @@ def document(
     if kind == "followup":  # extra[0] asked and answered first, as the history of a chat
         first = r1_zero_prompt(extra[0].prompt, preamble) + completion("", extra[0].answer)
         second = f"\n{R1_ZERO_USER}{problem.prompt}\n{R1_ZERO_ASSISTANT}"
-        return first + second + completion(task.worked(problem), problem.answer)
+        return first + second + completion(_worked(task, problem, switch_at), problem.answer)
     prompt = r1_zero_prompt(problem.prompt, preamble)
     if kind == "worked":
-        return prompt + completion(task.worked(problem), problem.answer)
+        return prompt + completion(_worked(task, problem, switch_at), problem.answer)
     if kind == "terse":
         return prompt + completion(", ".join(terse(task.steps(problem))), problem.answer)
     if kind == "direct":
         return prompt + completion("", problem.answer)
     raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(KINDS)})")
+
+
+def _worked(task: Task, problem: Problem, switch_at: int | None) -> str:
+    return task.worked(problem) if switch_at is None else task.worked(problem, switch_at=switch_at)
+
+
+def _switch_at(task: Task, problem: Problem, switch: float, rng: random.Random) -> int | None:
+    """Where a worked solution switches language: in that share of problems of 2+ values, a
+    uniform value j in [1, n-1]; None for the others."""
+    n = len(task.steps(problem)) + 1
+    if n < 2 or rng.random() >= switch:
+        return None
+    return rng.randint(1, n - 1)
 
 
 def check_mix(mix: dict[str, float]) -> None:
@@ -113,14 +137,27 @@ def _counts(n: int, mix: dict[str, float]) -> dict[str, int]:
 
 
 def corpus(
-    task: Task, n_docs: int, seed: int = 0, mix: dict[str, float] | None = None, preamble: float = 1.0
+    task: Task,
+    n_docs: int,
+    seed: int = 0,
+    mix: dict[str, float] | None = None,
+    preamble: float = 1.0,
+    switch: float = 0.0,
 ) -> Iterator[tuple[str, str]]:
     """(kind, text) for n_docs documents in a seeded order. `preamble` is the share of chat
     documents that carry the R1-Zero preamble; the others start at "User:" (the preamble is a
     fifth of a document's tokens, learnt after a few hundred copies). `mix` maps kinds to
-    shares in [0, 1] that add up to 1."""
+    shares in [0, 1] that add up to 1. `switch`: the share of worked solutions (of problems of
+    2+ values) that switch language mid-solution, for a task of two or more languages."""
     if not 0 <= preamble <= 1:
         raise NanoseekError(f"corpus: preamble share {preamble} must be in [0, 1]")
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 <= switch <= 1:
+        raise NanoseekError(f"corpus: switch share {switch!r} must be in [0, 1]")
+    if switch > 0 and len(getattr(task, "languages", ())) < 2:
+        raise NanoseekError(
+            f"corpus: switch share {switch} needs a task of two languages (chain's languages option), "
+            f"task {task.name!r} has {list(getattr(task, 'languages', ()))}"
+        )
     mix = dict(mix or DEFAULT_MIX)
     unknown = sorted(set(mix) - set(KINDS))
     if unknown:
@@ -134,7 +171,11 @@ def corpus(
     for kind in kinds:
         problem = next(problems)
         extra = [next(problems) for _ in range({"plain": PLAIN_PROBLEMS - 1, "followup": 1}.get(kind, 0))]
-        yield kind, document(kind, problem, task, extra, preamble=rng.random() < preamble, rng=rng)
+        with_preamble = rng.random() < preamble
+        switch_at = None  # drawn only when asked for: a default corpus is the one it always was
+        if switch > 0 and kind in ("worked", "followup"):
+            switch_at = _switch_at(task, problem, switch, rng)
+        yield kind, document(kind, problem, task, extra, preamble=with_preamble, rng=rng, switch_at=switch_at)
 
 
 def write_corpus(path: str | Path, docs: Iterator[tuple[str, str]]) -> Counter:

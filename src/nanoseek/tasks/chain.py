@@ -22,6 +22,22 @@ holds no information and a worked step needs nothing but the recall, which is wh
 run uses. Difficulty is the number of values: 2 to 7 by default, from "a=3,b=-1. a+b", what a
 user types first, to chains whose worked solution (103 tokens with the demo's tokenizer) still
 fits the demo's 128-token budget.
+
+Two options make the world of R1 (`nanoseek r1`) out of it, and leave the default stream of
+problems exactly as it was (nothing more is drawn from the generator while they are off):
+
+- `languages`: each problem draws its language from the list, and its names are that
+  language's first letters (`LANGUAGE_NAMES`: "en" Latin a-z, "el" Greek α-ω), so
+  "α=3,β=-1. α+β" is the Greek twin of "a=3,b=-1. a+b". The split key maps names back to the
+  Latin ones, so twins always fall in the same split. `worked(problem, switch_at=j)` writes
+  the recalls from the j-th value on with the other language's names, as web text switches
+  language mid-solution: the corpus then teaches a model to mix languages in its reasoning,
+  which R1's language-consistency reward (`rewards.language_reward`) measures.
+- `lookup`: that share of problems asks for one value, "a=3,b=-1,c=4. c" (answer 4), a
+  question to answer without thinking (difficulty 1, `meta["reasoning"]` False); its worked
+  solution is the recall alone, "c=4".
+
+Every problem's `meta` holds its "language" and whether it asks for "reasoning".
 """
 
 from __future__ import annotations
@@ -34,11 +50,19 @@ from nanoseek.errors import NanoseekError
 from nanoseek.tasks import GeneratedTask, Problem, Step
 
 NAMES = string.ascii_lowercase
+# The names of each language: single characters, so that a name is one token. Greek lowercase
+# without the final sigma (24 letters).
+LANGUAGE_NAMES = {"en": string.ascii_lowercase, "el": "αβγδεζηθικλμνξοπρστυφχψω"}
+# Every language's names mapped to the Latin ones at the same place: the split key.
+_TO_LATIN = str.maketrans(
+    {c: NAMES[i] for code, letters in LANGUAGE_NAMES.items() if code != "en" for i, c in enumerate(letters)}
+)
 LAST = ". "  # what ends the last binding of a prompt ("a=3,b=-1. a+b") and the last recall of a worked solution
 
 
 def parse(prompt: str) -> tuple[dict[str, int], list[str], str]:
-    """(values by name, names in order, the operator before each name but the first)."""
+    """(values by name, names in order, the operator before each name but the first). A lookup
+    ("a=3,b=-1,c=4. c") reads as one name and no operators."""
     try:
         bindings, expression = prompt.rsplit(LAST, 1)
         values = {}
@@ -59,7 +83,8 @@ def binding(name: str, value: int) -> str:
 
 
 def solve(values: dict[str, int], names: list[str], ops: str) -> tuple[int, list[Step]]:
-    """The value and its steps; subtracting -2 or adding -2 is written as the step "6+2" or "6-2"."""
+    """The value and its steps; subtracting -2 or adding -2 is written as the step "6+2" or "6-2".
+    One name (a lookup) is its value and no steps."""
     steps, total = [], values[names[0]]
     for op, name in zip(ops, names[1:]):
         term = values[name] if op == "+" else -values[name]
@@ -79,10 +104,27 @@ class Chain(GeneratedTask):
         max_value: int = 5,
         signed: bool = False,
         test_share: float = 0.1,
+        languages: tuple | list = ("en",),
+        lookup: float = 0.0,
     ):
-        if not 2 <= min_values <= max_values <= len(NAMES):
+        if isinstance(languages, str) or not isinstance(languages, (tuple, list)) or not languages:
             raise NanoseekError(
-                f"chain: need 2 <= min_values <= max_values <= {len(NAMES)}, got {min_values} and {max_values}"
+                f"chain: languages must be a non-empty list of codes like ['en', 'el'], got {languages!r}"
+            )
+        unknown = [code for code in languages if code not in LANGUAGE_NAMES]
+        if unknown:
+            raise NanoseekError(
+                f"chain: unknown language {unknown[0]!r} in languages (expected {', '.join(LANGUAGE_NAMES)})"
+            )
+        if len(set(languages)) != len(languages):
+            raise NanoseekError(f"chain: languages {list(languages)} name a language twice")
+        if isinstance(lookup, bool) or not isinstance(lookup, (int, float)) or not 0 <= lookup <= 1:
+            raise NanoseekError(f"chain: lookup share {lookup!r} must be in [0, 1]")
+        most = min(len(LANGUAGE_NAMES[code]) for code in languages)
+        if not 2 <= min_values <= max_values <= most:
+            raise NanoseekError(
+                f"chain: need 2 <= min_values <= max_values <= {most} (names of {', '.join(languages)}), "
+                f"got {min_values} and {max_values}"
             )
         if not 0 <= min_value <= max_value:
             raise NanoseekError(
@@ -94,39 +136,92 @@ class Chain(GeneratedTask):
         self.min_values, self.max_values = min_values, max_values
         self.min_value, self.max_value, self.test_share = min_value, max_value, test_share
         self.signed = signed  # signed values added up, or positive values under + and - operators
+        self.languages, self.lookup = tuple(languages), float(lookup)
 
     def generate(self, rng: random.Random) -> Problem:
+        # one language or no lookups draw nothing: the default stream is the one before they existed
+        language = rng.choice(self.languages) if len(self.languages) > 1 else self.languages[0]
         n = rng.randint(self.min_values, self.max_values)
-        names = list(NAMES[:n])
+        names = list(LANGUAGE_NAMES[language][:n])
         sign = (lambda: rng.choice((1, -1))) if self.signed else (lambda: 1)
         values = {name: sign() * rng.randint(self.min_value, self.max_value) for name in names}
+        bindings = ",".join(binding(name, values[name]) for name in names) + LAST
+        if self.lookup > 0 and rng.random() < self.lookup:
+            name = rng.choice(names)
+            meta = {"language": language, "reasoning": False}
+            problem = Problem(bindings + name, str(values[name]), difficulty=1, task=self.name, meta=meta)
+            return dataclasses.replace(problem, solution=self.worked(problem))
         ops = "+" * (n - 1) if self.signed else "".join(rng.choice("+-") for _ in range(n - 1))
         expression = names[0] + "".join(op + name for op, name in zip(ops, names[1:]))
-        prompt = ",".join(binding(name, values[name]) for name in names) + LAST + expression
         value, _ = solve(values, names, ops)
-        problem = Problem(prompt=prompt, answer=str(value), difficulty=n, task=self.name)
+        meta = {"language": language, "reasoning": True}
+        problem = Problem(bindings + expression, str(value), difficulty=n, task=self.name, meta=meta)
         return dataclasses.replace(problem, solution=self.worked(problem))
+
+    def key(self, problem: Problem) -> str:
+        """The prompt with its names in Latin letters: a problem and its twins in other languages
+        share a split, and count as one problem for distinct samples."""
+        return problem.prompt.translate(_TO_LATIN)
+
+    def language(self, problem: Problem) -> str:
+        """The problem's language code: its meta's "language", else read from its names (a
+        Problem rebuilt from a prompt string)."""
+        if problem.meta.get("language"):
+            return problem.meta["language"]
+        _, names, _ = parse(problem.prompt)
+        for code, letters in LANGUAGE_NAMES.items():
+            if all(name in letters for name in names):
+                return code
+        raise NanoseekError(
+            f"chain: the names of {problem.prompt!r} are of no one language ({', '.join(LANGUAGE_NAMES)})"
+        )
 
     def steps(self, problem: Problem) -> list[Step]:
         return solve(*parse(problem.prompt))[1]
 
     def recall(self, problem: Problem, rng: random.Random) -> str:
-        """The bindings, then each of them again in a random order: "a=3,b=-1,c=4. c=4,a=3,b=-1"."""
-        values, names, _ = parse(problem.prompt)
-        items = [binding(name, values[name]) for name in names]
+        """The bindings, then each of them again in a random order: "a=3,b=-1,c=4. c=4,a=3,b=-1"
+        (all of them for a lookup too, whose expression names one)."""
+        values, _, _ = parse(problem.prompt)
+        items = [binding(name, value) for name, value in values.items()]
         stated = ",".join(items)
         rng.shuffle(items)
         return f"{stated}. {','.join(items)}"
 
-    def worked(self, problem: Problem) -> str:
+    def worked(self, problem: Problem, switch_at: int | None = None) -> str:
         """Each step recalls a value exactly as the prompt binds it, then computes:
         "a=3,b=-1:3-1=2,c=4. 2+4=6" (signed values) or "a=3,b=1:3+1=4,c=4. 4-4=0" (positive
         values under + and -). The recall "c=4" repeats the prompt's tokens, so finding it is
         one copy of what follows "c=" there; the last recall ends as the prompt's last binding
-        does, with ". " instead of ":", so that where the chain stops is part of that copy."""
+        does, with ". " instead of ":", so that where the chain stops is part of that copy.
+
+        A lookup ("a=3,b=-1,c=4. c") has no steps: its worked solution is the recall "c=4".
+
+        `switch_at=j` (1 <= j < number of values): the recalls of the values from the j-th on
+        (counted from 0) carry the names of the next language of the task's `languages`
+        (cyclically), as web text switches language mid-solution: "α=3,β=-1,γ=4. α+β+γ" with
+        switch_at=1 is "α=3,b=-1:3-1=2,c=4. 2+4=6". Values and steps are unchanged."""
         values, names, ops = parse(problem.prompt)
         _, steps = solve(values, names, ops)
-        out = [binding(names[0], values[names[0]])]
-        out += [f"{binding(name, values[name])}:{step}" for step, name in zip(steps[:-1], names[1:-1])]
-        last = f"{binding(names[-1], values[names[-1]])}{LAST}{steps[-1]}"
+        shown = list(names)
+        if switch_at is not None:
+            shown = self._switched(problem, names, switch_at)
+        if not steps:
+            return binding(shown[0], values[names[0]])
+        out = [binding(shown[0], values[names[0]])]
+        out += [f"{binding(s, values[n])}:{step}" for step, n, s in zip(steps[:-1], names[1:-1], shown[1:-1])]
+        last = f"{binding(shown[-1], values[names[-1]])}{LAST}{steps[-1]}"
         return ",".join([*out, last])
+
+    def _switched(self, problem: Problem, names: list[str], switch_at: int) -> list[str]:
+        """The names as a solution that switches language at value `switch_at` writes them."""
+        if len(self.languages) < 2:
+            raise NanoseekError(f"chain: switch_at needs two languages, the task has {list(self.languages)}")
+        if isinstance(switch_at, bool) or not isinstance(switch_at, int) or not 1 <= switch_at < len(names):
+            raise NanoseekError(
+                f"chain: switch_at {switch_at!r} must be in [1, {len(names) - 1}] for {problem.prompt!r}"
+            )
+        language = self.language(problem)
+        at = self.languages.index(language) if language in self.languages else -1
+        mine, other = LANGUAGE_NAMES[language], LANGUAGE_NAMES[self.languages[(at + 1) % len(self.languages)]]
+        return [name if i < switch_at else other[mine.index(name)] for i, name in enumerate(names)]

@@ -514,10 +514,21 @@ def task_prompts(task, problems, template: str) -> list[dict]:
     return [{"prompt": template.format(prompt=p.prompt), "problem": p} for p in problems]
 
 
-def task_rewards(task, weights: dict, tokenizer, max_tokens: int, overlong_buffer: int = 0, think_opened: bool = False):
+def task_rewards(
+    task,
+    weights: dict,
+    tokenizer,
+    max_tokens: int,
+    overlong_buffer: int = 0,
+    think_opened: bool = False,
+    answer_tags: bool = True,
+):
     """(reward_fn, metrics_fn) from the config's reward weights, over the `problem` column. The
     accuracy term is the task's own reward, the one the evaluation scores with; `think_opened`:
-    the template ends inside <think> (the format reward then expects no <think> of the output's)."""
+    the template ends inside <think> (the format reward then expects no <think> of the output's);
+    `answer_tags`: the template asks for <answer> tags (R1-Zero's), else any answer after
+    </think> is well formed (the chat format). The metrics are accuracy and format, and language
+    and readability when they are weighted."""
     from nanoseek.rewards import combined_reward
 
     def scores(completions, problem):
@@ -530,6 +541,7 @@ def task_rewards(task, weights: dict, tokenizer, max_tokens: int, overlong_buffe
                 max_tokens=max_tokens,
                 overlong_buffer=overlong_buffer,
                 think_opened=think_opened,
+                answer_tags=answer_tags,
                 accuracy=task.reward,
             )
             for c, p in zip(completions, problem)
@@ -540,7 +552,8 @@ def task_rewards(task, weights: dict, tokenizer, max_tokens: int, overlong_buffe
 
     def metrics_fn(prompts, completions, problem, **_):
         s = scores(completions, problem)
-        return {"accuracy": [x["accuracy"] for x in s], "format": [x["format"] for x in s]}
+        names = ["accuracy", "format"] + [name for name in ("language", "readability") if weights.get(name)]
+        return {name: [x[name] for x in s] for name in names}
 
     return reward_fn, metrics_fn
 
@@ -565,6 +578,7 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
         cfg.max_new_tokens,
         cfg.overlong_buffer,
         think_opened=prompt_opens_reasoning(cfg.template),
+        answer_tags="</answer>" in cfg.template,
     )
     # drawn with repeats, so that every difficulty keeps its share of the prompts (Task.sample)
     rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed, distinct=False), cfg.template)
