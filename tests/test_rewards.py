@@ -737,3 +737,17 @@ def test_fuzz_any_string_gives_a_bounded_float(text):
 def test_fuzz_inside_answer_tags(inner):
     check_bounded(f"<think>r</think> <answer>{inner}</answer>")
     check_bounded(f"<think>r</think> <answer>\\boxed{{{inner}}}</answer>")
+
+
+def test_language_term_does_not_punish_a_question_answered_without_thinking():
+    from nanoseek import tasks
+
+    lookup = tasks.get("chain", languages=["en", "el"], lookup=1.0).sample(1, "train", 0)[0]
+    assert lookup.meta["reasoning"] is False
+    direct = "\n</think>\n\n\\boxed{" + lookup.answer + "}"
+    scores = combined_reward(direct, lookup, {"accuracy": 1.0, "language": 0.2}, think_opened=True)
+    assert scores["language"] == 1.0 and scores["total"] == pytest.approx(1.2)
+    # a reasoning problem with no reasoning still scores 0 on language
+    problem = tasks.get("chain", languages=["en", "el"]).sample(1, "train", 0)[0]
+    empty = "\n</think>\n\n\\boxed{" + problem.answer + "}"
+    assert combined_reward(empty, problem, {"language": 1.0}, think_opened=True)["language"] == 0.0

@@ -61,6 +61,15 @@ class Plan:
     max_new_tokens: int = 128  # the longest worked completion (7 values, answer and EOS) is 109 tokens; 2-7 mean 60
     grpo_lr: float = 3e-4
     loss_type: str = "dr_grpo"
+    languages: tuple = ("en",)  # chain's name alphabets (`nanoseek r1` uses two: tasks/chain.py)
+    switch: float = 0.0  # share of worked solutions that switch language midway (data/corpus.py)
+
+    def options(self) -> dict:
+        """The task's options: the one-language demo's are what they always were."""
+        options = dict(self.task_options)
+        if tuple(self.languages) != ("en",):
+            options["languages"] = list(self.languages)
+        return options
 
 
 FULL = Plan()
@@ -85,6 +94,18 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a two-minute version of the same pipeline (for tests)")
+    p.add_argument(
+        "--languages",
+        metavar="CODES",
+        help="the chain problems' name alphabets, e.g. en,el (Latin and Greek; default: en)",
+    )
+    p.add_argument(
+        "--switch",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of the corpus's worked solutions that switch language midway (with two languages)",
+    )
     # float16 is left out: training in it needs loss scaling, which nanoseek does not do.
     add_device_arguments(
         p,
@@ -99,6 +120,22 @@ def stage(title: str) -> None:
 
 
 def run_demo(args) -> int:
+    plan = QUICK if args.quick else FULL
+    if args.languages:
+        plan = replace(plan, languages=tuple(x.strip() for x in args.languages.split(",") if x.strip()))
+    if args.switch:
+        plan = replace(plan, switch=args.switch)
+    device, dtype = device_arguments(args)
+    if device.index is not None:
+        raise NanoseekError(
+            f"--device {args.device}: the demo runs on 'cuda' (choose the GPU with CUDA_VISIBLE_DEVICES)"
+        )
+    run_pipeline(plan, Path(args.out), args.seed, device, dtype, args.quick)
+    return 0
+
+
+def run_pipeline(plan: Plan, out: Path, seed: int, device: torch.device, dtype, quick: bool) -> Path:
+    """The demo's five stages into `out`; returns the report's path."""
     from nanoseek import tasks
     from nanoseek.data.corpus import corpus, write_corpus
     from nanoseek.data.stream import iter_documents
@@ -108,15 +145,8 @@ def run_demo(args) -> int:
     from nanoseek.train.grpo import run as grpo_run
     from nanoseek.train.pretrain import train
 
-    plan = QUICK if args.quick else FULL
-    device, dtype = device_arguments(args)
-    if device.index is not None:
-        raise NanoseekError(
-            f"--device {args.device}: the demo runs on 'cuda' (choose the GPU with CUDA_VISIBLE_DEVICES)"
-        )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    task_options = dict(plan.task_options)
+    task_options = plan.options()
     task = tasks.get(TASK, **task_options)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -125,7 +155,7 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     corpus_file, tok_dir = out / "data" / f"{TASK}.jsonl", out / "tokenizer"
     counts = write_corpus(
-        corpus_file, corpus(task, plan.docs, seed=args.seed, mix=dict(plan.mix), preamble=plan.preamble)
+        corpus_file, corpus(task, plan.docs, seed=seed, mix=dict(plan.mix), preamble=plan.preamble, switch=plan.switch)
     )
     tokenizer = train_tokenizer(iter_documents([corpus_file]), vocab_size=plan.vocab_size, split_punctuation=True)
     tokenizer.save_pretrained(tok_dir, prompt_format="r1-zero")  # pretraining and GRPO copy it on
@@ -145,11 +175,11 @@ def run_demo(args) -> int:
         document_mask=True,
         batch_size=plan.batch_size,
         steps=plan.pretrain_steps,
-        seed=args.seed,
+        seed=seed,
         warmup_steps=min(20, plan.pretrain_steps // 5),
         checkpoint_every=plan.pretrain_steps,
         log_every=max(1, plan.pretrain_steps // 30),
-        tensorboard=not args.quick,
+        tensorboard=not quick,
         device=device.type,
         precision="bf16" if dtype == torch.bfloat16 else "fp32",
     )
@@ -159,8 +189,8 @@ def run_demo(args) -> int:
 
     stage("3/5 evaluating the base model")
     t0 = time.perf_counter()
-    problems = task.sample(plan.eval_problems, "test", seed=args.seed)
-    before, _ = evaluate_dir(base, task, problems, plan, args.seed, device, dtype)
+    problems = task.sample(plan.eval_problems, "test", seed=seed)
+    before, _ = evaluate_dir(base, task, problems, plan, seed, device, dtype)
     print(summary_line("base", before), file=sys.stderr)
     seconds["eval_base"] = time.perf_counter() - t0
 
@@ -181,11 +211,11 @@ def run_demo(args) -> int:
         lr=plan.grpo_lr,
         beta=0.0,
         loss_type=plan.loss_type,
-        seed=args.seed,
+        seed=seed,
         checkpoint_every=max(1, plan.grpo_steps // 3),
-        tensorboard=not args.quick,
+        tensorboard=not quick,
         device=device.type,
-        dtype=args.dtype,
+        dtype=_dtype_name(dtype),
     )
     grpo_run(rl_cfg, out / "grpo")
     r1_zero = _replace_dir(out / "grpo" / "hf", out / "r1-zero")
@@ -193,7 +223,7 @@ def run_demo(args) -> int:
 
     stage("5/5 evaluating the R1-Zero model")
     t0 = time.perf_counter()
-    after, samples = evaluate_dir(r1_zero, task, problems, plan, args.seed, device, dtype)
+    after, samples = evaluate_dir(r1_zero, task, problems, plan, seed, device, dtype)
     print(summary_line("r1-zero", after), file=sys.stderr)
     seconds["eval_r1_zero"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
@@ -212,11 +242,15 @@ def run_demo(args) -> int:
         pretrain=pretrain,
         rl_config=rl_cfg.to_dict(),
         seconds=seconds,
-        quick=args.quick,
-        seed=args.seed,
+        quick=quick,
+        seed=seed,
     )
     print(f"\nreport: {md}\nchat with it: nanoseek chat --model {r1_zero}", flush=True)
-    return 0
+    return md
+
+
+def _dtype_name(dtype) -> str:
+    return "bfloat16" if dtype == torch.bfloat16 else "float32"
 
 
 def evaluate_dir(model_dir: Path, task, problems, plan: Plan, seed: int, device=None, dtype=None):

@@ -935,7 +935,8 @@ def combined_reward(
     evaluation scores with); by default `accuracy_reward`. The language term is measured
     against the problem's own language when it has one (`meta["language"]`), else against
     `language`; readability expects reasoning unless the problem's `meta["reasoning"]` is
-    False (a question to answer without thinking). Unweighted language and readability are 0."""
+    False (a question to answer without thinking), where an empty reasoning also scores 1 on
+    language. Unweighted language and readability are 0."""
     unknown = set(weights) - set(REWARD_NAMES)
     if unknown:
         raise NanoseekError(
@@ -944,10 +945,15 @@ def combined_reward(
     meta = getattr(problem, "meta", None)
     meta = meta if isinstance(meta, Mapping) else {}
     target = problem_language(problem) if meta.get("language") else language
+    language_score = 0.0
+    if weights.get("language"):
+        language_score = language_reward(completion, target, think_opened)
+        if meta.get("reasoning") is False and not parse_reasoning(completion, think_opened)[0]:
+            language_score = 1.0  # answered without thinking, as asked: no reasoning in another language
     scores = {
         "accuracy": accuracy(completion, problem),
         "format": format_reward(completion, think_opened, answer_tags),
-        "language": language_reward(completion, target, think_opened) if weights.get("language") else 0.0,
+        "language": language_score,
         "readability": 0.0,
         "overlong": 0.0,
     }

@@ -1,0 +1,199 @@
+"""`nanoseek r1 --quick` end to end: every stage's model exists and reloads, the rejection-
+sampled data holds only verified samples, the report card has every row and key, a second run
+skips every stage, and the distilled student opens in transformers with its chat template.
+Also `nanoseek distill` on its own, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanoseek import tasks
+from nanoseek.data.chat import END_THINK
+
+STAGE_DIRS = (
+    "demo/base",
+    "demo/r1-zero",
+    "cold-start",
+    "reasoning-rl",
+    "sft",
+    "r1",
+    "student",
+    "student-grpo",
+    "student-distilled",
+    "student-distilled-kl",
+)
+
+
+def run(*args, timeout=900):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "nanoseek.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("r1") / "run"
+    r = run("r1", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, r
+
+
+def test_every_stage_runs_once_with_a_progress_line(quick):
+    out, r = quick
+    from nanoseek.r1 import STAGES
+
+    for i, name in enumerate(STAGES, 1):
+        assert f"[{i}/{len(STAGES)}] {name}: running" in r.stderr
+        assert (out / "stages" / f"{name}.json").exists()
+    assert f"report: {out / 'report.md'}" in r.stdout
+
+
+def test_every_model_reloads_in_its_prompt_format(quick):
+    out, _ = quick
+    from nanoseek.data.tokenizer import Tokenizer
+    from nanoseek.infer import Engine, SamplingParams
+
+    formats = {}
+    for rel in STAGE_DIRS:
+        engine = Engine.from_pretrained(out / rel, max_batch_size=1, max_seq_len=96)
+        template = engine.tokenizer.prompt_template()
+        o = engine.generate(template.format(prompt="a=1,b=2. a+b"), SamplingParams(temperature=0, max_tokens=4))
+        assert len(o[0].outputs[0].token_ids) >= 1, rel
+        formats[rel] = Tokenizer.from_pretrained(out / rel).prompt_format
+    assert formats["demo/base"] == formats["demo/r1-zero"] == formats["student"] == "r1-zero"
+    assert all(formats[d] == "chat" for d in ("cold-start", "reasoning-rl", "sft", "r1", "student-distilled")), formats
+
+
+def test_rejection_sampled_data_holds_only_verified_samples(quick):
+    out, _ = quick
+    from nanoseek.data.r1 import verdict
+    from nanoseek.tasks import Problem
+
+    report = json.loads((out / "report.json").read_text())
+    task = tasks.get(report["task"], **report["task_options"])
+    rows = [json.loads(line) for line in (out / "data" / "rejection-sampling.jsonl").read_text().splitlines()]
+    counts = json.loads((out / "data" / "rejection-sampling.counts.json").read_text())
+    sampled = [r for r in rows if r["kind"] == "rejection_sampled"]
+    assert len(sampled) == counts["kept"] and len(rows) == counts["rows"]
+    assert counts["sampled"] == counts["kept"] + sum(
+        counts[k] for k in ("wrong", "malformed", "unreadable", "mixed_language", "duplicate")
+    )
+    assert counts["sampled"] == counts["prompts"] * 2  # QUICK: 2 samples per prompt
+    for row in rows:
+        user, assistant = row["messages"]
+        problem = Problem(prompt=user["content"], answer=row["answer"], difficulty=row["difficulty"], task="chain")
+        text = f"{assistant['reasoning_content']}\n{END_THINK}\n\n{assistant['content']}"
+        if row["kind"] == "non_reasoning":
+            assert assistant["reasoning_content"] == ""
+        else:
+            assert verdict(text, _with_meta(task, problem), task, think_opened=True) is None, text
+    assert len(
+        {(r["prompt"], r["messages"][1]["reasoning_content"], r["messages"][1]["content"]) for r in sampled}
+    ) == len(sampled)
+
+
+def _with_meta(task, problem):
+    """The problem with the language its prompt is written in (what the task's problems carry)."""
+    import dataclasses
+
+    return dataclasses.replace(problem, meta={"language": task.language(problem), "reasoning": True})
+
+
+def test_report_has_every_row_and_key(quick):
+    out, _ = quick
+    from nanoseek.r1 import ROWS
+
+    report = json.loads((out / "report.json").read_text())
+    assert {"task", "task_options", "template", "stages", "rejection_sampling", "questions"} <= set(report)
+    assert report["task_options"]["languages"] == ["en", "el"]
+    for key, _, _ in ROWS:
+        s = report["stages"][key]
+        for k in ("pass@1", "cons@k", "language_consistency", "readability", "thinking_length", "seconds"):
+            assert k in s, (key, k)
+        assert 0 <= s["pass@1"] <= 1 and s["template"]
+        assert isinstance(s["thinking_length_by_difficulty"], dict)
+    q = report["questions"]
+    assert isinstance(q["r1_keeps_accuracy_and_is_readable"]["answer"], bool)
+    assert isinstance(q["distillation_beats_rl_on_the_student"]["answer"], bool)
+    md = (out / "report.md").read_text()
+    assert "## The two questions" in md and "## Rejection sampling" in md and "R1-Zero and R1 side by side" in md
+    assert "| student distilled |" in md
+
+
+def test_a_second_run_skips_every_stage(quick):
+    out, _ = quick
+    from nanoseek.r1 import STAGES
+
+    before = (out / "report.json").read_text()
+    r = run("r1", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("skipped") == len(STAGES)
+    assert (out / "report.json").read_text() == before
+
+
+def test_the_distilled_student_opens_in_transformers_with_its_chat_template(quick):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from nanoseek.io.hf import load_pretrained
+
+    out, _ = quick
+    d = out / "student-distilled"
+    assert json.loads((d / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    ours = load_pretrained(d)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "a=1,b=2. a+b"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text.endswith("<｜User｜>a=1,b=2. a+b<｜Assistant｜><think>\n"), text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == ours_ids(d, text)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x), rtol=0, atol=1e-4)
+
+
+def ours_ids(directory, text):
+    from nanoseek.data.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(directory).encode(text)
+
+
+def test_distill_command_on_its_own(quick, tmp_path):
+    out, _ = quick
+    options = json.dumps(json.loads((out / "report.json").read_text())["task_options"])
+    r = run(
+        "distill",
+        "--teacher", str(out / "r1"),
+        "--student", str(out / "student"),
+        "--task", "chain",
+        "--task-options", options,
+        "--limit", "4", "--samples", "2", "--steps", "2", "--batch-size", "2", "--max-tokens", "48",
+        "--out", str(tmp_path / "d"),
+    )  # fmt: skip
+    if r.returncode != 0 and "no verified trace" in r.stderr:
+        pytest.skip("the quick R1 model wrote no verified trace for these 4 prompts")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "d" / "student" / "config.json").exists()
+    assert (tmp_path / "d" / "traces.counts.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--teacher", "nowhere", "--student-preset", "student", "--task", "chain"], "--teacher nowhere: neither"),
+        (
+            ["--teacher", "http://127.0.0.1:9/v1", "--student-preset", "student", "--task", "chain", "--logit-kl", "1"],
+            "--logit-kl needs the teacher's top-k log-probs",
+        ),
+        (["--teacher", "nowhere", "--student-preset", "student", "--task", "chain", "--steps", "0"], "--steps: must"),
+    ],
+)
+def test_distill_errors_are_one_line(args, message, tmp_path):
+    r = run("distill", *args, "--out", str(tmp_path / "x"))
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
