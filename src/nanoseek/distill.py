@@ -51,6 +51,11 @@ def register(sub) -> None:
     s = p.add_mutually_exclusive_group(required=True)
     s.add_argument("--prompts", help='jsonl of {"prompt": ..., "answer": ...} rows')
     s.add_argument("--task", help="a nanoseek task (chain, arith, countdown, gsm8k, math): its train split")
+    s.add_argument(
+        "--traces",
+        help="SFT rows already made (e.g. OUT/traces.jsonl of an earlier run): no sampling; with --logit-kl "
+        "the teacher scores them",
+    )
     p.add_argument(
         "--task-options", default="{}", metavar="JSON", help="the task's options, e.g. '{\"max_values\": 5}'"
     )
@@ -91,9 +96,13 @@ def run_distill(args) -> int:
             raise NanoseekError(f"--task-options: not JSON ({e.msg})") from None
         task = tasks.get(args.task, **options)
         problems = task.sample(args.limit, "train", args.seed, distinct=True)
-    else:
+    elif args.prompts:
         task = tasks.Task()
         problems = read_prompts(args.prompts)[: args.limit]
+    else:
+        task, problems = tasks.Task(), []
+        if not Path(args.traces).is_file():
+            raise NanoseekError(f"--traces {args.traces}: no such file")
     budget = Budget(
         samples=args.samples,
         max_tokens=args.max_tokens,
@@ -108,7 +117,17 @@ def run_distill(args) -> int:
     out = Path(args.out)
     teacher = UrlTeacher(args.teacher, args.api_key, args.served_model) if url else Path(args.teacher)
     student = Path(args.student) if args.student else None
-    summary = distill(teacher, student, problems, task, out, budget, logit_kl=args.logit_kl, preset=args.student_preset)
+    summary = distill(
+        teacher,
+        student,
+        problems,
+        task,
+        out,
+        budget,
+        logit_kl=args.logit_kl,
+        preset=args.student_preset,
+        traces_file=Path(args.traces) if args.traces else None,
+    )
     print(json.dumps(summary["counts"]), flush=True)
     print(f"distilled student: {summary['student']}", flush=True)
     return 0
@@ -258,7 +277,11 @@ def distill(
             if not rows:
                 raise NanoseekError(f"distill: no verified trace among {counts['sampled']} samples of the teacher")
             write_dataset(traces_file, rows, dict(counts, prompts=len(problems)))
-    counts = json.loads(counts_path(traces_file).read_text())
+    if logit_kl:
+        traces_file = scored(teacher, traces_file, out, budget.top_k)
+    counts_file = counts_path(traces_file)
+    counts = json.loads(counts_file.read_text()) if counts_file.exists() else {}
+    counts.setdefault("rows", sum(1 for line in traces_file.read_text().splitlines() if line.strip()))
     # The student answers in the teacher's prompt format: its tokenizer is saved with it.
     fmt = teacher_tok.prompt_format if teacher_tok is not None else "chat"
     tok_dir = out / "tokenizer"
@@ -269,8 +292,27 @@ def distill(
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(out / "sft" / "hf", dst)
-    print(f"distill: {counts['kept']} of {counts['sampled']} traces kept; student in {dst}", file=sys.stderr)
+    kept = f"{counts['kept']} of {counts['sampled']} traces kept" if "sampled" in counts else f"{counts['rows']} rows"
+    print(f"distill: {kept}; student in {dst}", file=sys.stderr)
     return {"counts": counts, "student": str(dst), "sft": summary}
+
+
+def scored(teacher, traces_file: Path, out: Path, top_k: int) -> Path:
+    """`traces_file` itself when every row carries the teacher's log-probs, else OUT/traces-scored.jsonl
+    with the teacher's teacher-forced top-k added to the rows that lack them."""
+    from nanoseek.data.r1 import counts_path, write_dataset
+
+    rows = [json.loads(line) for line in traces_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if all(row.get("teacher") for row in rows):
+        return traces_file
+    if isinstance(teacher, UrlTeacher):
+        raise NanoseekError("--logit-kl needs the teacher's top-k log-probs: give --teacher a model directory")
+    done = [r for r in rows if r.get("teacher")]
+    todo = [r for r in rows if not r.get("teacher")]
+    rows = done + teacher_logprobs(teacher, todo, top_k)
+    source = counts_path(traces_file)
+    counts = json.loads(source.read_text()) if source.exists() else {"rows": len(rows)}
+    return write_dataset(out / "traces-scored.jsonl", rows, dict(counts, scored_by_teacher=len(todo)))
 
 
 def teacher_logprobs(teacher: Path, rows: list[dict], k: int) -> list[dict]:
