@@ -167,6 +167,11 @@ class Pipeline:
             progress(index, name, f"done earlier ({info['seconds']:.0f}s), skipped")
         else:
             progress(index, name, "running")
+            # The stages after this one read what it writes: they run again too.
+            for later in STAGES[index - 1 :]:
+                self.marker(later).unlink(missing_ok=True)
+                for key in ("base", "r1_zero") if later == "demo" else (later.replace("-", "_"),):
+                    (self.out / "eval" / f"{key}.json").unlink(missing_ok=True)  # a score of the model it replaces
             t0 = time.perf_counter()
             info = fn() or {}
             info["seconds"] = round(time.perf_counter() - t0, 1)
