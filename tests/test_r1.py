@@ -246,3 +246,11 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(quick):
     assert "[10/11] student-distilled-kl: running" in r.stderr and "[9/11] student-distilled: done earlier" in r.stderr
     assert "[11/11] report: running" in r.stderr
     assert (out / "stages" / "student-distilled-kl.json").exists() and (out / "report.json").exists()
+    # A finished stage run again: the stages after it start over (their checkpoints were trained
+    # on what it wrote before), it resumes its own finished run.
+    (out / "stages" / "student-distilled.json").unlink()
+    r = run("r1", "--quick", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[9/11] student-distilled: running" in r.stderr and "[10/11] student-distilled-kl: running" in r.stderr
+    assert "student-distilled/sft" in r.stderr and "student-distilled-kl/sft/checkpoints" not in r.stderr
+    assert (out / "stages" / "student-distilled-kl.json").exists() and (out / "report.json").exists()

@@ -112,6 +112,7 @@ def answers(stages: dict, counts: dict) -> dict:
             "answer": bool(distilled["pass@1"] > grpo["pass@1"]),
             "pass@1": [grpo["pass@1"], distilled["pass@1"]],
             "pretrained": stages["student"]["pass@1"],
+            "seconds": [grpo["seconds"], distilled["seconds"]],
         },
         "logit_kl_beats_plain_sft": {
             "answer": bool(stages["student_distilled_kl"]["pass@1"] > distilled["pass@1"]),
@@ -175,6 +176,7 @@ def markdown(report: dict, pipeline) -> str:
     from nanoseek.r1 import ROWS
 
     stages, q = report["stages"], report["questions"]
+    plan = pipeline.plan
     k = stages["r1"]["k"]
     quick = " (--quick: plumbing only, not a result)" if report["quick"] else ""
     languages = report["languages"]
@@ -206,9 +208,11 @@ def markdown(report: dict, pipeline) -> str:
         f"{pct(a['readability'][0])} -> {pct(a['readability'][1])}; language consistency "
         f"{pct(a['language_consistency'][0])} -> {pct(a['language_consistency'][1])}.",
         f"2. **Does distillation beat RL on the small student? {'Yes' if b['answer'] else 'No'}.** pass@1 of the "
-        f"pretrained student {pct(b['pretrained'])}; after {pipeline.plan.student_steps} GRPO steps "
-        f"{pct(b['pass@1'][0])}; after {pipeline.plan.student_steps} SFT steps on the R1 model's verified traces "
-        f"{pct(b['pass@1'][1])}.",
+        f"pretrained student {pct(b['pretrained'])}; after {plan.student_steps} GRPO steps "
+        f"{pct(b['pass@1'][0])} ({plan.student_steps * plan.prompts_per_step * plan.group_size} completions "
+        f"sampled by the student, {_fmt(b['seconds'][0], 'num')} s); after {plan.student_steps} SFT steps on the "
+        f"R1 model's verified traces {pct(b['pass@1'][1])} ({plan.student_steps * plan.batch_size} sequences, "
+        f"{_fmt(b['seconds'][1], 'num')} s with the teacher's sampling).",
         f"3. Does logit distillation (KL to the teacher's top-{pipeline.plan.top_k} log-probs, weight "
         f"{pipeline.plan.logit_kl:g}) beat plain SFT on the same traces? "
         f"**{'Yes' if q['logit_kl_beats_plain_sft']['answer'] else 'No'}**: pass@1 "

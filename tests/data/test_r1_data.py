@@ -70,6 +70,12 @@ def test_verdict_names_the_first_failed_test(task):
     assert verdict(f"{worked} \\boxed{{{problem.answer}}}", problem, task, True) == "malformed"
     # R1-Zero's terse shape: the answer with no summary before it
     assert verdict(chat_completion(worked, f"\\boxed{{{problem.answer}}}"), problem, task, True) == "unreadable"
+    # a summary of another problem: the question restated with one more name
+    expression = problem.prompt.rsplit(". ", 1)[1]
+    other = f"{expression}+x={problem.answer}. \\boxed{{{problem.answer}}}"
+    assert verdict(chat_completion(worked, other), problem, task, True) == "unreadable"
+    shorter = f"{expression.split('+', 1)[1]}={problem.answer}. \\boxed{{{problem.answer}}}"
+    assert verdict(chat_completion(worked, shorter), problem, task, True) == "unreadable"
     # switched to Latin names midway: right and readable, but two languages
     mixed = task.worked(problem, switch_at=1)
     assert mixed != worked

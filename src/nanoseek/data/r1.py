@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from nanoseek.data.reasoning import parse_reasoning
 from nanoseek.rewards import format_reward, language_reward, problem_language, readability_reward
 from nanoseek.tasks import Problem, Task
 
@@ -88,9 +89,9 @@ def non_reasoning_conversations(problems: Iterable[Problem]) -> Iterator[dict]:
 
 def verdict(completion: str, problem: Problem, task: Task, think_opened: bool) -> str | None:
     """None when a sample is kept, else the first reason it is not: wrong, malformed
-    (not one closed <think> before an answer), unreadable (no summary before the answer, or
-    reasoning where none was asked for) or mixed_language (reasoning not all in the problem's
-    language)."""
+    (not one closed <think> before an answer), unreadable (no summary before the answer, a
+    summary that does not restate the problem and its result, or reasoning where none was asked
+    for) or mixed_language (reasoning not all in the problem's language)."""
     if task.reward(completion, problem) <= 0.5:
         return "wrong"
     if format_reward(completion, think_opened, answer_tags=False) < 1:
@@ -98,6 +99,8 @@ def verdict(completion: str, problem: Problem, task: Task, think_opened: bool) -
     reasoning = reasons_problem(problem)
     if readability_reward(completion, think_opened, reasoning_expected=reasoning) < 1:
         return "unreadable"
+    if reasoning and not parse_reasoning(completion, think_opened)[1].strip().startswith(summary(problem)):
+        return "unreadable"  # a summary of some other problem ("a+b+c=6." under "a+b")
     if reasoning and language_reward(completion, problem_language(problem), think_opened) < 1:
         return "mixed_language"
     return None
