@@ -95,7 +95,7 @@ HOSTILE = [
     (CHAT, chat_raw('"stream": true, "stream_options": []'), "stream_options", "invalid_type"),
     (CHAT, '{"model": "tiny", "messages": "hi"}', "messages", "invalid_type"),
     (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": {"text": "hi"}}]}', None, "invalid_value"),
-    (CMPL, '{"model": "tiny", "prompt": [[[1]]]}', "prompt", "invalid_value"),
+    (CMPL, '{"model": "tiny", "prompt": [[[1]]]}', "prompt[0]", "invalid_value"),  # a batch whose prompt is not one
     (CMPL, '{"model": "tiny", "prompt": true}', "prompt", "invalid_value"),
     (CMPL, '"just a string"', None, "invalid_json"),
 ]
@@ -193,11 +193,16 @@ SAMPLING = {
 }
 CHAT_BODY = st.fixed_dictionaries(
     {"messages": st.lists(MESSAGE, min_size=1, max_size=3)},
-    optional={**SAMPLING, "max_completion_tokens": st.integers(1, 80)},
+    optional={**SAMPLING, "max_completion_tokens": st.integers(1, 80), "top_logprobs": st.integers(0, 22)},
 )
 CMPL_BODY = st.fixed_dictionaries(
-    {"prompt": TEXT | st.lists(st.integers(-2, 330), max_size=4) | st.lists(TEXT, max_size=2)},
-    optional={**SAMPLING, "echo": st.booleans()},
+    {
+        "prompt": TEXT
+        | st.lists(st.integers(-2, 330), max_size=4)
+        | st.lists(TEXT, max_size=2)
+        | st.lists(st.lists(st.integers(-2, 330), max_size=4), max_size=3)
+    },
+    optional={**SAMPLING, "echo": st.booleans(), "logprobs": st.integers(-1, 22), "max_tokens": st.integers(0, 80)},
 )
 KEYS = ["model", "messages", "prompt", "unknown", *SAMPLING, "message.role", "message.content", "message.extra"]
 

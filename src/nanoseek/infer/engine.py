@@ -7,7 +7,10 @@ The API is shaped like vLLM's `LLM.generate`. Underneath, nano-vllm's parts by t
 - the scheduler (`step`): waiting completions take free rows between decoding steps and are
   prefilled together (right-padded); then every running completion decodes one token (two
   when an MTP draft is accepted) in one batched forward; finished ones give their row back.
-  The n completions of one prompt share one prefill: its cache row is copied.
+  The n completions of one prompt share one prefill: its cache row is copied. With
+  SamplingParams.prompt_logprobs the prefill's hidden states also score every prompt token
+  (`PromptLogprobs`); with max_tokens 0 that is all a request does, as harnesses score
+  the answers of a multiple-choice question.
 - the runner (`runner.py`): the decode step on folded weights, the model's forward without
   the Python overhead that dominates a small batch on a CPU.
 - the sequence: token ids, sampling state, incremental detokenization, stop checks.
@@ -65,12 +68,23 @@ class CompletionOutput:
 
 
 @dataclass
+class PromptLogprobs:
+    """With SamplingParams.prompt_logprobs: log pi(prompt token i | the tokens before it) from the
+    prefill forward pass, and the `prompt_logprobs` likeliest (token id, log-probability) pairs at
+    that position. The first token has nothing before it: None in both lists."""
+
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -81,12 +95,15 @@ class StreamEvent:
 
     request_id: str
     index: int
-    token_id: int
+    token_id: int | None  # None: a completion of max_tokens 0, finished at its prefill with no token
     text: str
     reasoning: str
     answer: str
     finish_reason: str | None = None
     output: CompletionOutput | None = None  # the whole completion, on its last event
+    logprob: float | None = None  # with SamplingParams.logprobs: the token's, and the likeliest pairs
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs, on the first event
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,12 +175,22 @@ def check_cache_fits(
 # ---------------------------------------------------------------------------------------
 # Requests and their sequences.
 # ---------------------------------------------------------------------------------------
+def opens_reasoning(prompt_ids: list[int], think_id: int | None, end_think_id: int | None) -> bool:
+    """Whether the prompt ends inside <think> (its last <think> or </think> token is a <think>), as
+    the chat template's generation prompt does: the completion then starts in its reasoning."""
+    for t in reversed(prompt_ids):
+        if t is not None and t in (think_id, end_think_id):
+            return t == think_id
+    return False
+
+
 class Request:
     def __init__(
         self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, think_opened: bool
     ):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.think_opened = think_opened  # the prompt ends inside <think>, as the chat template's does
+        self.prompt_logprobs: PromptLogprobs | None = None  # made by the prefill, when asked for
         self.sequences = [Sequence(self, i) for i in range(params.n)]
 
     @property
@@ -207,6 +234,7 @@ class Sequence:
 # The engine.
 # ---------------------------------------------------------------------------------------
 Prompt = str | list[int] | dict
+PROMPT_CHUNK = 512  # prompt positions whose logits are made at once for SamplingParams.prompt_logprobs
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_MAX_SEQ_LEN = 2048  # or the model's max_position_embeddings, when that is less
 
@@ -456,12 +484,7 @@ class Engine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise NanoseekError(f"request id {request_id!r} is already in use")
-        opened = False
-        for t in reversed(ids):
-            if t in (self.think_id, self.end_think_id) and t is not None:
-                opened = t == self.think_id
-                break
-        request = Request(request_id, text, ids, params, opened)
+        request = Request(request_id, text, ids, params, opens_reasoning(ids, self.think_id, self.end_think_id))
         self.requests[request_id] = request
         self.waiting.extend(request.sequences)
         return request
@@ -501,6 +524,7 @@ class Engine:
             request.prompt_ids,
             [self._completion(s) for s in request.sequences],
             request.finished,
+            request.prompt_logprobs,
         )
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
@@ -549,6 +573,16 @@ class Engine:
             hidden = self.model.hidden_states(ids, positions, self.cache, rows)
         finally:
             self.model.train(training)
+        for row, rep in enumerate(reps):
+            if rep.params.prompt_logprobs is not None and rep.request.prompt_logprobs is None:
+                rep.request.prompt_logprobs = self._prompt_logprobs(hidden[row], rep.request)
+        for seq in seqs:
+            if seq.params.max_tokens == 0:  # the prompt's log-probs were all it asked for
+                seq.finish_reason = "length"
+                events.append(self._event(seq, None))
+        seqs = [s for s in seqs if not s.finished]
+        if not seqs:
+            return
         which = torch.tensor([first[s.request.request_id] for s in seqs], device=self.device)
         last = torch.tensor([len(s.request.prompt_ids) - 1 for s in seqs], device=self.device)
         copies = [(s.slot, reps[first[s.request.request_id]].slot) for s in seqs if s not in reps]
@@ -572,6 +606,25 @@ class Engine:
             )
             for seq, d in zip(seqs, drafts):
                 seq.draft = d
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, request: Request) -> PromptLogprobs:
+        """The log-probabilities of the prompt's tokens from its prefill hidden states [T, D]:
+        position i's log-softmax scores token i + 1. The output head runs over PROMPT_CHUNK
+        positions at a time, so a long prompt never holds T x vocab logits at once."""
+        ids, n_top = request.prompt_ids, request.params.prompt_logprobs
+        logprobs: list[float | None] = [None]
+        top: list[list[tuple[int, float]] | None] = [None]
+        for start in range(0, len(ids) - 1, PROMPT_CHUNK):
+            end = min(start + PROMPT_CHUNK, len(ids) - 1)
+            logp = torch.log_softmax(self.model.lm_head(hidden[start:end]).float(), dim=-1)
+            targets = torch.tensor(ids[start + 1 : end + 1], device=logp.device)
+            logprobs += logp.gather(1, targets[:, None])[:, 0].tolist()
+            if n_top:
+                best = logp.topk(min(n_top, logp.shape[-1]), dim=-1)
+                top += [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+            else:
+                top += [[] for _ in range(end - start)]
+        return PromptLogprobs(logprobs, top)
 
     def _forward(self, seqs: list[Sequence], ids: list[list[int]]):
         """Hidden states [B, T, D] of tokens `ids` [B][T] at the sequences' next positions."""
@@ -722,7 +775,7 @@ class Engine:
             seq.text = seq.text[:i]
             seq.finish_reason, seq.stop_reason = "stop", s
 
-    def _event(self, seq: Sequence, token: int) -> StreamEvent:
+    def _event(self, seq: Sequence, token: int | None) -> StreamEvent:
         text = reasoning = answer = ""
         if self.tokenizer is not None:
             shown = seq.text
@@ -732,4 +785,17 @@ class Engine:
             seq.sent = len(shown)
             reasoning, answer = seq.splitter.feed(text, final=seq.finished)
         output = self._completion(seq) if seq.finished else None
-        return StreamEvent(seq.request.request_id, seq.index, token, text, reasoning, answer, seq.finish_reason, output)
+        made = len(seq.token_ids)
+        return StreamEvent(
+            seq.request.request_id,
+            seq.index,
+            token,
+            text,
+            reasoning,
+            answer,
+            seq.finish_reason,
+            output,
+            seq.logprobs[made - 1] if seq.logprobs and token is not None else None,
+            seq.top_logprobs[made - 1] if seq.top_logprobs and token is not None else None,
+            seq.request.prompt_logprobs if made <= 1 else None,  # its first event: the prefill's
+        )

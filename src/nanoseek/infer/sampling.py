@@ -23,7 +23,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0  # nucleus: the smallest set of tokens holding this much probability
     top_k: int = 0  # 0 (or -1): every token
-    max_tokens: int | None = 16  # None: up to the engine's max_seq_len
+    max_tokens: int | None = 16  # None: up to the engine's max_seq_len; 0: none, only the prompt is scored
     min_tokens: int = 0  # end-of-sequence and stop tokens are banned, stop strings ignored, until then
     stop: list[str] | str | None = None  # strings that end a completion (left out of its text)
     stop_token_ids: list[int] | None = None
@@ -32,6 +32,9 @@ class SamplingParams:
     # None: no log-probs; N >= 0: each generated token's log-probability under the model (the
     # softmax of its logits, before temperature, top-k, top-p and bans), and the N likeliest.
     logprobs: int | None = None
+    # None: none; N >= 0: each prompt token's log-probability given the tokens before it, from the
+    # prefill's forward pass (RequestOutput.prompt_logprobs), and the N likeliest at its position.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -52,8 +55,8 @@ class SamplingParams:
             bad("top_p", "a number in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", "an integer >= 0 (0 or -1: off)")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad("max_tokens", "an integer >= 1 or None")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            bad("max_tokens", "an integer >= 0 or None")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -66,8 +69,10 @@ class SamplingParams:
             not isinstance(self.max_thinking_tokens, int) or self.max_thinking_tokens < 0
         ):
             bad("max_thinking_tokens", "an integer >= 0 or None")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad("logprobs", "an integer >= 0 or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                bad(name, "an integer >= 0 or None")
 
     @property
     def greedy(self) -> bool:

@@ -25,7 +25,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -49,8 +49,17 @@ from tokenizers import pre_tokenizers
 from nanoseek.data.chat import BOS
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.errors import NanoseekError
-from nanoseek.infer.engine import CompletionOutput, Engine, StreamEvent
+from nanoseek.infer.engine import CompletionOutput, Engine, PromptLogprobs, StreamEvent, opens_reasoning
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.serve.logprobs import (
+    ReasoningTokens,
+    TextOffsets,
+    TokenStrings,
+    chat_entry,
+    chat_logprobs,
+    completion_logprobs,
+    join_logprobs,
+)
 from nanoseek.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest, parse
 
 log = logging.getLogger("nanoseek.serve")
@@ -67,22 +76,34 @@ GREEDY_BELOW = 1e-6
 # ---------------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """One API request in the engine: its `n` completions, as the event loop sees them."""
+    """One API request in the engine: `n` completions of each of its `prompts` (a completions
+    batch has several), as the event loop sees them. Each prompt is one engine request; prompt p's
+    completion j is choice p * n + j, as OpenAI numbers a batch's choices."""
 
     request_id: str
     n: int
-    prompt_tokens: int
+    prompt_tokens: int  # all prompts together
     loop: asyncio.AbstractEventLoop
+    prompts: int = 1
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of StreamEvents, or an exception
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
-    outputs: dict[int, CompletionOutput] = field(default_factory=dict)
+    outputs: dict[int, CompletionOutput] = field(default_factory=dict)  # by choice
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # by prompt, when asked for
     released: bool = False
 
     @property
+    def choices(self) -> int:
+        return self.n * self.prompts
+
+    @property
+    def engine_ids(self) -> list[str]:
+        return [self.request_id] if self.prompts == 1 else [f"{self.request_id}-{p}" for p in range(self.prompts)]
+
+    @property
     def done(self) -> bool:
-        return len(self.outputs) == self.n
+        return len(self.outputs) == self.choices
 
     def usage(self) -> dict:
         outs = self.outputs.values()
@@ -111,7 +132,7 @@ class EngineLoop:
         self.steps, self.step_seconds = 0, 0.0
         self._commands: deque = deque()  # appended by the event loop, popped by the engine thread
         self._wake = threading.Event()
-        self._jobs: dict[str, Job] = {}  # engine-thread side
+        self._jobs: dict[str, tuple[Job, int]] = {}  # engine-thread side: engine request id -> (job, prompt)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -131,13 +152,14 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Job:
-        """Queue a request; returns once the engine has taken it (raises what `add_request` raised)."""
+    async def submit(self, request_id: str, prompts: list[list[int]], params: SamplingParams) -> Job:
+        """Queue a request of one or more prompts; returns once the engine has taken all of them
+        (raises what `add_request` raised, and then holds none of them)."""
         loop = asyncio.get_running_loop()
-        job = Job(request_id, params.n, len(prompt_ids), loop)
+        job = Job(request_id, params.n, sum(map(len, prompts)), loop, len(prompts))
         accepted = loop.create_future()
-        self.pending += params.n
-        self._command(("add", job, prompt_ids, params, accepted))
+        self.pending += job.choices
+        self._command(("add", job, prompts, params, accepted))
         try:
             await accepted
         except BaseException:
@@ -155,6 +177,8 @@ class EngineLoop:
             for event in item:
                 if event.output is not None:
                     job.outputs[event.index] = event.output
+                if event.prompt_logprobs is not None:
+                    job.prompt_logprobs[event.index // job.n] = event.prompt_logprobs
                 yield event
 
     def release(self, job: Job) -> None:
@@ -162,9 +186,9 @@ class EngineLoop:
         if job.released:
             return
         job.released = True
-        self.pending -= job.n
+        self.pending -= job.choices
         if not job.done:
-            self._command(("abort", job.request_id))
+            self._command(("abort", job))
 
     def _command(self, command: tuple) -> None:
         self._commands.append(command)
@@ -197,35 +221,47 @@ class EngineLoop:
         for event in events:
             by_request[event.request_id].append(event)
         for request_id, batch in by_request.items():
-            job = self._jobs.get(request_id)
-            if job is None:
+            if request_id not in self._jobs:
                 continue
+            job, p = self._jobs[request_id]
             if request_id not in self.engine.requests:  # all its completions are finished
                 del self._jobs[request_id]
+            if p:  # the engine numbers each prompt's completions from 0; the choices go on counting
+                batch = [replace(e, index=p * job.n + e.index) for e in batch]
             self._deliver(job, batch)
 
     def _apply_commands(self) -> None:
         while self._commands:
             command = self._commands.popleft()
             if command[0] == "add":
-                _, job, ids, params, accepted = command
+                _, job, prompts, params, accepted = command
+                added = []
                 try:
-                    self.engine.add_request(ids, params, job.request_id)
+                    for request_id, ids in zip(job.engine_ids, prompts):
+                        self.engine.add_request(ids, params, request_id)
+                        added.append(request_id)
                 except Exception as e:
+                    for request_id in added:
+                        self.engine.abort(request_id)
                     self._call(job, _settle, accepted, e)
                 else:
-                    self._jobs[job.request_id] = job
+                    for p, request_id in enumerate(added):
+                        self._jobs[request_id] = (job, p)
                     self._call(job, _settle, accepted, None)
             else:
-                self._jobs.pop(command[1], None)
-                self.engine.abort(command[1])
+                for request_id in command[1].engine_ids:
+                    self._jobs.pop(request_id, None)
+                    self.engine.abort(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id, job in list(self._jobs.items()):
+        jobs = {}
+        for request_id, (job, _) in list(self._jobs.items()):
             try:
                 self.engine.abort(request_id)
             except Exception:
                 log.exception("abort of %s failed", request_id)
+            jobs[job.request_id] = job
+        for job in jobs.values():
             self._deliver(job, error)
         self._jobs.clear()
 
@@ -282,10 +318,17 @@ def token_bytes_bound(tokenizer: Tokenizer) -> int | None:
 
 
 def parse_sampling(
-    req: SamplingRequest, prompt_tokens: int, max_seq_len: int, prompt_param: str = "messages"
+    req: SamplingRequest,
+    prompt_tokens: int,
+    max_seq_len: int,
+    prompt_param: str = "messages",
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> tuple[SamplingParams, bool, bool]:
-    """(SamplingParams, stream, include_usage) of a validated request; ApiError 400 for what
-    depends on more than one parameter (the context length, stream_options without stream)."""
+    """(SamplingParams, stream, include_usage) of a validated request (`prompt_tokens`: its longest
+    prompt's); ApiError 400 for what depends on more than one parameter (the context length,
+    stream_options without stream). `logprobs` and `prompt_logprobs`: the top-n the endpoint asks
+    the engine for (SamplingParams' fields of those names)."""
     stream = bool(req.stream)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if include_usage and not stream:
@@ -321,10 +364,42 @@ def parse_sampling(
             stop=req.stop,
             seed=req.seed,
             max_thinking_tokens=req.max_reasoning_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except NanoseekError as e:  # what the checks above missed
         raise ApiError(400, str(e), None, "invalid_value") from None
     return params, stream, include_usage
+
+
+def completion_prompts(prompt, vocab_size: int) -> tuple[list[str | list[int]], list[str]]:
+    """The prompts of a completions request as OpenAI reads `prompt` (a string, a list of strings,
+    a list of token ids, or a list of token-id lists: a batch), and how each is named in errors
+    ("prompt", "prompt[2]"); ApiError 400 naming the first that is not one."""
+
+    def is_id(t) -> bool:
+        return isinstance(t, int) and not isinstance(t, bool)
+
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(map(is_id, prompt))):
+        batch, names = [prompt], ["prompt"]
+    elif isinstance(prompt, list) and prompt and any(all(isinstance(x, k) for x in prompt) for k in (str, list)):
+        batch, names = prompt, [f"prompt[{i}]" for i in range(len(prompt))]
+    else:
+        raise ApiError(
+            400,
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists",
+            "prompt",
+            "invalid_value",
+        )
+    for item, name in zip(batch, names):
+        if isinstance(item, str):
+            if not item:
+                raise ApiError(400, f"'{name}' must not be empty", name, "invalid_value")
+        elif not item or not all(is_id(t) and 0 <= t < vocab_size for t in item):
+            raise ApiError(
+                400, f"'{name}' must be a non-empty list of token ids in [0, {vocab_size})", name, "invalid_value"
+            )
+    return batch, names
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -465,6 +540,7 @@ def create_app(
     if engine.tokenizer is None:
         raise NanoseekError("the server needs a tokenizer: the model directory has no tokenizer.json")
     tokenizer = engine.tokenizer
+    strings = TokenStrings(tokenizer)
     loop = EngineLoop(engine, max_queue)
     metrics = Metrics(loop)
     page = (resources.files("nanoseek.serve") / "static" / "index.html").read_text(encoding="utf-8")
@@ -580,15 +656,20 @@ def create_app(
         except NanoseekError as e:
             raise ApiError(400, str(e), param, "invalid_value") from None
 
-    async def start(body: SamplingRequest, prompt_ids: list[int], prefix: str, prompt_param: str):
-        params, stream, include_usage = parse_sampling(body, len(prompt_ids), engine.max_seq_len, prompt_param)
-        if params.n > loop.capacity:
-            raise ApiError(
-                400, f"'n' = {params.n} is more than this server ever holds ({loop.capacity})", "n", "invalid_value"
-            )
+    async def start(body: SamplingRequest, prompts: list[list[int]], prefix: str, prompt_params: list[str], **logprobs):
+        """Submit the request's prompts (`prompt_params`: how each is named in errors);
+        (job, params, stream, include_usage)."""
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        params, stream, include_usage = parse_sampling(
+            body, len(prompts[longest]), engine.max_seq_len, prompt_params[longest], **logprobs
+        )
+        choices = params.n * len(prompts)
+        if choices > loop.capacity:
+            asked = f"'n' = {params.n}" + (f" for {len(prompts)} prompts ({choices})" if len(prompts) > 1 else "")
+            raise ApiError(400, f"{asked} is more than this server ever holds ({loop.capacity})", "n", "invalid_value")
         if not loop.alive:
             raise ApiError(503, "the engine is not running", code="engine_down", headers={"Retry-After": "5"})
-        if loop.pending + params.n > loop.capacity:
+        if loop.pending + choices > loop.capacity:
             raise ApiError(
                 429,
                 f"the server is full ({loop.pending} completions pending): retry shortly",
@@ -597,7 +678,7 @@ def create_app(
             )
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         try:
-            job = await loop.submit(request_id, prompt_ids, params)
+            job = await loop.submit(request_id, prompts, params)
         except NanoseekError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         return job, params, stream, include_usage
@@ -689,21 +770,29 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        """OpenAI's chat completions. With `logprobs: true` each choice's `logprobs` holds the
+        generated tokens' log-probs and `top_logprobs` likeliest: the answer's in `content`, the
+        reasoning's in `reasoning_content` (nanoseek.serve.logprobs.ReasoningTokens), streamed too."""
         authorize(request)
         body = await read_body(request, ChatCompletionRequest)
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", "top_logprobs", "invalid_value")
+        top = (body.top_logprobs or 0) if body.logprobs else None
         messages = body.chat()
         try:  # in the format the model was trained with; the messages' text is only text
             text = tokenizer.format_chat(messages)
         except NanoseekError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         ids = await encode(tokenizer.encode_chat, messages, text=text, param="messages")
-        job, params, stream, include_usage = await start(body, ids, "chatcmpl", "messages")
+        job, params, stream, include_usage = await start(body, [ids], "chatcmpl", ["messages"], logprobs=top)
         head = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created, "model": model_name}
+        opened = opens_reasoning(ids, engine.think_id, engine.end_think_id)
 
         def chunk(choices: list, usage=None) -> dict:
             return {**head, "choices": choices, **({"usage": usage} if include_usage else {})}
 
         if stream:
+            parts = [ReasoningTokens(opened, engine.think_id, engine.end_think_id) for _ in range(params.n)]
 
             def render(event: StreamEvent):
                 # the engine's reasoning splitter: the deltas add up to the non-streamed message
@@ -713,9 +802,13 @@ def create_app(
                     if (reasoning or content)
                     else {}
                 )
+                logprobs = None
+                if top is not None and event.token_id is not None:  # every token, its text shown yet or not
+                    entry = chat_entry(strings, event.token_id, event.logprob, event.top_logprobs)
+                    logprobs = chat_logprobs([(parts[event.index].feed(event.token_id), entry)])
                 finish = _finish_reason(event.finish_reason)
-                if delta or finish:
-                    yield chunk([{"index": event.index, "delta": delta, "logprobs": None, "finish_reason": finish}])
+                if delta or finish or logprobs:
+                    yield chunk([{"index": event.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
             roles = [
                 chunk(
@@ -733,6 +826,18 @@ def create_app(
             return _EventStream(stream_events(job, include_usage, render, chunk, roles), lambda: finish(job))
 
         await collect(job, request, lambda e: None)
+
+        def logprobs_of(out: CompletionOutput) -> dict | None:
+            if top is None:
+                return None
+            part = ReasoningTokens(opened, engine.think_id, engine.end_think_id)
+            return chat_logprobs(
+                [
+                    (part.feed(t), chat_entry(strings, t, lp, pairs))
+                    for t, lp, pairs in zip(out.token_ids, out.logprobs, out.top_logprobs)
+                ]
+            )
+
         choices = [
             {
                 "index": i,
@@ -741,7 +846,7 @@ def create_app(
                     "content": job.outputs[i].answer,
                     "reasoning_content": job.outputs[i].reasoning,
                 },
-                "logprobs": None,
+                "logprobs": logprobs_of(job.outputs[i]),
                 "finish_reason": _finish_reason(job.outputs[i].finish_reason),
             }
             for i in range(params.n)
@@ -757,55 +862,94 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        """OpenAI's legacy completions, as evaluation harnesses use them: a batch of prompts
+        (prompt p's completion j is choice p * n + j), `echo`, and `logprobs: N` over the echoed
+        prompt's tokens and the generated ones (nanoseek.serve.logprobs), streamed too;
+        `max_tokens: 0` with `echo` scores the prompt and generates nothing. Without `echo`,
+        `max_tokens: 0` asks for nothing at all: a 400 that says to add `echo`, not an empty
+        completion (either is defensible; the 400 tells a harness that forgot `echo`).
+        The echo is the prompt as the model read it, decoded from its tokens: a text prompt's
+        with the BOS the server puts before it, so that each token's `text_offset` points into
+        the choice's text and `tokens` count as a tokenizer that adds BOS (transformers' for
+        this model) counts them."""
         authorize(request)
         body = await read_body(request, CompletionRequest)
-        prompt = body.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str) and prompt:  # text, not control tokens: only BOS is added
-            ids = await encode(tokenizer.encode_plain, prompt, True, text=BOS + prompt, param="prompt")
-        elif (
-            isinstance(prompt, list)
-            and prompt
-            and all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < engine.config.vocab_size for t in prompt
-            )
-        ):
-            ids = list(prompt)
-        else:
+        echo, top = bool(body.echo), body.logprobs
+        if body.max_tokens == 0 and not echo:
             raise ApiError(
                 400,
-                "'prompt' must be one non-empty string or one list of token ids in "
-                f"[0, {engine.config.vocab_size}) (send several prompts as several requests)",
-                "prompt",
+                "'max_tokens' = 0 generates nothing: send it with 'echo': true to score the prompt",
+                "max_tokens",
                 "invalid_value",
             )
-        job, params, stream, include_usage = await start(body, ids, "cmpl", "prompt")
-        texts = [[] for _ in range(params.n)]
+        batch, names = completion_prompts(body.prompt, engine.config.vocab_size)
+        prompts = []
+        for item, name in zip(batch, names):
+            if isinstance(item, str):  # text, not control tokens: only BOS is added
+                prompts.append(await encode(tokenizer.encode_plain, item, True, text=BOS + item, param=name))
+            else:
+                prompts.append(list(item))
+        job, params, stream, include_usage = await start(
+            body, prompts, "cmpl", names, logprobs=top, prompt_logprobs=top if echo else None
+        )
+        n = params.n
+        echoed = [tokenizer.decode(ids) if echo else "" for ids in prompts]
         head = {"id": job.request_id, "object": "text_completion", "created": job.created, "model": model_name}
 
         def chunk(choices: list, usage=None) -> dict:
             return {**head, "choices": choices, **({"usage": usage} if include_usage else {})}
 
+        def prompt_logprobs(p: int) -> dict:
+            scored, offsets = job.prompt_logprobs[p], TextOffsets(strings)
+            at = [offsets.add(t) for t in prompts[p]]
+            return completion_logprobs(strings, prompts[p], scored.logprobs, scored.top_logprobs, at)
+
         if stream:
+            cursors: dict[int, TextOffsets] = {}  # per choice, from its first event on
 
             def render(event: StreamEvent):
+                i, p = event.index, event.index // n
+                text, parts = event.text, []
+                if i not in cursors:  # the choice's first event: the echo comes first
+                    cursors[i] = TextOffsets(strings, len(echoed[p]))
+                    text = echoed[p] + text
+                    if echo and top is not None:
+                        parts.append(prompt_logprobs(p))
+                if top is not None and event.token_id is not None:
+                    at = [cursors[i].add(event.token_id)]
+                    parts.append(
+                        completion_logprobs(strings, [event.token_id], [event.logprob], [event.top_logprobs], at)
+                    )
                 finish = _finish_reason(event.finish_reason)
-                if event.text or finish:
-                    yield chunk([{"index": event.index, "text": event.text, "logprobs": None, "finish_reason": finish}])
+                if text or finish or parts:
+                    logprobs = join_logprobs(parts) if parts else None
+                    yield chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}])
 
             return _EventStream(stream_events(job, include_usage, render, chunk), lambda: finish(job))
 
+        texts = [[] for _ in range(job.choices)]
         await collect(job, request, lambda e: texts[e.index].append(e.text))
-        choices = [
-            {
-                "index": i,
-                "text": "".join(texts[i]),
-                "logprobs": None,
-                "finish_reason": _finish_reason(job.outputs[i].finish_reason),
-            }
-            for i in range(params.n)
-        ]
+
+        def logprobs_of(i: int, text: str) -> dict | None:
+            if top is None:
+                return None
+            p, out = i // n, job.outputs[i]
+            offsets = TextOffsets(strings, len(echoed[p]))
+            at = [min(offsets.add(t), len(text)) for t in out.token_ids]
+            made = completion_logprobs(strings, out.token_ids, out.logprobs, out.top_logprobs, at)
+            return join_logprobs([prompt_logprobs(p), made]) if echo else made
+
+        choices = []
+        for i in range(job.choices):
+            text = echoed[i // n] + "".join(texts[i])
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": logprobs_of(i, text),
+                    "finish_reason": _finish_reason(job.outputs[i].finish_reason),
+                }
+            )
         return {**head, "choices": choices, "usage": job.usage()}
 
     return app

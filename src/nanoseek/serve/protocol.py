@@ -5,6 +5,9 @@ not implement are refused with a 400 naming them ("'response_format' is not supp
 server") unless they are left at their neutral value (`presence_penalty: 0` asks for nothing);
 a key OpenAI does not define is refused too, as OpenAI refuses it. Nothing is silently ignored.
 Two extensions: `top_k` and `max_reasoning_tokens` (a budget for the thinking part).
+Log-probabilities are the engine's (nanoseek.serve.logprobs writes them): chat's `logprobs` /
+`top_logprobs`, and the completions API's `logprobs` (top-n per token) with `echo`, where
+`max_tokens: 0` scores the prompt without generating, as evaluation harnesses ask.
 
 Every error is an OpenAI-style body, `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -21,6 +24,7 @@ from pydantic_core import PydanticCustomError
 from nanoseek.errors import dotted_location
 
 MAX_N = 16
+MAX_LOGPROBS = 20  # top-n log-probs per token: OpenAI's bound for chat, and vLLM's default for both
 MAX_STOP = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -39,8 +43,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "function_call": ("none",),
     "parallel_tool_calls": (),
     "response_format": ({"type": "text"},),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
@@ -52,7 +54,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "prompt_cache_key": (),
     "safety_identifier": (),
     # completions
-    "echo": (False,),
     "suffix": ("",),
     "best_of": (1,),
 }
@@ -171,8 +172,8 @@ class ChatCompletionRequest(SamplingRequest):
     function_call: Any = None
     parallel_tool_calls: Any = None
     response_format: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with logprobs: the likeliest per token
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -190,9 +191,12 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Any = None  # one string or one list of token ids: checked against the vocabulary by the server
-    logprobs: Any = None
-    echo: Any = None
+    # A string, a list of strings, a list of token ids or a list of token-id lists (a batch):
+    # read by the server, which checks the ids against the vocabulary.
+    prompt: Any = None
+    max_tokens: int | None = Field(None, ge=0)  # 0, with echo: score the prompt only
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the likeliest per token, and the chosen one
+    echo: bool | None = None  # the prompt before the completion, in the text and in the logprobs
     suffix: Any = None
     best_of: Any = None
 
