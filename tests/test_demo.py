@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from nanoseek.data.chat import R1_ZERO_TEMPLATE
@@ -43,6 +44,14 @@ def test_demo_quick_runs_the_pipeline_and_writes_the_report(tmp_path):
     assert ("## By difficulty" in md) == (len(report["r1_zero"]["by_difficulty"]) > 1)
     for png in report["plots"].values():
         assert (tmp_path / png).stat().st_size > 1000
+    # the cost section: each run's FLOPs and seconds as its summary has them, priced on a rented GPU
+    runs = report["cost"]["runs"]
+    assert [r["run"] for r in runs] == ["pretraining", "GRPO (R1-Zero)"]
+    for r, name in zip(runs, ("pretrain", "grpo")):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert r["flops"] == summary["flops"] > 0 and r["seconds"] == summary["seconds"] > 0
+        assert r["rented_dollars"] == pytest.approx(r["flops"] / (989.4e12 * 0.4) / 3600 * 2)
+    assert "## Cost" in md and "| GRPO (R1-Zero) |" in md
     # both models are Hugging Face directories with their tokenizer, ready for `nanoseek chat`
     for name in ("base", "r1-zero"):
         assert (tmp_path / name / "tokenizer.json").exists() and (tmp_path / name / "config.json").exists()

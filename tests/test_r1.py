@@ -121,6 +121,12 @@ def test_report_has_every_row_and_key(quick):
     md = (out / "report.md").read_text()
     assert "## The two questions" in md and "## Rejection sampling" in md and "R1-Zero and R1 side by side" in md
     assert "| student distilled |" in md
+    # every training run's FLOPs, the demo's two and each stage's, in the cost section
+    runs = {r["run"]: r for r in report["cost"]["runs"]}
+    trained = ("cold-start", "reasoning-rl", "sft", "r1", "student", "student-grpo", "student-distilled")
+    assert set(runs) == {"demo: pretraining", "demo: GRPO (R1-Zero)", *trained, "student-distilled-kl"}
+    assert all(r["flops"] > 0 and r["seconds"] > 0 and r["rented_dollars"] > 0 for r in runs.values())
+    assert "## Cost" in md and "| student-distilled-kl |" in md
 
 
 def test_a_second_run_skips_every_stage(quick):

@@ -121,7 +121,20 @@ def answers(stages: dict, counts: dict) -> dict:
     }
 
 
+def run_dirs(out: Path) -> list[tuple[str, Path]]:
+    """The training runs of the pipeline, in its order: the demo's two, then each stage's (a
+    distillation stage's SFT run is in its sft/)."""
+    from nanoseek.r1 import STAGES
+
+    runs = [("demo: pretraining", out / "demo" / "pretrain"), ("demo: GRPO (R1-Zero)", out / "demo" / "grpo")]
+    for stage in STAGES:
+        run = out / "train" / stage
+        runs.append((stage, run / "sft" if (run / "sft" / "summary.json").exists() else run))
+    return runs
+
+
 def write_r1_report(pipeline) -> Path:
+    from nanoseek.cost import RENTED, run_costs
     from nanoseek.r1 import ROWS
 
     out, plan = pipeline.out, pipeline.plan
@@ -165,6 +178,7 @@ def write_r1_report(pipeline) -> Path:
         "samples": side_by_side,
         "plan": {k: v for k, v in vars(plan).items()},
         "seconds": {name: info.get("seconds") for name, info in pipeline.stages.items()},
+        "cost": {"rented": RENTED, "runs": run_costs(run_dirs(out))},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n")
     md = out / "report.md"
@@ -271,6 +285,9 @@ def markdown(report: dict, pipeline) -> str:
                 "```",
                 "",
             ]
+    from nanoseek.cost import cost_markdown
+
+    lines += cost_markdown(report["cost"]["runs"])
     from_dir = pipeline.args.from_dir
     lines += [
         "## Reproduce",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nanoseek import cost
 from nanoseek.train.metrics import read_metrics
 
 ROWS = [  # (key, label, kind)
@@ -84,6 +85,7 @@ def write_report(
             plots[name] = str(Path("grpo") / name)
     if (out / "pretrain" / "loss.png").exists():
         plots["pretrain_loss.png"] = str(Path("pretrain") / "loss.png")
+    costs = cost.run_costs([("pretraining", out / "pretrain"), ("GRPO (R1-Zero)", out / "grpo")])
     report = {
         "task": task,
         "task_options": task_options,
@@ -104,6 +106,7 @@ def write_report(
         "grpo": rl_config,
         "plan": plan,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "cost": {"rented": cost.RENTED, "runs": costs},
         "plots": plots,
         "models": {"base": "base", "r1_zero": "r1-zero"},
         "samples": samples[: SAMPLES_SHOWN * 4],
@@ -142,6 +145,7 @@ def write_report(
         "- Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".",
         "",
         *_by_difficulty(before, after),
+        *cost.cost_markdown(costs),
         "## Curves",
         "",
     ]

@@ -72,6 +72,25 @@ def test_training_loop_logs_every_metric(tokenizer):
     assert trainer.state_dict()["position"] == 4
 
 
+def test_steps_count_their_tokens_and_flops(tokenizer):
+    """Each step adds its rollouts' prompt and completion tokens and nanoseek.cost's FLOPs of them:
+    generation, mu = 2 training passes, the old policy's and the reference's forwards."""
+    from nanoseek import cost
+
+    trainer = make_trainer(tokenizer, beta=0.04, mu=2)
+    rollouts, rollout = [], trainer.rollout
+    trainer.rollout = lambda rows: rollouts.append(rollout(rows)) or rollouts[-1]
+    history = trainer.train(2, progress=False)
+    flops, tokens = 0.0, 0
+    for (prompt_ids, completions), m in zip(rollouts, history):
+        lens = [[len(o.token_ids) for o in group] for group in completions]
+        flops += cost.grpo_step_flops(trainer.model.config, [len(p) for p in prompt_ids], lens, [0, 1], 2, 2)
+        tokens += sum(map(len, prompt_ids)) + sum(map(sum, lens))
+        assert m["flops"] == pytest.approx(flops) and m["tokens"] == tokens
+    assert history[1]["elapsed_s"] > history[0]["elapsed_s"] > 0
+    assert trainer.state_dict()["flops"] == history[-1]["flops"] > 0
+
+
 def test_reward_fn_columns_and_bad_config(tokenizer):
     seen = {}
 

@@ -148,7 +148,10 @@ def test_cli_runs_and_fails_with_one_line(base, tmp_path):
     done = run_cli("grpo", "--out", str(tmp_path / "cli"), "--set", *sets)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cli" / "hf" / "tokenizer.json").exists()
-    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 1
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert summary["steps"] == 1
+    record = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["flops"] == record["flops"] > 0 and summary["tokens"] == record["tokens"] > 0
     bad = run_cli("grpo", "--out", str(tmp_path / "bad"), "--set", *sets, "loss_type=ppo")
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "--set loss_type=ppo: config key 'loss_type'" in bad.stderr

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from nanoseek import storage
+from nanoseek import cost, storage
+from nanoseek.config import ModelConfig
 from nanoseek.data.stream import IGNORE_INDEX
 from nanoseek.errors import NanoseekError
 from nanoseek.io.hf import load_pretrained
@@ -107,7 +108,13 @@ def test_outputs_and_hf_export(tmp_path, data):
         assert (out / name).exists(), name
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     record = read_metrics(out / "metrics.jsonl")[-1]
-    assert {"step", "loss", "loss_mtp", "lr", "expert_load", "tokens_per_s"} <= set(record)
+    assert {"step", "loss", "loss_mtp", "lr", "expert_load", "tokens_per_s", "flops"} <= set(record)
+    # FLOPs: the tokens so far x nanoseek.cost's count for 64-token rows, the MTP module's loss on.
+    per_token = cost.flops_per_token(ModelConfig.from_hf(out / "hf"), 64)
+    assert per_token > cost.flops_per_token(ModelConfig.from_hf(out / "hf"), 64, mtp=False)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "event" not in r]
+    assert [r["flops"] for r in records] == [r["tokens"] * per_token for r in records]
+    assert summary["flops"] == summary["tokens"] * per_token == 8 * 8 * 64 * per_token
     # The HF export holds the trained weights, routing biases included.
     model = load_pretrained(out / "hf")
     from nanoseek.train.checkpoint import list_checkpoints, read_checkpoint

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from nanoseek import storage
+from nanoseek import cost, storage
 from nanoseek.data.chat import R1_ZERO_TEMPLATE, template_format
 from nanoseek.dense import DenseConfig, KVCache
 from nanoseek.device import DTYPES, model_device, resolve_device, resolve_dtype
@@ -143,6 +143,8 @@ class GRPOTrainer:
         self.step_count = 0
         self.position = 0  # next prompt in this epoch's order
         self.epoch = 0
+        # Rollout and training tokens, their FLOPs (nanoseek.cost.grpo_step_flops) and seconds, all steps.
+        self.tokens, self.flops, self.elapsed = 0, 0.0, 0.0
         self.history: list[dict] = []
 
     # ---- data --------------------------------------------------------------------------
@@ -373,7 +375,15 @@ class GRPOTrainer:
         self.step_count += 1
         if self.ref_model is not None and c.ref_refresh_every and self.step_count % c.ref_refresh_every == 0:
             self.ref_model.load_state_dict(self.model.state_dict())
+        prompt_lens = [len(p) for p in prompt_ids]
+        forwards = int(c.mu > 1) + int(self.ref_model is not None)  # old policy's and reference's log-probs
+        self.tokens += sum(prompt_lens) + sum(lengths)
+        self.flops += cost.grpo_step_flops(
+            self.model.config, prompt_lens, [[len(o.token_ids) for o in g] for g in completions], keep, c.mu, forwards
+        )
+        self.elapsed += time.perf_counter() - t0
         metrics.update(train_stats, groups_used=len(keep), gen_seconds=t_gen, train_seconds=time.perf_counter() - t1)
+        metrics.update(tokens=self.tokens, flops=self.flops, elapsed_s=self.elapsed)
         self.history.append(metrics)
         return metrics
 
@@ -406,10 +416,20 @@ class GRPOTrainer:
 
     # ---- checkpoints (the layout of pretraining's: train/checkpoint.py) ------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "position": self.position, "epoch": self.epoch}
+        return {
+            "step": self.step_count,
+            "position": self.position,
+            "epoch": self.epoch,
+            "tokens": self.tokens,
+            "flops": self.flops,
+            "elapsed": self.elapsed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count, self.position, self.epoch = state["step"], state["position"], state["epoch"]
+        # a checkpoint of an older nanoseek counted none of these: they count from here
+        self.tokens, self.flops = state.get("tokens", 0), state.get("flops", 0.0)
+        self.elapsed = state.get("elapsed", 0.0)
 
     def _tensors(self) -> tuple[dict, dict]:
         model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, distributed.Context())
@@ -615,7 +635,15 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
             # serve and generate then prompt it that way); another template keeps the tokenizer's.
             tokenizer.save_pretrained(tmp, prompt_format=template_format(cfg.template))
         plots = plot_grpo(out / "metrics.jsonl", out)
-        summary = {"stage": "grpo", "steps": trainer.step_count, "hf": str(hf), "plots": [str(p) for p in plots]}
+        summary = {
+            "stage": "grpo",
+            "steps": trainer.step_count,
+            "tokens": trainer.tokens,
+            "flops": trainer.flops,
+            "seconds": round(trainer.elapsed, 2),
+            "hf": str(hf),
+            "plots": [str(p) for p in plots],
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"grpo: {trainer.step_count} steps; model in {hf}", file=sys.stderr)
     return summary

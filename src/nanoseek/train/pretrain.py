@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek import storage
+from nanoseek import cost, storage
 from nanoseek.config import ModelConfig
 from nanoseek.data.stream import IGNORE_INDEX
 from nanoseek.dense import DenseConfig, DenseTransformer, count_dense_parameters
@@ -278,6 +278,7 @@ class Run:
         self.data = self.make_data()
         self.step = 0
         self.tokens = 0
+        self.flops = 0.0  # nanoseek.cost's count: tokens x flops_per_token at each step's row length
         self.elapsed = 0.0
         self.streak = 0  # steps with non-finite values in a row
         # The checkpoint that non-finite values last rolled back to, until a newer one is written:
@@ -328,6 +329,7 @@ class Run:
             "guard": self.guard.state_dict(),
             "rng": ckpt.rng_state(),
             "tokens": self.tokens,
+            "flops": self.flops,
             "elapsed": self.elapsed,
             "world_size": self.ctx.world_size,
         }
@@ -369,8 +371,14 @@ class Run:
         if data:
             self.data.load_state_dict(c.state["data"])
         self.step, self.tokens, self.elapsed = c.step, c.state["tokens"], c.state["elapsed"]
+        # a checkpoint of an older nanoseek has no flops: its tokens at the configured length
+        self.flops = c.state.get("flops", self.tokens * self.flops_per_token(self.cfg.seq_len))
 
     # ---- one step ----------------------------------------------------------------------
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of rows of `seq_len` tokens (nanoseek.cost), MTP counted when its loss runs."""
+        return cost.flops_per_token(self.model_config, seq_len, mtp=self.objective.mtp)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, teacher: tuple | None = None) -> dict:
         """Forward and backward over this rank's rows; returns the global losses and loads.
         `teacher`: (top_ids, top_logprobs) at each target, for SFT's distill_kl term."""
@@ -420,6 +428,7 @@ class Run:
             "balance": (sums[-1] / cfg.batch_size).item(),
             "loads": loads,
             "tokens": int(x.numel()) * ctx.world_size,
+            "seq_len": x.shape[1],
         }
         if teacher is not None:
             result["kl"] = (sums[-2] / counts[-1]).item()
@@ -463,6 +472,7 @@ class Run:
                         self.model.update_routing_bias(list(result["loads"]), cfg.bias_gamma)
                 self.step += 1
                 self.tokens += result["tokens"]
+                self.flops += result["tokens"] * self.flops_per_token(result["seq_len"])
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 if nonfinite is None:
@@ -484,6 +494,7 @@ class Run:
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens": self.tokens,
+                        "flops": self.flops,
                         "tokens_per_s": result["tokens"] / dt,
                         "elapsed_s": self.elapsed,
                     }
@@ -594,6 +605,7 @@ class Run:
                 "stage": self.stage,
                 "steps": self.step,
                 "tokens": self.tokens,
+                "flops": self.flops,
                 "seconds": round(self.elapsed, 2),
                 "loss_first": records[0]["loss"] if records else first_loss,
                 "loss_last": records[-1]["loss"] if records else None,
