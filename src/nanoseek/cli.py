@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanoseek import bench, demo, distill, r1
+from nanoseek import bench, cost, demo, distill, eval_cli, r1
 from nanoseek.data import cli as data_cli
 from nanoseek.errors import NanoseekError
 from nanoseek.infer import cli as infer_cli
@@ -15,7 +15,7 @@ from nanoseek.serve import cli as serve_cli
 from nanoseek.train import cli as train_cli
 
 # Each module's `register(subparsers)` adds its subcommands; each sets `func(args) -> int | None`.
-COMMAND_MODULES = [demo, r1, distill, io_cli, convert, data_cli, train_cli, infer_cli, serve_cli, bench]
+COMMAND_MODULES = [demo, r1, distill, eval_cli, cost, io_cli, convert, data_cli, train_cli, infer_cli, serve_cli, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

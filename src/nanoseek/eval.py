@@ -18,12 +18,18 @@ readability, the share of samples in the readable format with a summary
 (`rewards.readability_reward`, which expects no reasoning for a question asked without
 thinking, `meta["reasoning"]` False). The format rate reads the template's answer format:
 <answer> tags when the template asks for them (R1-Zero's), any answer after </think> otherwise.
+
+The engine is nanoseek.infer.Engine or anything shaped like its `generate`: one result per prompt
+whose `outputs` have `text`, `reasoning`, `answer`, `reasoning_tokens` and the tokens, as
+`token_ids` or, for an OpenAI-compatible endpoint whose replies count tokens without giving
+them, `num_tokens` (`nanoseek eval --base-url`, nanoseek.eval_cli.ClientEngine).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -97,6 +103,8 @@ class EvalResult:
     readability: float = 0.0  # samples in the readable format: reasoning, then a summary and the answer
     # {difficulty: {"problems", "pass_at_1", "thinking_len"}}: longer thinking on harder problems?
     by_difficulty: dict = dataclasses.field(default_factory=dict)
+    tokens: int = 0  # completion tokens of all samples
+    seconds: float = 0.0  # wall time of the evaluation: sampling and scoring
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,15 +121,19 @@ def evaluate(
     top_p: float = 0.95,
     seed: int = 0,
     samples_out: list | None = None,
+    answer_tags: bool | None = None,
 ) -> EvalResult:
     """Sample k completions per problem from `template` (with a {prompt} field) and score them
-    with the task's reward."""
+    with the task's reward. `answer_tags`: whether the format rate requires <answer> tags (None:
+    when the template asks for them). `samples_out` gets one dict per sample."""
     from nanoseek.infer import SamplingParams
     from nanoseek.rewards import format_reward, language_reward, readability_reward
 
+    start = time.perf_counter()
     params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
     think_opened = prompt_opens_reasoning(template)
-    answer_tags = "</answer>" in template
+    if answer_tags is None:
+        answer_tags = "</answer>" in template
     results = engine.generate([template.format(prompt=p.prompt) for p in problems], params)
     correct = total_len = think_len = thinking = think_right = direct_right = formatted = 0
     pass_k = cons = consistency = readable = 0.0
@@ -136,7 +148,8 @@ def evaluate(
         for o in res.outputs:
             right = task.reward(o.text, problem) > 0.5
             c += right
-            total_len += len(o.token_ids)
+            tokens = completion_tokens(o)
+            total_len += tokens
             think_len += o.reasoning_tokens
             formatted += format_reward(o.text, think_opened, answer_tags) > 0.5
             readable += readability_reward(o.text, think_opened, reasoning_expected)
@@ -148,7 +161,16 @@ def evaluate(
                 direct_right += right
             if samples_out is not None:
                 samples_out.append(
-                    {"prompt": problem.prompt, "answer": problem.answer, "completion": o.text, "correct": bool(right)}
+                    {
+                        "prompt": problem.prompt,
+                        "answer": problem.answer,
+                        "completion": o.text,
+                        "reasoning": o.reasoning,
+                        "correct": bool(right),
+                        "tokens": tokens,
+                        "reasoning_tokens": o.reasoning_tokens,
+                        "difficulty": problem.difficulty,
+                    }
                 )
         correct += c
         level["right"] += c
@@ -179,4 +201,13 @@ def evaluate(
             }
             for d, v in sorted(by.items())
         },
+        tokens=total_len,
+        seconds=time.perf_counter() - start,
     )
+
+
+def completion_tokens(output) -> int:
+    """A sample's completion tokens: its `num_tokens` when it has them (an endpoint's reply),
+    else the length of its `token_ids`."""
+    n = getattr(output, "num_tokens", None)
+    return len(output.token_ids) if n is None else n
