@@ -260,3 +260,10 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(quick):
     assert "[9/11] student-distilled: running" in r.stderr and "[10/11] student-distilled-kl: running" in r.stderr
     assert "student-distilled/sft" in r.stderr and "student-distilled-kl/sft/checkpoints" not in r.stderr
     assert (out / "stages" / "student-distilled-kl.json").exists() and (out / "report.json").exists()
+    # --redo: that stage starts over too (no resuming its own finished run), the earlier ones stay
+    r = run("r1", "--quick", "--out", str(out), "--redo", "student-distilled-kl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[10/11] student-distilled-kl: running" in r.stderr and "[9/11] student-distilled: done earlier" in r.stderr
+    assert "resuming" not in r.stderr and (out / "stages" / "student-distilled-kl.json").exists()
+    r = run("r1", "--quick", "--out", str(out), "--redo", "nope")
+    assert r.returncode == 2 and "invalid choice: 'nope'" in r.stderr

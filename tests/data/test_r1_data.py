@@ -55,7 +55,7 @@ def test_cold_start_solutions_are_readable_right_and_in_the_prompts_language(tas
 def test_summary_and_answer_of_a_chain_problem(task):
     problem = task.sample(1, "train", 3)[0]
     expression = problem.prompt.rsplit(". ", 1)[1]
-    assert summary(problem) == f"{expression}={problem.answer}."
+    assert summary(problem) == f"{problem.answer} = {expression}."
     assert readable_answer(problem).endswith(f"\\boxed{{{problem.answer}}}")
 
 
@@ -72,9 +72,9 @@ def test_verdict_names_the_first_failed_test(task):
     assert verdict(chat_completion(worked, f"\\boxed{{{problem.answer}}}"), problem, task, True) == "unreadable"
     # a summary of another problem: the question restated with one more name
     expression = problem.prompt.rsplit(". ", 1)[1]
-    other = f"{expression}+x={problem.answer}. \\boxed{{{problem.answer}}}"
+    other = f"{problem.answer} = {expression}+x. \\boxed{{{problem.answer}}}"
     assert verdict(chat_completion(worked, other), problem, task, True) == "unreadable"
-    shorter = f"{expression.split('+', 1)[1]}={problem.answer}. \\boxed{{{problem.answer}}}"
+    shorter = f"{problem.answer} = {expression.split('+', 1)[1]}. \\boxed{{{problem.answer}}}"
     assert verdict(chat_completion(worked, shorter), problem, task, True) == "unreadable"
     # switched to Latin names midway: right and readable, but two languages
     mixed = task.worked(problem, switch_at=1)

@@ -36,10 +36,12 @@ REASONS = ("wrong", "malformed", "unreadable", "mixed_language", "duplicate")
 
 
 def summary(problem: Problem) -> str:
-    """A one-line summary of the solution: chain's expression and its value ("a+b+c=6."),
-    for other tasks a sentence with the result."""
+    """A one-line summary of the solution: the result, then for chain the expression it is the
+    value of ("6 = a+b+c."), for other tasks a sentence. The result comes first, right after
+    the reasoning that ends in it: written after the expression ("a+b+c=6."), the 4-layer models
+    copied the expression right and then lost the value (26 of 34 wrong cold-start samples)."""
     if problem.task == "chain" and ". " in problem.prompt:
-        return f"{problem.prompt.rsplit('. ', 1)[1]}={problem.answer}."
+        return f"{problem.answer} = {problem.prompt.rsplit('. ', 1)[1]}."
     return f"The result is {problem.answer}."
 
 
