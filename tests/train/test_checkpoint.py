@@ -250,3 +250,26 @@ def test_other_write_errors_pass_unchanged_and_leave_no_partial_directory(tmp_pa
     with pytest.raises(ValueError, match="a bug"):
         _save(tmp_path, 2)
     assert _entries(tmp_path) == ["step-00000001"]
+
+
+def _written_before(out, key: str) -> None:
+    """Every checkpoint of `out` as an older nanoseek wrote it: without the run option `key`."""
+    for path in ckpt.list_checkpoints(out):
+        meta = path / "trainer.json"
+        state = json.loads(meta.read_text())
+        del state["config"][key]
+        meta.write_text(json.dumps(state))
+
+
+def test_an_older_checkpoint_resumes_when_a_new_option_is_at_its_default(tmp_path, data, finished, capsys):
+    """A run written before `spike_factor` existed resumes with it at its default (2.0, taken as
+    what the older code did) and is refused, naming it, with any other value."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    _written_before(out, "spike_factor")
+    args = ["pretrain", "--out", str(out), "--resume", "--set", *data_args(data), *SMALL_MODEL, *FAST]
+    code = main([*args, "steps=9", "checkpoint_every=3", "spike_factor=3.0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different config: spike_factor '<absent>' (checkpoint) vs 3.0 (now)" in err, err
+    assert main([*args, "steps=9", "checkpoint_every=3"]) == 0, capsys.readouterr().err
+    assert ckpt.list_checkpoints(out)[-1].name.endswith("9")

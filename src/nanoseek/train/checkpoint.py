@@ -311,25 +311,54 @@ def jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def check_compatible(
-    ckpt: Checkpoint, config: dict, model_config: dict, resumable: tuple[str, ...], shapes: dict[str, tuple[int, ...]]
-) -> None:
-    """Raise if the checkpoint was written by another configuration or for another model."""
+def config_defaults(cls) -> dict:
+    """A pydantic config class's default values as JSON, the way `to_dict` writes them (fields
+    without a default left out)."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        if field.is_required():
+            continue
+        value = field.get_default(call_default_factory=True)
+        out[name] = (
+            value.model_dump(mode="json")
+            if hasattr(value, "model_dump")
+            else json.loads(json.dumps(value, default=str))
+        )
+    return out
 
-    def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
+
+def check_compatible(
+    ckpt: Checkpoint,
+    config: dict,
+    model_config: dict,
+    resumable: tuple[str, ...],
+    shapes: dict[str, tuple[int, ...]],
+    defaults: dict | None = None,
+) -> None:
+    """Raise if the checkpoint was written by another configuration or for another model. A run
+    option the checkpoint does not record (written before the option existed) counts as equal when
+    this run leaves it at its default in `defaults`, what the older code did."""
+    _absent = object()
+
+    def differences(saved: dict, now: dict, skip=(), prefix="", default: dict | None = None) -> list[str]:
         out = []
+        default = default or {}
         for key in sorted(set(saved) | set(now)):
             if key in skip:
                 continue
-            a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+            a, b = saved.get(key, _absent), now.get(key, _absent)
+            if a is _absent and key in default and b == default[key]:
+                continue
             if isinstance(a, dict) and isinstance(b, dict):
-                out += differences(a, b, (), f"{prefix}{key}.")
+                sub = default.get(key) if isinstance(default.get(key), dict) else None
+                out += differences(a, b, (), f"{prefix}{key}.", sub)
             elif a != b:
-                out.append(f"{prefix}{key} {a!r} (checkpoint) vs {b!r} (now)")
+                shown = ["<absent>" if v is _absent else v for v in (a, b)]
+                out.append(f"{prefix}{key} {shown[0]!r} (checkpoint) vs {shown[1]!r} (now)")
         return out
 
     diff = differences(ckpt.state.get("model_config", {}), model_config, prefix="model.")
-    diff += differences(ckpt.state.get("config", {}), config, skip=resumable)
+    diff += differences(ckpt.state.get("config", {}), config, skip=resumable, default=defaults)
     if diff:
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise NanoseekError(f"{ckpt.path}: checkpoint was written with a different config: {'; '.join(diff[:3])}{more}")

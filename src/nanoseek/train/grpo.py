@@ -462,7 +462,9 @@ class GRPOTrainer:
         shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         if self.ref_model is not None:
             shapes.update({f"ref.{k}": shape for k, shape in shapes.items()})
-        ckpt.check_compatible(c, *self._configs(), RESUMABLE_KEYS, shapes)
+        ckpt.check_compatible(
+            c, *self._configs(), RESUMABLE_KEYS, shapes, defaults=ckpt.config_defaults(type(self.config))
+        )
         distributed.load_full_state(
             self.model, self.optimizer, {k: v for k, v in c.model.items() if not k.startswith("ref.")}, c.optimizer
         )

@@ -359,7 +359,14 @@ class Run:
     def verify(self, path: Path) -> ckpt.Checkpoint:
         c = ckpt.read_checkpoint(path)
         shapes = {name: tuple(t.shape) for name, t in _full_shapes(self.model_config).items()}
-        ckpt.check_compatible(c, self.cfg.to_dict(), ckpt.jsonable(self.model_config.__dict__), RESUMABLE_KEYS, shapes)
+        ckpt.check_compatible(
+            c,
+            self.cfg.to_dict(),
+            ckpt.jsonable(self.model_config.__dict__),
+            RESUMABLE_KEYS,
+            shapes,
+            defaults=ckpt.config_defaults(type(self.cfg)),
+        )
         if c.state.get("stage") != self.stage:
             raise NanoseekError(f"{path}: checkpoint of a {c.state.get('stage')} run, not {self.stage}")
         return c
