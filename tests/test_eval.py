@@ -170,3 +170,43 @@ def test_evaluate_measures_language_consistency_and_readability(tokenizer, monke
     engine = scripted_engine(tokenizer, monkeypatch, {(chat_ids, 0): texts[0]})
     result = evaluate(engine, task, [latin], chat, k=1, max_tokens=64)
     assert result.language_consistency is None and result.readability == 0.0 and result.thinking_share == 0.0
+
+
+@pytest.mark.parametrize(
+    "reasoning, expected",
+    [
+        ("a=3,b=5:3+5=7 wait, 3+5=8", True),
+        ("Wait, let me re-evaluate this step", True),
+        ("let me verify: 8-5=3", True),
+        ("recheck the sum", True),
+        ("a=3,b=5:3+5=8", False),
+        ("await the result", False),
+        ("waiting", False),
+        ("", False),
+    ],
+)
+def test_reflects_is_a_pinned_detector(reasoning, expected):
+    from nanoseek.eval import reflects
+
+    assert reflects(reasoning) is expected
+
+
+def test_reflection_share_and_accuracy(tokenizer, monkeypatch):
+    task = tasks.get("arith")
+    problems = task.sample(2, "test", seed=5)
+
+    def samples(p):  # reflects and right, reflects and wrong, plain right, plain wrong
+        wrong = int(p.answer) + 1
+        return [
+            f" <think>{p.solution} wait, {p.solution}</think> <answer>{p.answer}</answer>",
+            f" <think>{p.solution} wait, no</think> <answer>{wrong}</answer>",
+            f" <think>{p.solution}</think> <answer>{p.answer}</answer>",
+            f" <think>{p.solution}</think> <answer>{wrong}</answer>",
+        ]
+
+    prompts = {p.prompt: tokenizer.encode(R1_ZERO_TEMPLATE.format(prompt=p.prompt), bos=True) for p in problems}
+    scripts = {(tuple(prompts[p.prompt]), i): text for p in problems for i, text in enumerate(samples(p))}
+    result = evaluate(scripted_engine(tokenizer, monkeypatch, scripts), task, problems, R1_ZERO_TEMPLATE, k=4)
+    assert result.pass_at_1 == 0.5
+    assert result.reflection_share == 0.5 and result.reflection_accuracy == 0.5
+    assert all(level["reflection_share"] == 0.5 for level in result.by_difficulty.values())

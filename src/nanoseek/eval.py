@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -71,6 +72,17 @@ def consensus(engine, prompts: list, k: int, sampling_params=None, key=None) -> 
     return [majority_vote([o.answer for o in r.outputs], key) for r in engine.generate(prompts, params)]
 
 
+# R1-Zero's "aha moment" (R1 paper, Table 3): the model stops, re-checks and corrects itself.
+# A sample reflects when its reasoning has one of these words or phrases, whole, in any case.
+REFLECTION = re.compile(r"\b(wait|re-?check|re-?evaluate|let me (?:check|verify))\b", re.IGNORECASE)
+
+
+def reflects(reasoning: str) -> bool:
+    """Does this reasoning stop to re-check itself? "3+5=7 wait, 3+5=8" and "Wait, let me
+    re-evaluate" do; "await" and "a=3,b=5:3+5=8" do not."""
+    return bool(reasoning) and REFLECTION.search(reasoning) is not None
+
+
 def task_language(task, problem) -> str:
     """The problem's language: its meta's, else what the task reads from its prompt (chain's
     names), else "en"."""
@@ -101,6 +113,8 @@ class EvalResult:
     # share of the reasoning in the problem's language, over samples with reasoning (None: none had any)
     language_consistency: float | None = None
     readability: float = 0.0  # samples in the readable format: reasoning, then a summary and the answer
+    reflection_share: float = 0.0  # samples whose reasoning re-checks itself (`reflects`)
+    reflection_accuracy: float | None = None  # accuracy of those samples (None: no sample reflects)
     # {difficulty: {"problems", "pass_at_1", "thinking_len"}}: longer thinking on harder problems?
     by_difficulty: dict = dataclasses.field(default_factory=dict)
     tokens: int = 0  # completion tokens of all samples
@@ -136,11 +150,12 @@ def evaluate(
         answer_tags = "</answer>" in template
     results = engine.generate([template.format(prompt=p.prompt) for p in problems], params)
     correct = total_len = think_len = thinking = think_right = direct_right = formatted = 0
+    reflecting = reflect_right = 0
     pass_k = cons = consistency = readable = 0.0
     by: dict = {}
     for problem, res in zip(problems, results):
         c = 0
-        level = by.setdefault(problem.difficulty, {"problems": 0, "right": 0, "thinking": 0})
+        level = by.setdefault(problem.difficulty, {"problems": 0, "right": 0, "thinking": 0, "reflecting": 0})
         level["problems"] += 1
         level["thinking"] += sum(o.reasoning_tokens for o in res.outputs)
         language = task_language(task, problem)
@@ -153,6 +168,10 @@ def evaluate(
             think_len += o.reasoning_tokens
             formatted += format_reward(o.text, think_opened, answer_tags) > 0.5
             readable += readability_reward(o.text, think_opened, reasoning_expected)
+            if reflects(o.reasoning):
+                reflecting += 1
+                reflect_right += right
+                level["reflecting"] += 1
             if o.reasoning:
                 thinking += 1
                 think_right += right
@@ -193,11 +212,14 @@ def evaluate(
         format_rate=formatted / n,
         language_consistency=consistency / thinking if thinking else None,
         readability=readable / n,
+        reflection_share=reflecting / n,
+        reflection_accuracy=reflect_right / reflecting if reflecting else None,
         by_difficulty={
             d: {
                 "problems": v["problems"],
                 "pass_at_1": v["right"] / (v["problems"] * k),
                 "thinking_len": v["thinking"] / (v["problems"] * k),
+                "reflection_share": v["reflecting"] / (v["problems"] * k),
             }
             for d, v in sorted(by.items())
         },

@@ -53,6 +53,8 @@ ROWS = [  # (key, label, kind): the table of `nanoseek eval`, results.md and --c
     ("thinking_share", "samples that reason", "pct"),
     ("thinking_accuracy", "accuracy reasoning", "pct"),
     ("direct_accuracy", "accuracy direct", "pct"),
+    ("reflection_share", "samples that re-check", "pct"),
+    ("reflection_accuracy", "accuracy re-checking", "pct"),
     ("response_len", "response length", "num"),
     ("thinking_len", "thinking length", "num"),
     ("tokens", "completion tokens", "int"),

@@ -30,6 +30,11 @@ mid-solution, at a uniform value j in [1, n-1] of a problem of n >= 2 values
 languages. A model pretrained on it mixes languages in its own reasoning, the readability
 problem of R1-Zero that R1's language-consistency reward measures. With `switch` 0 nothing
 more is drawn, so a corpus is exactly the one it was before the option existed.
+
+`reflect` > 0 makes that share of the worked solutions (of problems of 2+ values) slip at a
+uniform step and correct it in words (`Chain.worked(problem, slip_at=k)`: "3+5=7 wait,
+3+5=8"), so that a base model knows the move of R1-Zero's "aha moment" but rarely makes it;
+RL rewards only the answer, never the move. With `reflect` 0 nothing more is drawn.
 """
 
 from __future__ import annotations
@@ -80,9 +85,11 @@ def document(
     preamble: bool = True,
     rng: random.Random | None = None,
     switch_at: int | None = None,
+    slip_at: int | None = None,
 ) -> str:
-    """One document of a kind; `switch_at`: the worked solution switches language at that value
-    (`Chain.worked`), for "worked" and "followup" documents."""
+    """One document of a kind; `switch_at`: the worked solution switches language at that value,
+    `slip_at`: it slips at that step and corrects it (`Chain.worked`), for "worked" and
+    "followup" documents."""
     if kind == "plain":
         return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
     if kind == "recall":
@@ -90,10 +97,10 @@ def document(
     if kind == "followup":  # extra[0] asked and answered first, as the history of a chat
         first = r1_zero_prompt(extra[0].prompt, preamble) + completion("", extra[0].answer)
         second = f"\n{R1_ZERO_USER}{problem.prompt}\n{R1_ZERO_ASSISTANT}"
-        return first + second + completion(_worked(task, problem, switch_at), problem.answer)
+        return first + second + completion(_worked(task, problem, switch_at, slip_at), problem.answer)
     prompt = r1_zero_prompt(problem.prompt, preamble)
     if kind == "worked":
-        return prompt + completion(_worked(task, problem, switch_at), problem.answer)
+        return prompt + completion(_worked(task, problem, switch_at, slip_at), problem.answer)
     if kind == "terse":
         return prompt + completion(", ".join(terse(task.steps(problem))), problem.answer)
     if kind == "direct":
@@ -101,8 +108,18 @@ def document(
     raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(KINDS)})")
 
 
-def _worked(task: Task, problem: Problem, switch_at: int | None) -> str:
-    return task.worked(problem) if switch_at is None else task.worked(problem, switch_at=switch_at)
+def _worked(task: Task, problem: Problem, switch_at: int | None, slip_at: int | None = None) -> str:
+    options = {k: v for k, v in (("switch_at", switch_at), ("slip_at", slip_at)) if v is not None}
+    return task.worked(problem, **options)
+
+
+def _slip_at(task: Task, problem: Problem, reflect: float, rng: random.Random) -> int | None:
+    """Where a worked solution slips and corrects itself: in that share of problems with steps,
+    a uniform step k in [0, steps-1]; None for the others."""
+    steps = len(task.steps(problem))
+    if steps < 1 or rng.random() >= reflect:
+        return None
+    return rng.randint(0, steps - 1)
 
 
 def _switch_at(task: Task, problem: Problem, switch: float, rng: random.Random) -> int | None:
@@ -143,12 +160,14 @@ def corpus(
     mix: dict[str, float] | None = None,
     preamble: float = 1.0,
     switch: float = 0.0,
+    reflect: float = 0.0,
 ) -> Iterator[tuple[str, str]]:
     """(kind, text) for n_docs documents in a seeded order. `preamble` is the share of chat
     documents that carry the R1-Zero preamble; the others start at "User:" (the preamble is a
     fifth of a document's tokens, learnt after a few hundred copies). `mix` maps kinds to
     shares in [0, 1] that add up to 1. `switch`: the share of worked solutions (of problems of
-    2+ values) that switch language mid-solution, for a task of two or more languages."""
+    2+ values) that switch language mid-solution, for a task of two or more languages. `reflect`:
+    the share that slip at one step and correct it ("wait"), for chain."""
     if not 0 <= preamble <= 1:
         raise NanoseekError(f"corpus: preamble share {preamble} must be in [0, 1]")
     if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 <= switch <= 1:
@@ -157,6 +176,12 @@ def corpus(
         raise NanoseekError(
             f"corpus: switch share {switch} needs a task of two languages (chain's languages option), "
             f"task {task.name!r} has {list(getattr(task, 'languages', ()))}"
+        )
+    if isinstance(reflect, bool) or not isinstance(reflect, (int, float)) or not 0 <= reflect <= 1:
+        raise NanoseekError(f"corpus: reflect share {reflect!r} must be in [0, 1]")
+    if reflect > 0 and task.name != "chain":
+        raise NanoseekError(
+            f"corpus: reflect share {reflect} needs the chain task (its solutions can slip), not {task.name!r}"
         )
     mix = dict(mix or DEFAULT_MIX)
     unknown = sorted(set(mix) - set(KINDS))
@@ -175,7 +200,13 @@ def corpus(
         switch_at = None  # drawn only when asked for: a default corpus is the one it always was
         if switch > 0 and kind in ("worked", "followup"):
             switch_at = _switch_at(task, problem, switch, rng)
-        yield kind, document(kind, problem, task, extra, preamble=with_preamble, rng=rng, switch_at=switch_at)
+        slip_at = None
+        if reflect > 0 and kind in ("worked", "followup"):
+            slip_at = _slip_at(task, problem, reflect, rng)
+        yield (
+            kind,
+            document(kind, problem, task, extra, preamble=with_preamble, rng=rng, switch_at=switch_at, slip_at=slip_at),
+        )
 
 
 def write_corpus(path: str | Path, docs: Iterator[tuple[str, str]]) -> Counter:

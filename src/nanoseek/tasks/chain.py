@@ -57,6 +57,7 @@ LANGUAGE_NAMES = {"en": string.ascii_lowercase, "el": "αβγδεζηθικλμ�
 _TO_LATIN = str.maketrans(
     {c: NAMES[i] for code, letters in LANGUAGE_NAMES.items() if code != "en" for i, c in enumerate(letters)}
 )
+REFLECTION = "wait"  # the word a solution that slips writes before it corrects the step: "3-1=3 wait, 3-1=2"
 LAST = ". "  # what ends the last binding of a prompt ("a=3,b=-1. a+b") and the last recall of a worked solution
 
 
@@ -188,7 +189,7 @@ class Chain(GeneratedTask):
         rng.shuffle(items)
         return f"{stated}. {','.join(items)}"
 
-    def worked(self, problem: Problem, switch_at: int | None = None) -> str:
+    def worked(self, problem: Problem, switch_at: int | None = None, slip_at: int | None = None) -> str:
         """Each step recalls a value exactly as the prompt binds it, then computes:
         "a=3,b=-1:3-1=2,c=4. 2+4=6" (signed values) or "a=3,b=1:3+1=4,c=4. 4-4=0" (positive
         values under + and -). The recall "c=4" repeats the prompt's tokens, so finding it is
@@ -200,12 +201,25 @@ class Chain(GeneratedTask):
         `switch_at=j` (1 <= j < number of values): the recalls of the values from the j-th on
         (counted from 0) carry the names of the next language of the task's `languages`
         (cyclically), as web text switches language mid-solution: "α=3,β=-1,γ=4. α+β+γ" with
-        switch_at=1 is "α=3,b=-1:3-1=2,c=4. 2+4=6". Values and steps are unchanged."""
+        switch_at=1 is "α=3,b=-1:3-1=2,c=4. 2+4=6". Values and steps are unchanged.
+
+        `slip_at=k` (0 <= k < number of steps): step k first comes out one off, then the solution
+        stops, re-checks and writes it right ("wait", R1-Zero's aha moment in miniature):
+        "a=3,b=-1:3-1=3 wait, 3-1=2,c=4. 2+4=6" (slip_at=0). The steps after it use the right value."""
         values, names, ops = parse(problem.prompt)
         _, steps = solve(values, names, ops)
         shown = list(names)
         if switch_at is not None:
             shown = self._switched(problem, names, switch_at)
+        if slip_at is not None:
+            if isinstance(slip_at, bool) or not isinstance(slip_at, int) or not 0 <= slip_at < len(steps):
+                raise NanoseekError(
+                    f"chain: slip_at {slip_at!r} must be in [0, {len(steps) - 1}] for {problem.prompt!r}"
+                )
+            steps = [str(step) for step in steps]
+            step = steps[slip_at]
+            wrong = int(step.rsplit("=", 1)[1]) + (1 if len(problem.prompt) % 2 else -1)  # one off, either way
+            steps[slip_at] = f"{step.rsplit('=', 1)[0]}={wrong} {REFLECTION}, {step}"
         if not steps:
             return binding(shown[0], values[names[0]])
         out = [binding(shown[0], values[names[0]])]
