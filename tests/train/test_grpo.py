@@ -179,7 +179,7 @@ def test_task_rewards_read_the_templates_answer_format_and_log_language_and_read
     weights = {"accuracy": 1.0, "format": 0.5}
     chat_reward, chat_metrics = task_rewards(task, weights, tokenizer, 64, think_opened=True, answer_tags=False)
     assert chat_reward([""], [CHAT_ANSWER], [problem]) == [1.5]  # the chat answer is well formed
-    assert chat_metrics([""], [CHAT_ANSWER], [problem]) == {"accuracy": [1.0], "format": [1.0]}
+    assert chat_metrics([""], [CHAT_ANSWER], [problem]) == {"accuracy": [1.0], "format": [1.0], "reflection": [0.0]}
     tagged_reward, _ = task_rewards(task, weights, tokenizer, 64, think_opened=True)  # the old default
     assert tagged_reward([""], [CHAT_ANSWER], [problem]) == [1.0]
     zero_reward, _ = task_rewards(task, weights, tokenizer, 64)
@@ -193,7 +193,10 @@ def test_task_rewards_read_the_templates_answer_format_and_log_language_and_read
         "format": [1.0, 0.0],
         "language": [1.0, 0.5],  # "α" of the Greek problem's two names
         "readability": [0.0, 1.0],  # R1-Zero's terse answer has no summary
+        "reflection": [0.0, 0.0],
     }
+    rechecked = " <think>α=3,β=-1. 3-1=3 wait, 3-1=2</think> <answer>2</answer>"
+    assert metrics([""] * 2, [ZERO_ANSWER, rechecked], [problem, greek])["reflection"] == [0.0, 1.0]
     assert reward([""] * 2, [ZERO_ANSWER, switched], [problem, greek]) == [1.5, 1.0 + 0.25 + 0.25]
 
 

@@ -116,7 +116,11 @@ def test_task_rewards_score_real_completions():
     completions = [right, wrong, unformatted]
     problems = [r["problem"] for r in rows]
     assert reward_fn([r["prompt"] for r in rows], completions, problem=problems) == pytest.approx([1.1, 0.1, 1.0])
-    assert metrics_fn(None, completions, problem=problems) == {"accuracy": [1.0, 0.0, 1.0], "format": [1.0, 1.0, 0.0]}
+    assert metrics_fn(None, completions, problem=problems) == {
+        "accuracy": [1.0, 0.0, 1.0],
+        "format": [1.0, 1.0, 0.0],
+        "reflection": [0.0, 0.0, 0.0],
+    }
 
 
 def test_config_errors_name_the_key(base, tmp_path):

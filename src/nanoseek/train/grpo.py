@@ -550,7 +550,9 @@ def task_rewards(
     the template ends inside <think> (the format reward then expects no <think> of the output's);
     `answer_tags`: the template asks for <answer> tags (R1-Zero's), else any answer after
     </think> is well formed (the chat format). The metrics are accuracy and format, and language
-    and readability when they are weighted."""
+    and readability when they are weighted, and the share of samples that reflect (`eval.reflects`)."""
+    from nanoseek.data.reasoning import parse_reasoning
+    from nanoseek.eval import reflects
     from nanoseek.rewards import combined_reward
 
     def scores(completions, problem):
@@ -575,7 +577,10 @@ def task_rewards(
     def metrics_fn(prompts, completions, problem, **_):
         s = scores(completions, problem)
         names = ["accuracy", "format"] + [name for name in ("language", "readability") if weights.get(name)]
-        return {name: [x[name] for x in s] for name in names}
+        out = {name: [x[name] for x in s] for name in names}
+        # R1-Zero's aha moment, watched, never rewarded: the share of samples that re-check themselves
+        out["reflection"] = [float(reflects(parse_reasoning(c, think_opened)[0])) for c in completions]
+        return out
 
     return reward_fn, metrics_fn
 
