@@ -91,3 +91,18 @@ def test_demo_device_and_dtype_flags(tmp_path, capsys):
         assert main(["demo", "--quick", "--out", str(tmp_path / "b"), "--device", "cuda"]) == 2
         assert capsys.readouterr().err == "error: --device: cuda was asked for, but torch sees no GPU\n"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_demo_set_overrides_the_grpo_config(tmp_path, capsys):
+    from nanoseek.cli import main
+    from nanoseek.demo import grpo_overrides
+    from nanoseek.train.grpo import GRPORunConfig
+
+    cfg = grpo_overrides(GRPORunConfig(init_from=".", lr=3e-4), ["lr=0.01", "group_size=4"])
+    assert (cfg.lr, cfg.group_size, cfg.init_from) == (0.01, 4, ".")
+    # a bad key or value stops the demo before any stage runs, naming the --set item
+    assert main(["demo", "--quick", "--out", str(tmp_path / "a"), "--set", "group_size=1"]) == 2
+    assert "--set group_size=1: config key 'group_size': must be at least 2, got 1" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path / "a"), "--set", "lrx=1"]) == 2
+    assert "--set lrx=1: unknown config key 'lrx'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -106,6 +106,16 @@ def register(sub) -> None:
         metavar="SHARE",
         help="share of the corpus's worked solutions that switch language midway (with two languages)",
     )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the R1-Zero stage's GRPO config (keys: GRPORunConfig in nanoseek/train/grpo.py), "
+        "e.g. --set rollout.workers=2 rollout.backend=ray",
+    )
     # float16 is left out: training in it needs loss scaling, which nanoseek does not do.
     add_device_arguments(
         p,
@@ -130,11 +140,26 @@ def run_demo(args) -> int:
         raise NanoseekError(
             f"--device {args.device}: the demo runs on 'cuda' (choose the GPU with CUDA_VISIBLE_DEVICES)"
         )
-    run_pipeline(plan, Path(args.out), args.seed, device, dtype, args.quick)
+    if args.overrides:  # a bad key or value is an error now, not after pretraining
+        from nanoseek.train.grpo import GRPORunConfig
+
+        grpo_overrides(GRPORunConfig(init_from="."), args.overrides)
+    run_pipeline(plan, Path(args.out), args.seed, device, dtype, args.quick, overrides=args.overrides)
     return 0
 
 
-def run_pipeline(plan: Plan, out: Path, seed: int, device: torch.device, dtype, quick: bool) -> Path:
+def grpo_overrides(cfg, overrides):
+    """`cfg` (a GRPORunConfig) with the demo's `--set key=value` items on top, checked as a whole."""
+    from nanoseek.train.config import apply_override, parse
+
+    raw = cfg.to_dict()
+    sources = {apply_override(raw, item, type(cfg)): f"--set {item}" for item in overrides}
+    return parse(type(cfg), raw, "nanoseek demo", sources)
+
+
+def run_pipeline(
+    plan: Plan, out: Path, seed: int, device: torch.device, dtype, quick: bool, overrides: tuple = ()
+) -> Path:
     """The demo's five stages into `out`; returns the report's path."""
     from nanoseek import tasks
     from nanoseek.data.corpus import corpus, write_corpus
@@ -217,6 +242,7 @@ def run_pipeline(plan: Plan, out: Path, seed: int, device: torch.device, dtype, 
         device=device.type,
         dtype=_dtype_name(dtype),
     )
+    rl_cfg = grpo_overrides(rl_cfg, overrides) if overrides else rl_cfg
     grpo_run(rl_cfg, out / "grpo")
     r1_zero = _replace_dir(out / "grpo" / "hf", out / "r1-zero")
     seconds["grpo"] = time.perf_counter() - t0
