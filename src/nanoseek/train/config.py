@@ -252,14 +252,23 @@ BOUNDS = {
 }
 
 
+def _field(cls: type, key: str):
+    """The field of section `cls` that config key `key` names: by its name, or by its alias (a key
+    that is a Python keyword, such as `rollout.async`)."""
+    fields = getattr(cls, "model_fields", {})
+    return fields.get(key) or next((f for f in fields.values() if f.alias == key), None)
+
+
 def _fields_at(cls: type, loc: tuple) -> list[str] | None:
     """The keys the section at `loc` accepts (None for the `model` section: too many to list)."""
     for part in loc:
-        field = getattr(cls, "model_fields", {}).get(part)
+        field = _field(cls, part)
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return None
         cls = field.annotation
-    return sorted(cls.model_fields) if hasattr(cls, "model_fields") else None
+    if not hasattr(cls, "model_fields"):
+        return None
+    return sorted(f.alias or name for name, f in cls.model_fields.items())
 
 
 def error_key(error: dict) -> str:
@@ -426,7 +435,7 @@ def _annotation(cls, parts: list[str]):
     kind: Any = cls
     for part in parts:
         if _is_section(kind):
-            field = kind.model_fields.get(part)
+            field = _field(kind, part)
             kind = field.annotation if field else None
         elif kind is ModelSection:
             kind = typing.get_type_hints(ModelSection).get(part)

@@ -37,6 +37,7 @@ from nanoseek.train import checkpoint as ckpt
 from nanoseek.train import distributed
 from nanoseek.train.config import ConfigKeyError, Section, save_config
 from nanoseek.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, token_entropy, token_logprobs
+from nanoseek.train.rollout import RolloutConfig, make_rollout, worker_metrics
 
 
 class GRPOConfig(Section):
@@ -61,6 +62,7 @@ class GRPOConfig(Section):
     micro_batch_size: int = Field(64, ge=1)  # completions per forward/backward
     stop: list[str] = []
     seed: int = 0
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)  # where completions are sampled (rollout.py)
 
     def check(self) -> None:
         if self.min_new_tokens > self.max_new_tokens:
@@ -133,13 +135,21 @@ class GRPOTrainer:
         if c.beta != 0.0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         prompt_len = max(len(self.tokenizer.encode(r["prompt"], bos=True)) for r in self.rows)
-        # The engine reads the policy's weights in place: no copy of the model per step.
-        self.engine = engine or Engine(
-            self.model,
-            self.tokenizer,
-            max_batch_size=min(c.group_size * c.prompts_per_step, 256),
-            max_seq_len=prompt_len + c.max_new_tokens + 1,
-        )
+        workers = c.rollout.workers
+        engine_kwargs = {
+            # a worker's share of the step: ceil(P / workers) prompts of G completions
+            "max_batch_size": min(c.group_size * -(-c.prompts_per_step // workers), 256),
+            "max_seq_len": prompt_len + c.max_new_tokens + 1,
+        }
+        if c.rollout.backend == "local":
+            # The engine reads the policy's weights in place: no copy of the model per step.
+            engine = engine or Engine(self.model, self.tokenizer, **engine_kwargs)
+        elif engine is not None:
+            raise NanoseekError(f"GRPOTrainer: an engine was given, but rollout.backend is {c.rollout.backend}")
+        self.engine = engine
+        self.rollouts = make_rollout(c.rollout, self.model, self.tokenizer, engine_kwargs, engine)
+        self.published = None  # the step count whose weights the rollout workers hold
+        self.pending = None  # rollout.async: (rows, wait for its Rollouts, (position, epoch) before the rows)
         self.step_count = 0
         self.position = 0  # next prompt in this epoch's order
         self.epoch = 0
@@ -161,26 +171,39 @@ class GRPOTrainer:
         return batch
 
     # ---- one step ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def rollout(self, rows: list[dict]):
+    def sampling_params(self, step: int):
+        """The sampling of step `step` (0-based): every prompt's group seeded alike, so a prompt
+        draws the same tokens wherever it is sampled (the local engine, a Ray worker, a batch of any size)."""
         from nanoseek.infer import SamplingParams
 
         c = self.config
-        params = SamplingParams(
+        return SamplingParams(
             n=c.group_size,
             temperature=c.temperature,
             top_p=c.top_p,
             max_tokens=c.max_new_tokens,
             min_tokens=c.min_new_tokens,
             stop=list(c.stop),
-            seed=c.seed * 1_000_003 + self.step_count,
+            seed=c.seed * 1_000_003 + step,
             logprobs=0,  # the log-probs sampled with, against the training forward's (the mismatch metric)
         )
+
+    def submit(self, rows: list[dict], step: int):
+        """Start sampling `rows` for step `step` on the current weights (published to the workers
+        first when they changed); returns (prompt ids, a function that waits for the Rollouts)."""
         prompt_ids = [self.tokenizer.encode(r["prompt"], bos=True) for r in rows]  # as the corpus documents
         self.model.eval()
-        results = self.engine.generate(prompt_ids, params)
-        completions = [[o for o in res.outputs] for res in results]
-        return prompt_ids, completions
+        if self.published != self.step_count:
+            self.rollouts.publish(self.model, self.step_count)
+            self.published = self.step_count
+        with torch.no_grad():
+            wait = self.rollouts.submit(prompt_ids, self.sampling_params(step), self.step_count)
+        return prompt_ids, wait
+
+    @torch.no_grad()
+    def rollout(self, rows: list[dict]):
+        prompt_ids, wait = self.submit(rows, self.step_count)
+        return prompt_ids, wait().completions
 
     def score(self, rows, completions) -> tuple[torch.Tensor, dict[str, list[float]]]:
         flat_prompts = [r["prompt"] for r in rows for _ in range(self.config.group_size)]
@@ -255,14 +278,18 @@ class GRPOTrainer:
         with torch.no_grad():
             return lp, -(logp.exp() * logp).sum(-1)
 
-    def update(self, prompt_ids, completions, advantages, keep) -> dict:
-        """mu passes of the clipped objective over the kept groups' completions."""
+    def update(self, prompt_ids, completions, advantages, keep, off_policy: bool = False) -> dict:
+        """mu passes of the clipped objective over the kept groups' completions. `off_policy`: the
+        completions were sampled by older weights (rollout.async), so the importance ratio is taken
+        against the log-probs they were sampled with, not the current policy's."""
         c = self.config
         loss_sum, kl_sum, clip_sum, ent_sum, n_mb = 0.0, 0.0, 0.0, 0.0, 0
         mismatch = {"logprob_diff_mean": None, "logprob_diff_max": None}
         if keep:
             prompts, prompt_lens, comp, group, mask = self.batch_tensors(prompt_ids, completions, keep)
             sampled = self.sampled_logprobs(completions, keep, comp)
+            if off_policy and sampled is None:
+                raise NanoseekError("rollout.async needs the log-probs the rollout sampled with")
             adv = advantages[keep].flatten().to(comp.device)  # rewards are scored on the CPU
             self.model.train()
             n_total = len(comp)
@@ -272,7 +299,7 @@ class GRPOTrainer:
                 return self.completion_logprobs(model, prompts, prompt_lens, comp[sl], group[sl], with_entropy)
 
             with torch.no_grad():
-                old = [micro_batch_logprobs(self.model, sl)[0] for sl in mbs] if c.mu > 1 else None
+                old = [micro_batch_logprobs(self.model, sl)[0] for sl in mbs] if c.mu > 1 and not off_policy else None
                 ref = None if self.ref_model is None else [micro_batch_logprobs(self.ref_model, sl)[0] for sl in mbs]
             trained = [None] * len(mbs)  # the training forward's log-probs before this step's updates
             for done in range(c.mu):
@@ -280,9 +307,12 @@ class GRPOTrainer:
                 pass_loss = 0.0
                 for j, sl in enumerate(mbs):
                     lp, ent = micro_batch_logprobs(self.model, sl, with_entropy=True)
-                    old_lp = old[j] if old is not None else lp.detach()
+                    if off_policy:  # pi_theta / pi_sampler: the behaviour policy's log-probs
+                        old_lp = sampled[sl, : lp.shape[1]]
+                    else:
+                        old_lp = old[j] if old is not None else lp.detach()
                     if done == 0:
-                        trained[j] = old_lp
+                        trained[j] = lp.detach() if off_policy else old_lp
                     loss, stats = grpo_loss(
                         lp,
                         old_lp,
@@ -346,8 +376,18 @@ class GRPOTrainer:
     def step(self) -> dict:
         c = self.config
         t0 = time.perf_counter()
-        rows = self.next_prompts()
-        prompt_ids, completions = self.rollout(rows)
+        if self.pending is not None:  # rollout.async: sampled while the last step trained
+            rows, prompt_ids, wait, _ = self.pending
+            self.pending = None
+        else:
+            rows = self.next_prompts()
+            prompt_ids, wait = self.submit(rows, self.step_count)
+        rollouts = wait()
+        completions = rollouts.completions
+        if c.rollout.async_:  # the next step's rollout runs on these weights while this one trains
+            resume_at = (self.position, self.epoch)
+            next_rows = self.next_prompts()
+            self.pending = (next_rows, *self.submit(next_rows, self.step_count + 1), resume_at)
         rewards, extra = self.score(rows, completions)
         t_gen = time.perf_counter() - t0
 
@@ -367,11 +407,14 @@ class GRPOTrainer:
             "thinking_len_mean": sum(thinking) / len(thinking),
             "thinking_len_max": max(thinking),
         }
-        for k, v in extra.items():
-            metrics[k] = sum(v) / max(len(v), 1)
+        for k, v in extra.items():  # the mean over the samples a metric has a value for (None: no value)
+            values = [x for x in v if x is not None]
+            if values:
+                metrics[k] = sum(values) / len(values)
 
+        metrics["staleness"] = self.step_count - rollouts.version  # learner steps since the sampling weights
         t1 = time.perf_counter()
-        train_stats = self.update(prompt_ids, completions, advantages, keep)
+        train_stats = self.update(prompt_ids, completions, advantages, keep, off_policy=c.rollout.async_)
         self.step_count += 1
         if self.ref_model is not None and c.ref_refresh_every and self.step_count % c.ref_refresh_every == 0:
             self.ref_model.load_state_dict(self.model.state_dict())
@@ -384,8 +427,15 @@ class GRPOTrainer:
         self.elapsed += time.perf_counter() - t0
         metrics.update(train_stats, groups_used=len(keep), gen_seconds=t_gen, train_seconds=time.perf_counter() - t1)
         metrics.update(tokens=self.tokens, flops=self.flops, elapsed_s=self.elapsed)
+        if c.rollout.backend != "local":
+            metrics.update(worker_metrics(rollouts, time.perf_counter() - t0))
         self.history.append(metrics)
         return metrics
+
+    def close(self) -> None:
+        """Stop the rollout workers (and the Ray cluster this trainer started)."""
+        self.pending = None
+        self.rollouts.close()
 
     def train(self, steps: int, callback: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
         """`steps` more steps; `callback(metrics)` after each (logging, checkpoints)."""
@@ -416,10 +466,12 @@ class GRPOTrainer:
 
     # ---- checkpoints (the layout of pretraining's: train/checkpoint.py) ------------------------
     def state_dict(self) -> dict:
+        # rollout.async has drawn the next step's prompts already: a resumed run samples them again
+        position, epoch = self.pending[3] if self.pending is not None else (self.position, self.epoch)
         return {
             "step": self.step_count,
-            "position": self.position,
-            "epoch": self.epoch,
+            "position": position,
+            "epoch": epoch,
             "tokens": self.tokens,
             "flops": self.flops,
             "elapsed": self.elapsed,
@@ -427,6 +479,7 @@ class GRPOTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count, self.position, self.epoch = state["step"], state["position"], state["epoch"]
+        self.pending = None
         # a checkpoint of an older nanoseek counted none of these: they count from here
         self.tokens, self.flops = state.get("tokens", 0), state.get("flops", 0.0)
         self.elapsed = state.get("elapsed", 0.0)
@@ -465,6 +518,12 @@ class GRPOTrainer:
         ckpt.check_compatible(
             c, *self._configs(), RESUMABLE_KEYS, shapes, defaults=ckpt.config_defaults(type(self.config))
         )
+        saved_async = c.state.get("config", {}).get("rollout", {}).get("async", False)
+        if saved_async != self.config.rollout.async_:
+            raise NanoseekError(
+                f"{path}: checkpoint was written with a different config: rollout.async {saved_async!r} "
+                f"(checkpoint) vs {self.config.rollout.async_!r} (now)"
+            )
         distributed.load_full_state(
             self.model, self.optimizer, {k: v for k, v in c.model.items() if not k.startswith("ref.")}, c.optimizer
         )
@@ -478,7 +537,8 @@ class GRPOTrainer:
 # `nanoseek grpo --config FILE.yaml`: a model directory, a task, a template and rewards.
 # ---------------------------------------------------------------------------------------
 # Keys that may change when a run is resumed: how long it runs and how often it logs and saves.
-RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress", "device")
+# Where the rollouts run (rollout.workers, backend, ...) does not change them; rollout.async does (restore checks it).
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress", "device", "rollout")
 
 
 class GRPORunConfig(GRPOConfig):
@@ -550,7 +610,9 @@ def task_rewards(
     the template ends inside <think> (the format reward then expects no <think> of the output's);
     `answer_tags`: the template asks for <answer> tags (R1-Zero's), else any answer after
     </think> is well formed (the chat format). The metrics are accuracy and format, and language
-    and readability when they are weighted, and the share of samples that reflect (`eval.reflects`)."""
+    and readability when they are weighted, the share of samples that reflect (`eval.reflects`), the
+    accuracy of those that do and of those that do not, and all four by difficulty ("difficulty/3/...")
+    when the step's problems differ in it."""
     from nanoseek.data.reasoning import parse_reasoning
     from nanoseek.eval import reflects
     from nanoseek.rewards import combined_reward
@@ -579,7 +641,16 @@ def task_rewards(
         names = ["accuracy", "format"] + [name for name in ("language", "readability") if weights.get(name)]
         out = {name: [x[name] for x in s] for name in names}
         # R1-Zero's aha moment, watched, never rewarded: the share of samples that re-check themselves
-        out["reflection"] = [float(reflects(parse_reasoning(c, think_opened)[0])) for c in completions]
+        # and the accuracy of those that do and of those that do not (None: not in that subset)
+        reflecting = [reflects(parse_reasoning(c, think_opened)[0]) for c in completions]
+        out["reflection"] = [float(r) for r in reflecting]
+        out["reflection_accuracy"] = [a if r else None for a, r in zip(out["accuracy"], reflecting)]
+        out["no_reflection_accuracy"] = [None if r else a for a, r in zip(out["accuracy"], reflecting)]
+        levels = sorted({p.difficulty for p in problem})
+        for d in levels if len(levels) > 1 else ():  # "difficulty/3/reflection": the same, by difficulty
+            mine = [p.difficulty == d for p in problem]
+            for key in ("accuracy", "reflection", "reflection_accuracy", "no_reflection_accuracy"):
+                out[f"difficulty/{d:g}/{key}"] = [v if m else None for v, m in zip(out[key], mine)]
         return out
 
     return reward_fn, metrics_fn
@@ -612,7 +683,11 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn)
     start = ckpt.find_resume(out, resume)
     if start is not None:  # check everything before writing anything
-        trainer.restore(start)
+        try:
+            trainer.restore(start)
+        except BaseException:
+            trainer.close()
+            raise
     out.mkdir(parents=True, exist_ok=True)
     ckpt.remove_partial(out)
     save_config(cfg, out / "config.yaml")
@@ -634,6 +709,7 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
             trainer.train(max(cfg.steps - trainer.step_count, 0), callback=after_step, progress=cfg.progress)
         finally:
             metrics.close()
+            trainer.close()
         storage.check_finite(trainer.model.state_dict(), out / "hf")
         hf = out / "hf"
         with storage.replacing_directory(hf) as tmp:  # a failed write leaves the previous export
