@@ -106,3 +106,39 @@ def test_demo_set_overrides_the_grpo_config(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "a"), "--set", "lrx=1"]) == 2
     assert "--set lrx=1: unknown config key 'lrx'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--reflection", "1.5"]) == 2
+    assert "--reflection 1.5: the share must be in (0, 1]" in capsys.readouterr().err
+    r = run("demo", "--quick", "--reflection", "0.3", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    docs = [json.loads(line) for line in (tmp_path / "data" / "chain.jsonl").read_text().splitlines()]
+    worked = [d["text"] for d in docs if d["kind"] == "worked"]
+    assert 0.15 < sum(" wait, " in t for t in worked) / len(worked) < 0.45  # about 30% of them slip
+    assert not any(" wait, " in d["text"] for d in docs if d["kind"] != "worked")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plan"]["reflect"] == 0.3
+    reflection = report["reflection"]
+    assert set(reflection["goals"]) == {
+        "reflection_rose",
+        "reflection_rose_most_on_hardest",
+        "accuracy_rose_with_reflection",
+    } and set(reflection["goals"]) <= set(report["goals"])
+    assert set(reflection["rl_curve"]) == {"reflection", "reflection_accuracy", "no_reflection_accuracy"}
+    samples = [json.loads(line) for line in (tmp_path / "samples_r1_zero.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and reflection["aha_samples"] <= sum(
+        s["correct"] and " wait, " in s["reasoning"] for s in samples
+    )
+    assert (reflection["aha"] is None) == (reflection["aha_samples"] == 0)
+    for side in ("base", "r1_zero"):
+        for level in report[side]["by_difficulty"].values():
+            assert {"reflection_share", "reflection_accuracy", "no_reflection_accuracy"} <= set(level)
+    records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reflection" in r and "no_reflection_accuracy" in r for r in records)
+    assert any(k.startswith("difficulty/") and k.endswith("/reflection") for k in records[0])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Reflection (the aha moment)" in md and "### An aha sample" in md
+    assert "| difficulty | reflect | accuracy when reflecting | accuracy otherwise | thinking length |" in md

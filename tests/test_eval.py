@@ -209,4 +209,37 @@ def test_reflection_share_and_accuracy(tokenizer, monkeypatch):
     result = evaluate(scripted_engine(tokenizer, monkeypatch, scripts), task, problems, R1_ZERO_TEMPLATE, k=4)
     assert result.pass_at_1 == 0.5
     assert result.reflection_share == 0.5 and result.reflection_accuracy == 0.5
-    assert all(level["reflection_share"] == 0.5 for level in result.by_difficulty.values())
+    assert result.no_reflection_accuracy == 0.5
+    for level in result.by_difficulty.values():
+        assert level["reflection_share"] == level["reflection_accuracy"] == level["no_reflection_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "reasoning, expected",
+    [
+        ("a=3,b=-1:3-1=3 wait, 3-1=2,c=4. 2+4=6", True),  # the corpus's slip, as a model writes it
+        ("a=3,b=-1:3-1=2,c=4. 2+4=7 Wait, let me check: 2+4=6", True),
+        ("a=3,b=-1:3-1=2 wait, 3-1=2,c=4. 2+4=6", False),  # re-checks a right step: no slip
+        ("a=3,b=-1:3-1=3 wait, 3-1=4,c=4. 4+4=8", False),  # the correction is wrong too
+        ("a=3,b=-1:3-1=3 wait, c=4. 3+4=7", False),  # noticed, never corrected
+        ("a=3,b=-1:3-1=3,c=4. 3+4=7", False),  # a slip, not noticed
+        ("", False),
+    ],
+)
+def test_corrects_a_slip(reasoning, expected):
+    from nanoseek.eval import corrects_a_slip
+
+    assert corrects_a_slip(reasoning) is expected
+
+
+def test_aha_samples_are_right_corrected_slips_hardest_first():
+    from nanoseek.eval import aha_samples
+
+    slip = "a=3,b=-1:3-1=3 wait, 3-1=2,c=4. 2+4=6"
+    samples = [
+        {"reasoning": slip, "correct": True, "difficulty": 3, "prompt": "p3"},
+        {"reasoning": slip, "correct": False, "difficulty": 7, "prompt": "wrong"},
+        {"reasoning": "a=3,b=-1:3-1=2,c=4. 2+4=6", "correct": True, "difficulty": 7, "prompt": "plain"},
+        {"reasoning": slip, "correct": True, "difficulty": 5, "prompt": "p5"},
+    ]
+    assert [s["prompt"] for s in aha_samples(samples)] == ["p5", "p3"]

@@ -15,6 +15,7 @@ plumbing, not the result.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ from nanoseek.device import add_device_arguments, device_arguments
 from nanoseek.errors import NanoseekError
 
 TASK = "chain"  # nanoseek/tasks/chain.py says why not plain arith
+REFLECT = 0.05  # `--reflection`'s share of worked solutions that slip and correct themselves
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,13 @@ class Plan:
     loss_type: str = "dr_grpo"
     languages: tuple = ("en",)  # chain's name alphabets (`nanoseek r1` uses two: tasks/chain.py)
     switch: float = 0.0  # share of worked solutions that switch language midway (data/corpus.py)
+    reflect: float = 0.0  # share of worked solutions that slip and correct themselves (`--reflection`)
+    task: str = TASK
 
     def options(self) -> dict:
         """The task's options: the one-language demo's are what they always were."""
         options = dict(self.task_options)
-        if tuple(self.languages) != ("en",):
+        if self.task == "chain" and tuple(self.languages) != ("en",):
             options["languages"] = list(self.languages)
         return options
 
@@ -91,7 +95,7 @@ QUICK = replace(
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="the default run: pretrain a tiny base model, then R1-Zero (GRPO), with a report")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--out", help="output directory (default: runs/demo, runs/demo-reflection, runs/demo-countdown)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a two-minute version of the same pipeline (for tests)")
     p.add_argument(
@@ -105,6 +109,16 @@ def register(sub) -> None:
         default=0.0,
         metavar="SHARE",
         help="share of the corpus's worked solutions that switch language midway (with two languages)",
+    )
+    p.add_argument(
+        "--reflection",
+        type=float,
+        nargs="?",
+        const=REFLECT,
+        default=0.0,
+        metavar="SHARE",
+        help=f"the aha-moment run: that share of the corpus's worked solutions slip at a step and correct it "
+        f"('3+5=7 wait, 3+5=8'; default share {REFLECT}); RL rewards only the answer",
     )
     p.add_argument(
         "--set",
@@ -135,6 +149,10 @@ def run_demo(args) -> int:
         plan = replace(plan, languages=tuple(x.strip() for x in args.languages.split(",") if x.strip()))
     if args.switch:
         plan = replace(plan, switch=args.switch)
+    if args.reflection:
+        if not 0 < args.reflection <= 1:
+            raise NanoseekError(f"--reflection {args.reflection:g}: the share must be in (0, 1]")
+        plan = replace(plan, reflect=args.reflection)
     device, dtype = device_arguments(args)
     if device.index is not None:
         raise NanoseekError(
@@ -144,7 +162,8 @@ def run_demo(args) -> int:
         from nanoseek.train.grpo import GRPORunConfig
 
         grpo_overrides(GRPORunConfig(init_from="."), args.overrides)
-    run_pipeline(plan, Path(args.out), args.seed, device, dtype, args.quick, overrides=args.overrides)
+    out = args.out or ("runs/demo-reflection" if plan.reflect else "runs/demo")
+    run_pipeline(plan, Path(out), args.seed, device, dtype, args.quick, overrides=args.overrides)
     return 0
 
 
@@ -172,15 +191,24 @@ def run_pipeline(
 
     out.mkdir(parents=True, exist_ok=True)
     task_options = plan.options()
-    task = tasks.get(TASK, **task_options)
+    task = tasks.get(plan.task, **task_options)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
 
     stage("1/5 data: synthetic corpus and tokenizer")
     t0 = time.perf_counter()
-    corpus_file, tok_dir = out / "data" / f"{TASK}.jsonl", out / "tokenizer"
+    corpus_file, tok_dir = out / "data" / f"{plan.task}.jsonl", out / "tokenizer"
     counts = write_corpus(
-        corpus_file, corpus(task, plan.docs, seed=seed, mix=dict(plan.mix), preamble=plan.preamble, switch=plan.switch)
+        corpus_file,
+        corpus(
+            task,
+            plan.docs,
+            seed=seed,
+            mix=dict(plan.mix),
+            preamble=plan.preamble,
+            switch=plan.switch,
+            reflect=plan.reflect,
+        ),
     )
     tokenizer = train_tokenizer(iter_documents([corpus_file]), vocab_size=plan.vocab_size, split_punctuation=True)
     tokenizer.save_pretrained(tok_dir, prompt_format="r1-zero")  # pretraining and GRPO copy it on
@@ -215,7 +243,7 @@ def run_pipeline(
     stage("3/5 evaluating the base model")
     t0 = time.perf_counter()
     problems = task.sample(plan.eval_problems, "test", seed=seed)
-    before, _ = evaluate_dir(base, task, problems, plan, seed, device, dtype)
+    before, base_samples = evaluate_dir(base, task, problems, plan, seed, device, dtype)
     print(summary_line("base", before), file=sys.stderr)
     seconds["eval_base"] = time.perf_counter() - t0
 
@@ -223,7 +251,7 @@ def run_pipeline(
     t0 = time.perf_counter()
     rl_cfg = GRPORunConfig(
         init_from=str(base),
-        task=TASK,
+        task=plan.task,
         task_options=task_options,
         prompts=max(2_000, plan.eval_problems),
         template=R1_ZERO_TEMPLATE,
@@ -254,17 +282,21 @@ def run_pipeline(
     seconds["eval_r1_zero"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_all
 
+    for name, rows in (("base", base_samples), ("r1_zero", samples)):  # every held-out sample, for a closer look
+        with open(out / f"samples_{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     from nanoseek.report import write_report
 
     md = write_report(
         out,
         plan=asdict(plan),
-        task=TASK,
+        task=plan.task,
         task_options=task_options,
         template=R1_ZERO_TEMPLATE,
         before=before,
         after=after,
         samples=samples,
+        base_samples=base_samples,
         pretrain=pretrain,
         rl_config=rl_cfg.to_dict(),
         seconds=seconds,

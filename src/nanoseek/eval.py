@@ -83,6 +83,35 @@ def reflects(reasoning: str) -> bool:
     return bool(reasoning) and REFLECTION.search(reasoning) is not None
 
 
+_STEP = re.compile(r"(-?\d+)([-+*/])(-?\d+)=(-?\d+)")
+
+
+def _step_right(left: str, op: str, right: str, value: str) -> bool:
+    a, b, v = int(left), int(right), int(value)
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == v
+
+
+def corrects_a_slip(reasoning: str) -> bool:
+    """The aha moment in a text: a step comes out wrong ("3+5=7"), a reflection follows it
+    (`reflects`), and after it the same step is written right ("wait, 3+5=8")."""
+    for m in REFLECTION.finditer(reasoning or ""):
+        before = _STEP.findall(reasoning[: m.start()])
+        if not before or _step_right(*before[-1]):
+            continue
+        left, op, right, _ = before[-1]
+        after = _STEP.findall(reasoning[m.end() :])
+        if any(s[:3] == (left, op, right) and _step_right(*s) for s in after[:1]):
+            return True
+    return False
+
+
+def aha_samples(samples: list[dict]) -> list[dict]:
+    """The samples (as `evaluate`'s `samples_out` writes them) that slip, notice it and reach the
+    right answer (`corrects_a_slip` and correct), hardest problems first."""
+    found = [s for s in samples if s["correct"] and corrects_a_slip(s.get("reasoning") or "")]
+    return sorted(found, key=lambda s: -float(s.get("difficulty") or 0))
+
+
 def task_language(task, problem) -> str:
     """The problem's language: its meta's, else what the task reads from its prompt (chain's
     names), else "en"."""
@@ -115,7 +144,9 @@ class EvalResult:
     readability: float = 0.0  # samples in the readable format: reasoning, then a summary and the answer
     reflection_share: float = 0.0  # samples whose reasoning re-checks itself (`reflects`)
     reflection_accuracy: float | None = None  # accuracy of those samples (None: no sample reflects)
-    # {difficulty: {"problems", "pass_at_1", "thinking_len"}}: longer thinking on harder problems?
+    no_reflection_accuracy: float | None = None  # accuracy of the other samples (None: every sample reflects)
+    # {difficulty: {"problems", "pass_at_1", "thinking_len", "reflection_share", "reflection_accuracy",
+    # "no_reflection_accuracy"}}: longer thinking, and more re-checking, on harder problems?
     by_difficulty: dict = dataclasses.field(default_factory=dict)
     tokens: int = 0  # completion tokens of all samples
     seconds: float = 0.0  # wall time of the evaluation: sampling and scoring
@@ -155,7 +186,9 @@ def evaluate(
     by: dict = {}
     for problem, res in zip(problems, results):
         c = 0
-        level = by.setdefault(problem.difficulty, {"problems": 0, "right": 0, "thinking": 0, "reflecting": 0})
+        level = by.setdefault(
+            problem.difficulty, {"problems": 0, "right": 0, "thinking": 0, "reflecting": 0, "reflect_right": 0}
+        )
         level["problems"] += 1
         level["thinking"] += sum(o.reasoning_tokens for o in res.outputs)
         language = task_language(task, problem)
@@ -172,6 +205,7 @@ def evaluate(
                 reflecting += 1
                 reflect_right += right
                 level["reflecting"] += 1
+                level["reflect_right"] += right
             if o.reasoning:
                 thinking += 1
                 think_right += right
@@ -214,12 +248,19 @@ def evaluate(
         readability=readable / n,
         reflection_share=reflecting / n,
         reflection_accuracy=reflect_right / reflecting if reflecting else None,
+        no_reflection_accuracy=(correct - reflect_right) / (n - reflecting) if n > reflecting else None,
         by_difficulty={
             d: {
                 "problems": v["problems"],
                 "pass_at_1": v["right"] / (v["problems"] * k),
                 "thinking_len": v["thinking"] / (v["problems"] * k),
                 "reflection_share": v["reflecting"] / (v["problems"] * k),
+                "reflection_accuracy": v["reflect_right"] / v["reflecting"] if v["reflecting"] else None,
+                "no_reflection_accuracy": (
+                    (v["right"] - v["reflect_right"]) / (v["problems"] * k - v["reflecting"])
+                    if v["problems"] * k > v["reflecting"]
+                    else None
+                ),
             }
             for d, v in sorted(by.items())
         },

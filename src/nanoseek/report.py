@@ -65,6 +65,7 @@ def write_report(
     seconds: dict,
     quick: bool,
     seed: int,
+    base_samples: list[dict] | None = None,
 ) -> Path:
     out = Path(out)
     records = [r for r in read_metrics(out / "grpo" / "metrics.jsonl") if "reward_mean" in r]
@@ -79,8 +80,11 @@ def write_report(
         "thinking_len_last_steps": think_last,
         "thinking_grew": think_first is not None and think_last is not None and think_last > think_first,
     }
+    reflection = _reflection(records, before, after, samples) if plan.get("reflect") else None
+    if reflection:
+        goals.update(reflection["goals"])
     plots = {}
-    for name in ("reward.png", "length.png", "kl_entropy.png"):
+    for name in ("reward.png", "length.png", "kl_entropy.png", "reflection.png"):
         if (out / "grpo" / name).exists():
             plots[name] = str(Path("grpo") / name)
     if (out / "pretrain" / "loss.png").exists():
@@ -109,6 +113,7 @@ def write_report(
         "cost": {"rented": cost.RENTED, "runs": costs},
         "plots": plots,
         "models": {"base": "base", "r1_zero": "r1-zero"},
+        **({"reflection": reflection} if reflection else {}),
         "samples": samples[: SAMPLES_SHOWN * 4],
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
@@ -145,6 +150,7 @@ def write_report(
         "- Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()) + ".",
         "",
         *_by_difficulty(before, after),
+        *(_reflection_markdown(reflection, plan, before, after) if reflection else []),
         *cost.cost_markdown(costs),
         "## Curves",
         "",
@@ -216,3 +222,105 @@ def _pick_samples(samples: list[dict]) -> list[dict]:
         if len(picked) == SAMPLES_SHOWN:
             break
     return picked
+
+
+# ---- the aha moment (`nanoseek demo --reflection`) -------------------------------------------
+def _reflection(records: list[dict], before, after, samples: list[dict]) -> dict:
+    """What reflection did: its share and the accuracy with and without it over the RL steps
+    (first and last steps), by difficulty, and an aha sample found by `eval.aha_samples`."""
+    from nanoseek.eval import aha_samples
+
+    levels = sorted(
+        {k.split("/")[1] for r in records for k in r if k.startswith("difficulty/") and k.endswith("/reflection")},
+        key=float,
+    )
+    curve = {key: curve_ends(records, key) for key in ("reflection", "reflection_accuracy", "no_reflection_accuracy")}
+    by_level = {d: curve_ends(records, f"difficulty/{d}/reflection") for d in levels}
+    first, last = curve["reflection"]
+    rose = first is not None and last is not None and last > first
+    rises = {d: b - a for d, (a, b) in by_level.items() if a is not None and b is not None}
+    hardest = levels[-1] if levels else None
+    found = aha_samples(samples)
+    goals = {
+        "reflection_rose": rose,
+        "reflection_rose_most_on_hardest": bool(rises) and rose and max(rises, key=rises.get) == hardest,
+        "accuracy_rose_with_reflection": rose and after.pass_at_1 > before.pass_at_1,
+    }
+    return {
+        "rl_curve": {k: {"first_steps": a, "last_steps": b} for k, (a, b) in curve.items()},
+        "rl_curve_by_difficulty": {d: {"first_steps": a, "last_steps": b} for d, (a, b) in by_level.items()},
+        "goals": goals,
+        "aha_samples": len(found),
+        "aha": found[0] if found else None,
+    }
+
+
+def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[str]:
+    curve, goals = reflection["rl_curve"], reflection["goals"]
+    share, right, other = curve["reflection"], curve["reflection_accuracy"], curve["no_reflection_accuracy"]
+    rose = "rose" if goals["reflection_rose"] else "did not rise"
+    lines = [
+        "## Reflection (the aha moment)",
+        "",
+        f"{100 * plan['reflect']:.0f}% of the corpus's worked solutions slip at one step and correct it in words "
+        '("3+5=7 wait, 3+5=8"); RL rewards the answer and the format only, never the move. A sample reflects '
+        "when its reasoning re-checks itself (`nanoseek.eval.reflects`: wait, recheck, re-evaluate, let me check).",
+        "",
+        f"- Samples that reflect during RL: {_fmt(share['first_steps'], 'pct')} over the first {WINDOW} steps, "
+        f"{_fmt(share['last_steps'], 'pct')} over the last {WINDOW}: **{rose}**; "
+        f"{'most' if goals['reflection_rose_most_on_hardest'] else 'not most'} on the hardest problems.",
+        f"- Their accuracy {_fmt(right['first_steps'], 'pct')} -> {_fmt(right['last_steps'], 'pct')}; "
+        f"the other samples' {_fmt(other['first_steps'], 'pct')} -> {_fmt(other['last_steps'], 'pct')}.",
+        f"- Held out: {_fmt(before.reflection_share, 'pct')} of the base model's samples reflect, "
+        f"{_fmt(after.reflection_share, 'pct')} of the R1-Zero model's; pass@1 {_fmt(before.pass_at_1, 'pct')} -> "
+        f"{_fmt(after.pass_at_1, 'pct')}.",
+        "",
+    ]
+    by_rl = reflection["rl_curve_by_difficulty"]
+    if by_rl:
+        lines += [
+            f"During RL, by difficulty (mean of the first and of the last {WINDOW} steps):",
+            "",
+            "| difficulty | reflect, first steps | reflect, last steps | change |",
+            "|---:|---:|---:|---:|",
+        ]
+        for d, v in by_rl.items():
+            a, b = v["first_steps"], v["last_steps"]
+            lines.append(f"| {d} | {_fmt(a, 'pct')} | {_fmt(b, 'pct')} | {_delta(a, b, 'pct')} |")
+        lines.append("")
+    lines += [
+        "Held out, by difficulty (base -> R1-Zero):",
+        "",
+        "| difficulty | reflect | accuracy when reflecting | accuracy otherwise | thinking length |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    b, a = before.by_difficulty, after.by_difficulty
+    for d in sorted(set(b) | set(a), key=float):
+        x, y = b.get(d, {}), a.get(d, {})
+
+        def pair(key, kind):
+            return f"{_fmt(x.get(key), kind)} -> {_fmt(y.get(key), kind)}"
+
+        lines.append(
+            f"| {float(d):g} | {pair('reflection_share', 'pct')} | {pair('reflection_accuracy', 'pct')} | "
+            f"{pair('no_reflection_accuracy', 'pct')} | {pair('thinking_len', 'num')} |"
+        )
+    lines += ["", "### An aha sample", ""]
+    aha = reflection["aha"]
+    if aha is None:
+        lines.append(
+            "None found: no held-out sample of the R1-Zero model writes a wrong step, re-checks it and reaches the "
+            "right answer (`nanoseek.eval.aha_samples`)."
+        )
+    else:
+        lines += [
+            f"{reflection['aha_samples']} held-out samples of the R1-Zero model write a wrong step, re-check it and "
+            f"reach the right answer (`nanoseek.eval.aha_samples`); the one of the hardest problem:",
+            "",
+            f"**{aha['prompt']}** (answer {aha['answer']})",
+            "",
+            "```",
+            aha["completion"].strip(),
+            "```",
+        ]
+    return [*lines, ""]

@@ -179,7 +179,13 @@ def test_task_rewards_read_the_templates_answer_format_and_log_language_and_read
     weights = {"accuracy": 1.0, "format": 0.5}
     chat_reward, chat_metrics = task_rewards(task, weights, tokenizer, 64, think_opened=True, answer_tags=False)
     assert chat_reward([""], [CHAT_ANSWER], [problem]) == [1.5]  # the chat answer is well formed
-    assert chat_metrics([""], [CHAT_ANSWER], [problem]) == {"accuracy": [1.0], "format": [1.0], "reflection": [0.0]}
+    assert chat_metrics([""], [CHAT_ANSWER], [problem]) == {
+        "accuracy": [1.0],
+        "format": [1.0],
+        "reflection": [0.0],
+        "reflection_accuracy": [None],
+        "no_reflection_accuracy": [1.0],
+    }
     tagged_reward, _ = task_rewards(task, weights, tokenizer, 64, think_opened=True)  # the old default
     assert tagged_reward([""], [CHAT_ANSWER], [problem]) == [1.0]
     zero_reward, _ = task_rewards(task, weights, tokenizer, 64)
@@ -194,9 +200,21 @@ def test_task_rewards_read_the_templates_answer_format_and_log_language_and_read
         "language": [1.0, 0.5],  # "α" of the Greek problem's two names
         "readability": [0.0, 1.0],  # R1-Zero's terse answer has no summary
         "reflection": [0.0, 0.0],
+        "reflection_accuracy": [None, None],
+        "no_reflection_accuracy": [1.0, 1.0],
     }
     rechecked = " <think>α=3,β=-1. 3-1=3 wait, 3-1=2</think> <answer>2</answer>"
-    assert metrics([""] * 2, [ZERO_ANSWER, rechecked], [problem, greek])["reflection"] == [0.0, 1.0]
+    m = metrics([""] * 2, [ZERO_ANSWER, rechecked], [problem, greek])
+    assert m["reflection"] == [0.0, 1.0]
+    assert m["reflection_accuracy"] == [None, 1.0] and m["no_reflection_accuracy"] == [1.0, None]
+    # by difficulty when the problems differ in it: each level's samples, None for the others'
+    hard = Problem(prompt="a=3,b=-1,c=1. a+b+c", answer="3", task="chain", difficulty=3, meta={"language": "en"})
+    wrong = " <think>a=3,b=-1:3-1=2,c=1. 2+1=4 wait, 2+1=3</think> <answer>4</answer>"
+    m = metrics([""] * 3, [ZERO_ANSWER, rechecked, wrong], [problem, greek, hard])
+    assert m["difficulty/0/reflection"] == [0.0, 1.0, None] and m["difficulty/3/reflection"] == [None, None, 1.0]
+    assert m["difficulty/3/reflection_accuracy"] == [None, None, 0.0]
+    assert m["difficulty/0/no_reflection_accuracy"] == [1.0, None, None]
+    assert m["difficulty/3/accuracy"] == [None, None, 0.0]
     assert reward([""] * 2, [ZERO_ANSWER, switched], [problem, greek]) == [1.5, 1.0 + 0.25 + 0.25]
 
 

@@ -120,6 +120,8 @@ def test_task_rewards_score_real_completions():
         "accuracy": [1.0, 0.0, 1.0],
         "format": [1.0, 1.0, 0.0],
         "reflection": [0.0, 0.0, 0.0],
+        "reflection_accuracy": [None, None, None],
+        "no_reflection_accuracy": [1.0, 0.0, 1.0],
     }
 
 

@@ -84,3 +84,24 @@ def test_pretraining_plots_label_the_mtp_layer_and_leave_out_what_did_not_run(tm
     plots = drawn(plot_metrics(write(tmp_path / "metrics.jsonl", records), tmp_path, moe_names=["layer 1", "MTP 1"]))
     assert plots["expert_load.png"][0][2] == ["layer 1", "MTP 1"]
     assert plots["loss.png"][0][2] == ["main (next token)"]
+
+
+def test_grpo_draws_reflection_only_when_some_sample_reflected(tmp_path):
+    import math
+
+    from nanoseek.train.metrics import _running_mean
+
+    records = [{**grpo_record(s), "reflection": 0.0} for s in (1, 2, 3)]
+    assert "reflection.png" not in drawn(plot_grpo(write(tmp_path / "metrics.jsonl", records), tmp_path))
+    for r in records:
+        s = r["step"]
+        r.update({"reflection": 0.1 * s, "reflection_accuracy": 0.9, "no_reflection_accuracy": 0.5})
+        r.update({"difficulty/2/reflection": 0.0, "difficulty/7/reflection": 0.2 * s})
+    del records[0]["reflection_accuracy"]  # a step where no sample reflected has no accuracy of them
+    plots = {p.path.name: p for p in plot_grpo(write(tmp_path / "metrics.jsonl", records), tmp_path)}
+    share, accuracy = plots["reflection.png"].panels
+    assert share.labels == ["all samples", "difficulty 2", "difficulty 7"] and share.ylim == (0, 1)
+    assert share.lines[2][2] == pytest.approx([0.2, 0.3, 0.4])  # the running mean of 0.2, 0.4, 0.6
+    assert accuracy.labels == ["samples that reflect", "the others"]
+    assert math.isnan(accuracy.lines[0][2][0]) and accuracy.lines[0][2][1:] == [0.9, 0.9]
+    assert _running_mean([1.0, math.nan, 3.0, 5.0, 7.0, 9.0, 11.0], 5) == [1.0, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0]

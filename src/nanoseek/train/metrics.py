@@ -197,9 +197,11 @@ GRPO_LENGTHS = (
 
 def plot_grpo(metrics_file: str | Path, out_dir: str | Path) -> list[Plot]:
     """The RL curves: reward.png (the mean reward; the shares, accuracy, format and all-equal
-    groups, on a [0, 1] axis), length.png (completion and thinking tokens) and kl_entropy.png
+    groups, on a [0, 1] axis), length.png (completion and thinking tokens), kl_entropy.png
     (policy entropy; the KL to the reference only when beta > 0 made one, the clip fraction
-    only when something was clipped)."""
+    only when something was clipped) and, when some sample reflected, reflection.png (the share
+    of samples that re-check themselves, overall and by difficulty, and the accuracy of samples
+    with and without it)."""
     records = [r for r in read_metrics(metrics_file) if "reward_mean" in r]
     if not records:
         return []
@@ -222,9 +224,41 @@ def plot_grpo(metrics_file: str | Path, out_dir: str | Path) -> list[Plot]:
             Panel("PPO clip fraction", "share of tokens", lines([("clip_fraction", "clipped")], _ran)),
         ],
     }
+    if _ran(_curve(records, "reflection")):  # the aha moment, drawn only when some sample re-checked itself
+        figures["reflection.png"] = _reflection_panels(records, steps)
     written = []
     for name, panels in figures.items():
         panels = [panel for panel in panels if panel.lines]
         if panels:
             written.append(_draw(out_dir / name, panels))
     return written
+
+
+SMOOTH = 5  # steps of the running mean on reflection.png: by difficulty a step holds a few samples
+
+
+def _running_mean(values: list[float], window: int = SMOOTH) -> list[float]:
+    """The mean of the last `window` finite values at each step (NaN until there is one)."""
+    out = []
+    for i in range(len(values)):
+        seen = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(seen) / len(seen) if seen else math.nan)
+    return out
+
+
+def _reflection_panels(records: list[dict], steps: list) -> list[Panel]:
+    prefix = "difficulty/"
+    levels = sorted(
+        {k.split("/")[1] for r in records for k in r if k.startswith(prefix) and k.endswith("/reflection")}, key=float
+    )
+    share = [("all samples", steps, _running_mean(_curve(records, "reflection")))]
+    share += [(f"difficulty {d}", steps, _running_mean(_curve(records, f"{prefix}{d}/reflection"))) for d in levels]
+    accuracy = [
+        (label, steps, _running_mean(_curve(records, key)))
+        for key, label in (("reflection_accuracy", "samples that reflect"), ("no_reflection_accuracy", "the others"))
+    ]
+    accuracy = [line for line in accuracy if any(math.isfinite(v) for v in line[2])]
+    return [
+        Panel(f"Samples that re-check themselves ({SMOOTH}-step mean)", "share", share, ylim=(0, 1)),
+        Panel(f"Accuracy with and without reflection ({SMOOTH}-step mean)", "accuracy", accuracy, ylim=(0, 1)),
+    ]
