@@ -39,6 +39,7 @@ from nanoseek.data.reasoning import ReasoningSplitter, span_tokens, split_reason
 from nanoseek.dense import DenseConfig, KVCache
 from nanoseek.device import model_device, model_dtype, place_model, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
+from nanoseek.infer.grammar import Grammars
 from nanoseek.infer.runner import DecodeRunner, latent_cache_views
 from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
 from nanoseek.infer.speculative import MTPDrafter, SpeculativeStats
@@ -186,12 +187,18 @@ def opens_reasoning(prompt_ids: list[int], think_id: int | None, end_think_id: i
 
 class Request:
     def __init__(
-        self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, think_opened: bool
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        think_opened: bool,
+        matchers: list | None = None,
     ):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.think_opened = think_opened  # the prompt ends inside <think>, as the chat template's does
         self.prompt_logprobs: PromptLogprobs | None = None  # made by the prefill, when asked for
-        self.sequences = [Sequence(self, i) for i in range(params.n)]
+        self.sequences = [Sequence(self, i, matchers[i] if matchers else None) for i in range(params.n)]
 
     @property
     def finished(self) -> bool:
@@ -201,8 +208,9 @@ class Request:
 class Sequence:
     """One completion: its tokens, its cache row while running, its sampling state."""
 
-    def __init__(self, request: Request, index: int):
+    def __init__(self, request: Request, index: int, matcher=None):
         self.request, self.index, self.params = request, index, request.params
+        self.matcher = matcher  # with SamplingParams.grammar: where the completion is in it
         self.generator = None if self.params.greedy else make_generator(self.params.seed, index)
         self.token_ids: list[int] = []
         wants = self.params.logprobs is not None
@@ -312,6 +320,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self._grammars: Grammars | None = None  # made for the first request with a grammar
 
     @classmethod
     def from_pretrained(
@@ -484,7 +493,16 @@ class Engine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise NanoseekError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, text, ids, params, opens_reasoning(ids, self.think_id, self.end_think_id))
+        matchers = None
+        if params.grammar is not None:
+            if self.tokenizer is None:
+                raise NanoseekError("SamplingParams.grammar: a grammar needs a tokenizer")
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.config.vocab_size, self.eos_id)
+            first = self._grammars.matcher(params.grammar)
+            matchers = [first] + [first.deep_copy() for _ in range(params.n - 1)]
+        think_opened = opens_reasoning(ids, self.think_id, self.end_think_id)
+        request = Request(request_id, text, ids, params, think_opened, matchers)
         self.requests[request_id] = request
         self.waiting.extend(request.sequences)
         return request
@@ -695,11 +713,17 @@ class Engine:
                 (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
                 torch.tensor(float("-inf"), dtype=logits.dtype, device=dev),
             )
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:  # the grammar's allowed tokens only
+            logits = self._grammars.mask(logits, constrained, [seqs[i].matcher for i in constrained])
         tokens = choose_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for i, s in enumerate(seqs):
             budget = s.params.max_thinking_tokens
             if s.thinking and budget is not None and s.thinking_tokens >= budget:
-                tokens[i] = self.end_think_id  # the thinking budget is spent: close the reasoning
+                # The thinking budget is spent: close the reasoning (under a grammar, once it allows
+                # that: not inside a character whose UTF-8 bytes are still coming).
+                if s.matcher is None or logits[i, self.end_think_id].isfinite():
+                    tokens[i] = self.end_think_id
         self._record_logprobs(seqs, model_logits, tokens)
         return tokens
 
@@ -732,6 +756,8 @@ class Engine:
         """Append a token, update the thinking state, detokenize, check every stop condition."""
         p = seq.params
         seq.token_ids.append(token)
+        if seq.matcher is not None:
+            self._grammars.advance(seq.matcher, token)
         if token == self.think_id and self.think_id is not None:
             seq.thinking = True
         elif token == self.end_think_id and self.end_think_id is not None:

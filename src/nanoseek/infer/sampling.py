@@ -35,6 +35,9 @@ class SamplingParams:
     # None: none; N >= 0: each prompt token's log-probability given the tokens before it, from the
     # prefill's forward pass (RequestOutput.prompt_logprobs), and the N likeliest at its position.
     prompt_logprobs: int | None = None
+    # A grammar the completion must follow (llguidance's Lark syntax, nanoseek.infer.grammar):
+    # tokens outside it are masked before the choice; None: unconstrained.
+    grammar: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -69,6 +72,10 @@ class SamplingParams:
             not isinstance(self.max_thinking_tokens, int) or self.max_thinking_tokens < 0
         ):
             bad("max_thinking_tokens", "an integer >= 0 or None")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            bad("grammar", "a non-empty grammar string or None")
+        if self.grammar is not None and self.min_tokens:
+            bad("min_tokens", "0 with a grammar (the grammar decides where the completion may end)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
