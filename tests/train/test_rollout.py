@@ -1,22 +1,29 @@
 """GRPO's rollouts on Ray workers: the same completions, rewards and weights as one process;
 a dead worker replaced without losing or repeating a step; one step off-policy."""
 
+import json
 import os
 import signal
+import subprocess
+import time
 
 import pytest
+import ray  # the dev extra has it: `make test` installs it
 import torch
+from safetensors.torch import load_file
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.data.corpus import corpus
 from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.errors import NanoseekError
+from nanoseek.io.hf import save_pretrained
 from nanoseek.tasks import get
 from nanoseek.train.config import load_config
 from nanoseek.train.grpo import GRPOConfig, GRPORunConfig, GRPOTrainer
+from nanoseek.train.grpo import run as grpo_run
 from nanoseek.train.rollout import RolloutConfig, split
 
-ray = pytest.importorskip("ray", reason="Ray is the scale-out extra: pip install 'nanoseek[scale]'")
+from train_support import env_one_thread, nanoseek_cmd, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +151,61 @@ def test_rollout_config():
             load_config(None, ["init_from=.", *items], cls=GRPORunConfig)
         assert message in str(e.value), str(e.value)
     assert RolloutConfig().backend == "local"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    """A small random model in Hugging Face format with its tokenizer."""
+    torch.manual_seed(0)
+    config = ModelConfig.preset("tiny").replace(vocab_size=tokenizer.vocab_size, num_hidden_layers=2)
+    hf = save_pretrained(Transformer(config).eval(), tmp_path_factory.mktemp("rollout") / "base")
+    tokenizer.save_pretrained(hf)
+    return hf
+
+
+RUN = {
+    "task": "arith",
+    "task_options": {"min_ops": 1, "max_ops": 2},
+    "prompts": 40,
+    "prompts_per_step": 4,
+    "group_size": 4,
+    "max_new_tokens": 10,
+    "lr": 1e-2,
+    "rewards": {"overlong": 1.0},  # ends at uneven lengths: every group has something to learn
+    "overlong_buffer": 8,
+    "steps": 4,
+    "checkpoint_every": 1,
+    "tensorboard": False,
+    "progress": False,
+}
+
+
+@pytest.mark.slow  # ~40 s: two learner processes, each starting a Ray cluster
+def test_a_killed_learner_resumes_with_the_same_command(base, tmp_path):
+    """`nanoseek grpo` on 2 Ray workers, its process group killed after step 2's checkpoint, then the
+    same command again: it resumes there and ends with the weights of the single-process run."""
+    grpo_run(GRPORunConfig(init_from=str(base), **RUN), tmp_path / "local")
+    config = tmp_path / "grpo.yaml"
+    rollout = {"backend": "ray", "workers": 2}
+    config.write_text(json.dumps({"init_from": str(base), **RUN, "rollout": rollout}))  # JSON is YAML
+    out = tmp_path / "ray"
+    command = ["grpo", "--config", str(config), "--out", str(out)]
+    learner = subprocess.Popen(
+        nanoseek_cmd(*command), env=env_one_thread(), start_new_session=True, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "step-00000002").exists():
+        assert learner.poll() is None, learner.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint of step 2 in time"
+        time.sleep(0.05)
+    os.killpg(learner.pid, signal.SIGKILL)  # the learner and the Ray cluster it started
+    learner.wait()
+    learner.stderr.close()
+    assert not (out / "hf").exists()
+    r = run_cli(*command)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "grpo: resuming" in r.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    a, b = load_file(tmp_path / "local" / "hf" / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

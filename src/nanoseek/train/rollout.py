@@ -169,10 +169,10 @@ class RayRollout:
         self.started_ray = False
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-            if config.ray_address is None:  # a local cluster of just the CPUs the workers take
+            if config.ray_address is None:  # a new local cluster of just the CPUs the workers take
                 kwargs["num_cpus"] = config.workers * config.threads
             try:
-                ray.init(address=config.ray_address, **kwargs)
+                ray.init(address=config.ray_address or "local", **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = config.ray_address or "a local cluster"
                 raise NanoseekError(f"rollout.ray_address: could not start Ray at {where} ({e})") from None
