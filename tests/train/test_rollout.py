@@ -209,3 +209,22 @@ def test_a_killed_learner_resumes_with_the_same_command(base, tmp_path):
     assert steps == [1, 2, 3, 4]
     a, b = load_file(tmp_path / "local" / "hf" / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_vllm_backend_says_what_it_needs(tokenizer):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: test_vllm_rollouts_train runs the backend")
+    with pytest.raises(NanoseekError, match=r"rollout.backend vllm needs CUDA GPUs; torch sees none"):
+        make_trainer(tokenizer, backend="vllm", workers=2)
+    assert not ray.is_initialized()  # refused before any cluster was started
+
+
+@pytest.mark.cuda
+def test_vllm_rollouts_train(tokenizer):
+    pytest.importorskip("vllm", reason="the vllm backend needs `pip install vllm`")
+    trainer = make_trainer(tokenizer, backend="vllm", workers=1)
+    completions, history, weights = run(trainer, steps=2)
+    assert [m["step"] for m in history] == [1, 2] and [m["staleness"] for m in history] == [0, 0]
+    assert all(len(group) == 4 for step in completions for group in step)
+    # vLLM's log-probs of its samples against the learner's forward: the same model, other kernels
+    assert history[0]["logprob_diff_mean"] < 1e-2

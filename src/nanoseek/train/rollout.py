@@ -163,7 +163,7 @@ def _cpu_weights(model) -> dict:
 class RayRollout:
     """`workers` RolloutWorker actors on a Ray cluster (started here, or joined at `ray_address`)."""
 
-    def __init__(self, model, tokenizer, engine_kwargs: dict, config: RolloutConfig):
+    def __init__(self, model, tokenizer, engine_kwargs: dict, config: RolloutConfig, worker=None, resources=None):
         ray = self.ray = _ray()
         self.config = config
         self.started_ray = False
@@ -180,7 +180,8 @@ class RayRollout:
         # what a replacement worker is built from: the model's structure once, in the object store
         cpu_model = _copy_to_cpu(model)
         self.blob = ray.put((cpu_model, tokenizer, engine_kwargs, config.threads))
-        self.actor_class = ray.remote(num_cpus=config.threads, max_restarts=0)(RolloutWorker)
+        resources = resources or {"num_cpus": config.threads}
+        self.actor_class = ray.remote(max_restarts=0, **resources)(worker or RolloutWorker)
         self.weights = None  # (object ref, version) of the last publish
         self.workers = [self._new_worker() for _ in range(config.workers)]
         self.restarts = 0
