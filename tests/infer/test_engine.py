@@ -554,6 +554,8 @@ def _cache_bytes(engine) -> int:
     made = [engine.latents, engine.runner.cos, engine.runner.sin]
     if engine.drafter is not None:
         made.append(engine.drafter.latents)
+    if engine.prefix_cache is not None:
+        made += engine.prefix_cache.pools
     return sum(t.numel() * t.element_size() for t in made)
 
 
@@ -561,13 +563,18 @@ def _cache_bytes(engine) -> int:
 def test_kv_cache_bytes_is_what_the_engine_makes(model, speculative):
     from nanoseek.infer.engine import kv_cache_bytes
 
-    engine = Engine(model, max_batch_size=5, max_seq_len=40, speculative=speculative)
+    engine = Engine(model, max_batch_size=5, max_seq_len=40, speculative=speculative, prefix_cache_tokens=0)
     c = model.config
     need = kv_cache_bytes(c, 5, 40, torch.float32, speculative)
     assert need == _cache_bytes(engine)
     layers = c.num_hidden_layers + speculative
     assert need == layers * 5 * 41 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4 + 41 * c.qk_rope_head_dim * 4
     assert kv_cache_bytes(c, 5, 40, torch.bfloat16, speculative) * 2 == need
+    # the prefix cache's pool: its whole blocks (4 x 40 tokens by default, 10 blocks of 16), as wide
+    engine = Engine(model, max_batch_size=5, max_seq_len=40, speculative=speculative)
+    pool = layers * 160 * (c.kv_lora_rank + c.qk_rope_head_dim) * 4
+    assert kv_cache_bytes(c, 5, 40, torch.float32, speculative, 160) == need + pool == _cache_bytes(engine)
+    assert kv_cache_bytes(c, 5, 40, torch.float32, speculative, 175) == need + pool
 
 
 def test_a_cache_that_cannot_fit_is_one_line_before_any_allocation(model, monkeypatch):
@@ -586,16 +593,21 @@ def test_a_cache_that_cannot_fit_is_one_line_before_any_allocation(model, monkey
     need = kv_cache_bytes(model.config, 10**9, 500, torch.float32, True)
     assert format_bytes(need) == "256.5 TB"  # 4 layers x 1e9 rows x 501 x 32 values x 4 bytes
     assert re.fullmatch(
-        r"max_batch_size 1000000000 x max_seq_len 500: the KV cache needs 256\.5 TB, \d+\.\d [kMGT]B available on cpu"
-        r" \(lower --max-batch-size or --max-seq-len\)",
+        r"max_batch_size 1000000000 x max_seq_len 500: the KV cache with a prefix cache of 2000 tokens needs "
+        r"256\.5 TB, \d+\.\d [kMGT]B available on cpu"
+        r" \(lower --max-batch-size, --max-seq-len or --prefix-cache-tokens\)",
         str(e.value),
     )
+    with pytest.raises(
+        NanoseekError, match=r"max_seq_len 500: the KV cache needs .* \(lower --max-batch-size or --max-seq-len\)$"
+    ):
+        Engine(model, max_batch_size=10**9, max_seq_len=500, prefix_cache_tokens=0)
     with pytest.raises(NanoseekError, match=r"max_seq_len 512 \(of 1000000 asked: the model's max_position"):
         Engine(model, max_batch_size=10**6, max_seq_len=10**6)
     assert sizes == [] and time.perf_counter() - start < 1  # nothing was made, at once
 
     # the bound is the bytes: one byte short is refused, the exact bytes are made
-    need = kv_cache_bytes(model.config, 4, 64, torch.float32, False)
+    need = kv_cache_bytes(model.config, 4, 64, torch.float32, False, 256)
     monkeypatch.setattr(engine_module, "available_memory", lambda device: need - 1)
     with pytest.raises(NanoseekError, match=rf"needs {need / 1000:.1f} kB, {(need - 1) / 1000:.1f} kB available"):
         Engine(model, max_batch_size=4, max_seq_len=64)
@@ -640,7 +652,7 @@ def test_cuda_cache_that_cannot_fit_is_one_line():
     assert free <= available_memory(torch.device("cuda")) <= total
     model = make_model().cuda()
     before = torch.cuda.memory_allocated()
-    with pytest.raises(NanoseekError, match=r"the KV cache needs .* available on cuda"):
+    with pytest.raises(NanoseekError, match=r"the KV cache (with a prefix cache of \d+ tokens )?needs .* on cuda"):
         Engine(model, max_batch_size=10**8, max_seq_len=512)
     assert torch.cuda.memory_allocated() == before
     engine = Engine(model, max_batch_size=4, max_seq_len=64)

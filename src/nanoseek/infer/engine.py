@@ -11,6 +11,9 @@ The API is shaped like vLLM's `LLM.generate`. Underneath, nano-vllm's parts by t
   SamplingParams.prompt_logprobs the prefill's hidden states also score every prompt token
   (`PromptLogprobs`); with max_tokens 0 that is all a request does, as harnesses score
   the answers of a multiple-choice question.
+- the prefix cache (`prefix_cache.py`, vLLM's automatic prefix caching): finished requests'
+  cache blocks, kept by the hash of their token prefix, least recently used evicted first; a
+  prompt that starts with cached blocks copies them into its row and prefills only the rest.
 - the runner (`runner.py`): the decode step on folded weights, the model's forward without
   the Python overhead that dominates a small batch on a CPU.
 - the sequence: token ids, sampling state, incremental detokenization, stop checks.
@@ -40,6 +43,7 @@ from nanoseek.dense import DenseConfig, KVCache
 from nanoseek.device import model_device, model_dtype, place_model, resolve_device, resolve_dtype
 from nanoseek.errors import NanoseekError
 from nanoseek.infer.grammar import Grammars
+from nanoseek.infer.prefix_cache import BLOCK_SIZE, PrefixCache
 from nanoseek.infer.runner import DecodeRunner, latent_cache_views
 from nanoseek.infer.sampling import SamplingParams, choose_tokens, make_generator
 from nanoseek.infer.speculative import MTPDrafter, SpeculativeStats
@@ -86,6 +90,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose cache came from the prefix cache, not a prefill
 
 
 @dataclass
@@ -105,24 +110,29 @@ class StreamEvent:
     logprob: float | None = None  # with SamplingParams.logprobs: the token's, and the likeliest pairs
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs, on the first event
+    num_cached_tokens: int = 0  # the request's prompt tokens taken from the prefix cache
 
 
 # ---------------------------------------------------------------------------------------
 # Memory: the cache's size, checked before it is made.
 # ---------------------------------------------------------------------------------------
-def kv_cache_bytes(config, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, speculative: bool) -> int:
+def kv_cache_bytes(
+    config, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, speculative: bool, prefix_cache_tokens: int = 0
+) -> int:
     """Bytes of what the engine makes by the cache's sizes: the latent cache of every layer (and
     of the MTP module when speculating), max_batch_size rows of max_seq_len + 1 positions of
-    kv_lora_rank + qk_rope_head_dim values, and the runner's RoPE tables (cos and sin of half
-    the RoPE dims). The weights are already loaded and the runner's folded copies of them do
-    not grow with these sizes: they are not counted."""
+    kv_lora_rank + qk_rope_head_dim values, the prefix cache's pool (its whole blocks of as many
+    values per token) and the runner's RoPE tables (cos and sin of half the RoPE dims). The
+    weights are already loaded and the runner's folded copies of them do not grow with these
+    sizes: they are not counted."""
     span = max_seq_len + 1  # the spare position a speculative step writes its draft to
+    tokens = max_batch_size * span + prefix_cache_tokens // BLOCK_SIZE * BLOCK_SIZE
     size = torch.empty(0, dtype=dtype).element_size()
     if isinstance(config, DenseConfig):  # keys and values per KV head; no runner, no MTP
-        return max_batch_size * span * KVCache.bytes_per_token(config, size)
+        return tokens * KVCache.bytes_per_token(config, size)
     layers = config.num_hidden_layers + (1 if speculative else 0)
     width = config.kv_lora_rank + config.qk_rope_head_dim
-    return layers * max_batch_size * span * width * size + span * config.qk_rope_head_dim * size
+    return layers * tokens * width * size + span * config.qk_rope_head_dim * size
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -157,20 +167,40 @@ def format_bytes(n: float) -> str:
 
 
 def check_cache_fits(
-    config, max_batch_size: int, max_seq_len: int, dtype, device, speculative: bool, asked: int | None = None
+    config,
+    max_batch_size: int,
+    max_seq_len: int,
+    dtype,
+    device,
+    speculative: bool,
+    asked: int | None = None,
+    prefix_cache_tokens: int = 0,
 ) -> int:
     """The cache's bytes; a NanoseekError when they are more than `device` has available.
     `asked`: the max_seq_len asked for, when max_position_embeddings cut it to `max_seq_len`."""
-    need = kv_cache_bytes(config, max_batch_size, max_seq_len, dtype, speculative)
+    need = kv_cache_bytes(config, max_batch_size, max_seq_len, dtype, speculative, prefix_cache_tokens)
     have = available_memory(device)
     if have is not None and need > have:
         cut = f" (of {asked} asked: the model's max_position_embeddings)" if asked and asked != max_seq_len else ""
+        prefix = f" with a prefix cache of {prefix_cache_tokens} tokens" if prefix_cache_tokens else ""
         raise NanoseekError(
-            f"max_batch_size {max_batch_size} x max_seq_len {max_seq_len}{cut}: the KV cache needs "
+            f"max_batch_size {max_batch_size} x max_seq_len {max_seq_len}{cut}: the KV cache{prefix} needs "
             f"{format_bytes(need)}, {format_bytes(have)} available on {device}"
-            " (lower --max-batch-size or --max-seq-len)"
+            f" (lower --max-batch-size{', --max-seq-len or --prefix-cache-tokens' if prefix else ' or --max-seq-len'})"
         )
     return need
+
+
+def prefix_cache_size(tokens: int | None, max_seq_len: int) -> int:
+    """Engine(prefix_cache_tokens=): None is DEFAULT_PREFIX_CONTEXTS contexts of max_seq_len
+    tokens, 0 turns the cache off; a size under one block is an error."""
+    if tokens is None:
+        return DEFAULT_PREFIX_CONTEXTS * max_seq_len
+    if tokens < 0 or 0 < tokens < BLOCK_SIZE:
+        raise NanoseekError(
+            f"prefix_cache_tokens {tokens}: expected 0 (no prefix cache) or at least one block of {BLOCK_SIZE} tokens"
+        )
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,6 +228,7 @@ class Request:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.think_opened = think_opened  # the prompt ends inside <think>, as the chat template's does
         self.prompt_logprobs: PromptLogprobs | None = None  # made by the prefill, when asked for
+        self.num_cached_tokens = 0  # prompt tokens the prefill took from the prefix cache
         self.sequences = [Sequence(self, i, matchers[i] if matchers else None) for i in range(params.n)]
 
     @property
@@ -217,6 +248,7 @@ class Sequence:
         self.logprobs: list[float] | None = [] if wants else None
         self.top_logprobs: list[list[tuple[int, float]]] | None = [] if wants else None
         self.slot: int | None = None
+        self.cached = 0  # leading positions of its cache row that hold its tokens' cache, once prefilled
         self.draft: int | None = None  # the MTP module's guess at the token after token_ids[-1]
         # The thinking budget watches the <think> / </think> token ids: it forces the </think> token.
         self.thinking = request.think_opened
@@ -245,6 +277,7 @@ Prompt = str | list[int] | dict
 PROMPT_CHUNK = 512  # prompt positions whose logits are made at once for SamplingParams.prompt_logprobs
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_MAX_SEQ_LEN = 2048  # or the model's max_position_embeddings, when that is less
+DEFAULT_PREFIX_CONTEXTS = 4  # the prefix cache holds as many tokens as this many full contexts
 
 
 class Engine:
@@ -259,13 +292,16 @@ class Engine:
         folded: bool = True,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        prefix_cache_tokens: int | None = None,
     ):
         """`tokenizer`: a nanoseek.data.Tokenizer, needed for string prompts, text, stop strings
         and the thinking budget; token-id prompts work without one. `folded`: decode with the
         runner's folded weights (the fast path); False runs the model's own forward.
         `device` ("auto", "cpu", "cuda") and `dtype` ("float32", "bfloat16", "float16" on a GPU):
         None keeps the model's own; otherwise the model is moved there in place (see
-        nanoseek.device.place_model), and the cache and every tensor the engine makes follow it."""
+        nanoseek.device.place_model), and the cache and every tensor the engine makes follow it.
+        `prefix_cache_tokens`: the prefix cache's size (nanoseek.infer.prefix_cache), in whole
+        blocks of BLOCK_SIZE tokens; None: DEFAULT_PREFIX_CONTEXTS x max_seq_len; 0: none."""
         if device is not None or dtype is not None:
             target = resolve_device(device, "Engine device") if device is not None else model_device(model)
             place_model(model, target, resolve_dtype(dtype, target, "Engine dtype"))
@@ -280,14 +316,27 @@ class Engine:
             )
         self.dtype, self.device = model_dtype(model), model_device(model)
         mtp = speculative and len(model.mtp) > 0  # without an MTP module MTPDrafter says so below
-        check_cache_fits(config, max_batch_size, self.max_seq_len, self.dtype, self.device, mtp, max_seq_len)
+        self.prefix_cache_tokens = prefix_cache_size(prefix_cache_tokens, self.max_seq_len)
+        check_cache_fits(
+            config,
+            max_batch_size,
+            self.max_seq_len,
+            self.dtype,
+            self.device,
+            mtp,
+            max_seq_len,
+            self.prefix_cache_tokens,
+        )
         # One spare position: a speculative step writes its draft one past the last token.
         span = self.max_seq_len + 1
         if isinstance(config, DenseConfig):  # a dense student (Qwen2, Llama): keys and values per KV head
             if speculative:
                 raise NanoseekError("speculative decoding needs an MTP module; a dense Qwen2/Llama model has none")
             self.latents, self.runner, self.drafter = None, None, None
-            self.cache = KVCache.empty(config, max_batch_size, span, self.dtype, self.device)
+            shape = (config.num_hidden_layers, max_batch_size, span, config.num_key_value_heads, config.head_dim)
+            keys, values = (torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+            self.cache = KVCache(list(keys), list(values))
+            stores = [keys, values]
         else:
             self.latents = torch.zeros(
                 config.num_hidden_layers,
@@ -300,6 +349,10 @@ class Engine:
             self.cache = latent_cache_views(self.latents, config.kv_lora_rank)
             self.runner = DecodeRunner(model, span) if folded else None
             self.drafter = MTPDrafter(model, max_batch_size, span, self.dtype, self.device) if speculative else None
+            stores = [self.latents] + ([self.drafter.latents] if self.drafter is not None else [])
+        # Every cache tensor, [layers, rows, positions, ...]: what a row's copy or a cached block is made of.
+        self.stores = stores
+        self.prefix_cache = PrefixCache(stores, self.prefix_cache_tokens) if self.prefix_cache_tokens else None
         ids = tokenizer.special_ids if tokenizer is not None else {}
         self.eos_id = (
             eos_token_id
@@ -347,7 +400,8 @@ class Engine:
             seq_len = min(asked or DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings)
             mtp = bool(kwargs.get("speculative")) and not dense and config.num_nextn_predict_layers > 0
             batch = kwargs.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)
-            check_cache_fits(config, batch, seq_len, dtype, target, mtp, asked)
+            prefix = prefix_cache_size(kwargs.get("prefix_cache_tokens"), seq_len)
+            check_cache_fits(config, batch, seq_len, dtype, target, mtp, asked, prefix)
         model = load_pretrained(directory, dtype=dtype, device=target, config=config)
         tokenizer = None
         if (directory / "tokenizer.json").is_file():
@@ -481,8 +535,11 @@ class Engine:
         return requests
 
     def _add(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
-        if self.runner is not None and not self.running:
-            self.runner.sync()  # the weights may have changed since the last batch (an RL step)
+        if not self.running:  # the weights may have changed since the last batch (an RL step)
+            if self.runner is not None:
+                self.runner.sync()
+            if self.prefix_cache is not None:
+                self.prefix_cache.sync(self.model)
         text, ids = self._encode(prompt)
         if len(ids) >= self.max_seq_len:
             raise NanoseekError(f"prompt of {len(ids)} tokens leaves no room under max_seq_len {self.max_seq_len}")
@@ -530,6 +587,10 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         if seq.slot is not None:
+            if self.prefix_cache is not None and seq.cached:
+                # Every token but the last was fed to the model: their cache is in the row.
+                ids = seq.request.prompt_ids + seq.token_ids
+                self.prefix_cache.save(seq.slot, ids, max(seq.cached, seq.length - 1))
             heapq.heappush(self.free_slots, seq.slot)
             seq.slot = None
         if seq in self.running:
@@ -543,6 +604,7 @@ class Engine:
             [self._completion(s) for s in request.sequences],
             request.finished,
             request.prompt_logprobs,
+            request.num_cached_tokens,
         )
 
     def _completion(self, seq: Sequence) -> CompletionOutput:
@@ -568,22 +630,26 @@ class Engine:
 
     # ---- the forward passes --------------------------------------------------------
     def _prefill(self, seqs: list[Sequence], events: list[StreamEvent]) -> None:
-        """One right-padded forward over the prompts of the new requests (siblings from the
-        same request copy the first one's cache row), then each completion's first token."""
+        """One right-padded forward over the prompts of the new requests, each from the end of
+        its cached prefix (siblings from the same request copy the first one's cache row), then
+        each completion's first token."""
         first: dict[str, int] = {}  # request id -> row of the batch
         reps: list[Sequence] = []
         for seq in seqs:
             if seq.request.request_id not in first:
                 first[seq.request.request_id] = len(reps)
                 reps.append(seq)
-        lengths = [len(s.request.prompt_ids) for s in reps]
+        starts = [self._reuse(s) for s in reps]
+        lengths = [len(s.request.prompt_ids) - start for s, start in zip(reps, starts)]
         width = max(lengths)
         ids = torch.tensor(
-            [s.request.prompt_ids + [self.pad_id] * (width - n) for s, n in zip(reps, lengths)],
+            [s.request.prompt_ids[start:] + [self.pad_id] * (width - n) for s, start, n in zip(reps, starts, lengths)],
             dtype=torch.long,
             device=self.device,
         )
-        positions = torch.arange(width, device=self.device).expand(len(reps), width)
+        # Each row's tokens at their own positions; padding past the cache goes to its spare last position.
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(width, device=self.device)
+        positions = positions.clamp(max=self.max_seq_len)
         rows = torch.tensor([s.slot for s in reps], device=self.device)
         training = self.model.training
         self.model.eval()  # no balance statistics for the prompts
@@ -597,17 +663,24 @@ class Engine:
         for seq in seqs:
             if seq.params.max_tokens == 0:  # the prompt's log-probs were all it asked for
                 seq.finish_reason = "length"
+                # With MTP its draft latents were not written: its row is not one to keep.
+                seq.cached = len(seq.request.prompt_ids) if self.drafter is None else 0
                 events.append(self._event(seq, None))
         seqs = [s for s in seqs if not s.finished]
         if not seqs:
+            self._save_prompts(reps)
             return
         which = torch.tensor([first[s.request.request_id] for s in seqs], device=self.device)
-        last = torch.tensor([len(s.request.prompt_ids) - 1 for s in seqs], device=self.device)
+        last = torch.tensor(
+            [len(s.request.prompt_ids) - 1 - starts[first[s.request.request_id]] for s in seqs], device=self.device
+        )
         copies = [(s.slot, reps[first[s.request.request_id]].slot) for s in seqs if s not in reps]
         if copies:
             dst = torch.tensor([d for d, _ in copies], device=self.device)
             src = torch.tensor([s for _, s in copies], device=self.device)
-            self.cache.copy_rows(dst, src, width)
+            n = max(len(s.request.prompt_ids) for s in seqs)
+            for store in self.stores:  # the MTP module's rows too: its prefill below starts where the row's did
+                store[:, dst, :n] = store[:, src, :n]
         logits = self.model.lm_head(hidden[which, last])
         tokens = self._choose(seqs, logits)
         for seq, token in zip(seqs, tokens):
@@ -624,6 +697,31 @@ class Engine:
             )
             for seq, d in zip(seqs, drafts):
                 seq.draft = d
+        for seq in seqs:
+            seq.cached = len(seq.request.prompt_ids)
+        self._save_prompts(reps)
+
+    def _reuse(self, seq: Sequence) -> int:
+        """Copy the blocks of the prompt's longest cached prefix into its row; returns the
+        tokens the prefill can skip: those, but for the last prompt token (its logits choose the
+        first token) and, with MTP, the last block's last token (the MTP module's latent there
+        read the token after the block, which the block's key does not hold)."""
+        request = seq.request
+        if self.prefix_cache is None or request.params.prompt_logprobs is not None:  # that scores every token
+            return 0
+        n = len(request.prompt_ids)
+        blocks = self.prefix_cache.match(request.prompt_ids, n)
+        self.prefix_cache.load(seq.slot, blocks)
+        cached = len(blocks) * BLOCK_SIZE
+        request.num_cached_tokens = min(cached - 1 if self.drafter is not None and cached else cached, n - 1)
+        return request.num_cached_tokens
+
+    def _save_prompts(self, reps: list[Sequence]) -> None:
+        """Into the prefix cache at once: requests that arrive while these run reuse the prompts."""
+        if self.prefix_cache is not None:
+            for seq in reps:
+                if seq.cached:
+                    self.prefix_cache.save(seq.slot, seq.request.prompt_ids, seq.cached)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, request: Request) -> PromptLogprobs:
         """The log-probabilities of the prompt's tokens from its prefill hidden states [T, D]:
@@ -824,4 +922,5 @@ class Engine:
             seq.logprobs[made - 1] if seq.logprobs and token is not None else None,
             seq.top_logprobs[made - 1] if seq.top_logprobs and token is not None else None,
             seq.request.prompt_logprobs if made <= 1 else None,  # its first event: the prefill's
+            seq.request.num_cached_tokens,
         )
