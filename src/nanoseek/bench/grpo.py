@@ -444,9 +444,38 @@ def add_arguments(p) -> None:
     p.add_argument("--only", choices=("nanoseek",), help="skip TRL (no need to install it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    p.add_argument(
+        "--workers",
+        metavar="N,N",
+        help="instead: nanoseek's steps with rollouts on N Ray workers each (e.g. 1,2), the single-process "
+        "run and the async option beside them (bench/rollout.py; needs Ray)",
+    )
+    p.add_argument("--worker-threads", type=int, default=1, help="torch threads per Ray worker (default 1)")
 
 
 def main(args) -> int:
+    if args.workers:
+        from nanoseek.bench.rollout import bench_rollout, parse_workers, print_rollout_bench
+
+        if args.only:
+            raise NanoseekError("--workers runs nanoseek only: --only is not needed with it")
+        bench = bench_rollout(
+            shapes.spec(args),
+            args.prompts,
+            args.group,
+            args.new_tokens,
+            args.steps,
+            args.warmup,
+            args.lr,
+            parse_workers(args.workers),
+            args.threads,
+            args.worker_threads,
+            args.seed,
+        )
+        print_rollout_bench(bench)
+        if args.json:
+            Path(args.json).write_text(json.dumps(bench, indent=1) + "\n")
+        return 0
     bench = bench_grpo(
         shapes.spec(args),
         args.prompts,

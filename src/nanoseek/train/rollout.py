@@ -184,6 +184,7 @@ class RayRollout:
         self.actor_class = ray.remote(max_restarts=0, **resources)(worker or RolloutWorker)
         self.weights = None  # (object ref, version) of the last publish
         self.workers = [self._new_worker() for _ in range(config.workers)]
+        self.worker_pids()  # up before the first step (and an engine that cannot be made fails here)
         self.restarts = 0
 
     def _new_worker(self):
