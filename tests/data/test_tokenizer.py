@@ -238,8 +238,8 @@ def test_chat_format_layout():
 
 
 def test_unknown_role_is_an_error(hf):
-    bad = [{"role": "tool", "content": "x"}]
-    with pytest.raises(NanoseekError, match="role 'tool'"):
+    bad = [{"role": "robot", "content": "x"}]
+    with pytest.raises(NanoseekError, match="role 'robot'"):
         format_chat(bad)
     with pytest.raises(Exception):  # noqa: B017 (jinja2 raises its own TemplateError)
         hf.apply_chat_template(bad, tokenize=False)

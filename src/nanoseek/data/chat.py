@@ -46,6 +46,19 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK, END_THINK = "<think>", "</think>"
 ANSWER, END_ANSWER = "<answer>", "</answer>"
+# DeepSeek-V3's tool-call tokens (its tokenizer has each as one token; a tokenizer without them
+# spells them in ordinary tokens). A call: TOOL_CALL_BEGIN "function" TOOL_SEP name "\n```json\n"
+# arguments "\n```" TOOL_CALL_END; an assistant turn's calls, joined by "\n", sit between
+# TOOL_CALLS_BEGIN and TOOL_CALLS_END after its content; a run of tool results between
+# TOOL_OUTPUTS_BEGIN and TOOL_OUTPUTS_END, each as TOOL_OUTPUT_BEGIN content TOOL_OUTPUT_END.
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_ARGS_BEGIN, TOOL_ARGS_END = "\n```json\n", "\n```"
+# The functions offered, after the system messages (nanoseek's words: DeepSeek-V3's template
+# leaves describing them to the system prompt).
+TOOLS_HEADER = "## Tools\nYou can call these functions, with JSON arguments:"
 
 # The R1-Zero template, in our words and kept short: the tiny pipeline pays for every token
 # of it in each pretraining document and in each rollout. The completion starts after
@@ -57,6 +70,10 @@ R1_ZERO_PREAMBLE = (
 R1_ZERO_TEMPLATE = R1_ZERO_PREAMBLE + "User: {prompt}\nAssistant:"
 
 GENERATION_PROMPT = ASSISTANT + THINK + "\n"
+# With thinking off the assistant turn opens with an empty reasoning, as earlier turns without
+# one are written: the completion is the answer.
+NO_THINKING = "\n" + END_THINK + "\n\n"
+R1_ZERO_NO_THINKING = " " + THINK + END_THINK
 R1_ZERO_USER, R1_ZERO_ASSISTANT = "User: ", "Assistant:"  # the R1-Zero format's turns
 
 PROMPT_FORMATS = ("chat", "r1-zero")
@@ -86,6 +103,37 @@ def _assistant_parts(message: dict) -> tuple[str, str]:
     return reasoning.strip(), content.strip()
 
 
+def _arguments(call: dict) -> str:
+    """A tool call's arguments as text: OpenAI sends a JSON string, transformers' callers a dict."""
+    args = call["function"].get("arguments", "")
+    return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def tool_call_text(name: str, arguments: str) -> str:
+    """One call in DeepSeek-V3's tool-call tokens."""
+    return TOOL_CALL_BEGIN + "function" + TOOL_SEP + name + TOOL_ARGS_BEGIN + arguments + TOOL_ARGS_END + TOOL_CALL_END
+
+
+def tool_calls_text(calls: list[dict]) -> str:
+    """An assistant turn's calls (OpenAI's {"function": {"name", "arguments"}} dicts), as it writes them."""
+    if not calls:
+        return ""
+    text = "\n".join(tool_call_text(c["function"]["name"], _arguments(c)) for c in calls)
+    return TOOL_CALLS_BEGIN + text + TOOL_CALLS_END
+
+
+def tools_prompt(tools: list[dict]) -> str:
+    """The functions offered (OpenAI's {"type": "function", "function": {...}} dicts), for the system part."""
+    text = TOOLS_HEADER
+    for tool in tools:
+        fn = tool["function"]
+        text += "\n\n### " + fn["name"]
+        if fn.get("description"):
+            text += "\n" + fn["description"]
+        text += "\nParameters: " + json.dumps(fn.get("parameters", {}), ensure_ascii=False)
+    return text
+
+
 def r1_zero_completion(reasoning: str, answer: str) -> str:
     """What the model writes after the R1-Zero prompt's "Assistant:" (and what RL rewards)."""
     return f" {THINK}{reasoning}{END_THINK} {ANSWER}{answer}{END_ANSWER}"
@@ -98,17 +146,25 @@ def check_prompt_format(name: str, where: str = "prompt format") -> str:
 
 
 def chat_segments(
-    messages: list[dict], add_generation_prompt: bool = True, prompt_format: str = "chat"
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    prompt_format: str = "chat",
+    tools: list[dict] | None = None,
+    thinking: bool = True,
 ) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, is_assistant_output) pieces; `format_chat` joins them.
 
     An assistant piece is what the model generates after the generation prompt: in the chat
-    format the reasoning, "</think>", the answer and EOS; in the R1-Zero format the completion
-    " <think>...</think> <answer>...</answer>" (and EOS when it ends the conversation). SFT
-    trains on exactly those pieces.
+    format the reasoning, "</think>", the answer, its tool calls and EOS; in the R1-Zero format
+    the completion " <think>...</think> <answer>...</answer>" (and EOS when it ends the
+    conversation). SFT trains on exactly those pieces. `tools` (the chat format only): the
+    functions offered, described after the system messages; `role: tool` messages are their
+    results. `thinking` False: the generation prompt closes the reasoning at once.
     """
     check_prompt_format(prompt_format)
     r1_zero = prompt_format == "r1-zero"
+    if r1_zero and tools:
+        raise NanoseekError("the r1-zero prompt format has no tool calls: 'tools' needs the chat format")
     system, turns = [], [(BOS, False)]
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -123,6 +179,9 @@ def chat_segments(
             turns.append((R1_ZERO_USER + text + "\n" if r1_zero else USER + text, False))
         elif role == "assistant":
             reasoning, answer = _assistant_parts(m)
+            calls = m.get("tool_calls")
+            if calls and r1_zero:
+                raise NanoseekError(f"message {i}: the r1-zero prompt format has no tool calls")
             if r1_zero:
                 last = i == len(messages) - 1
                 turns.append((R1_ZERO_ASSISTANT, False))
@@ -131,23 +190,39 @@ def chat_segments(
                     turns.append(("\n", False))
             else:
                 turns.append((GENERATION_PROMPT, False))
-                turns.append((reasoning + "\n" + END_THINK + "\n\n" + answer + EOS, True))
+                output = reasoning + "\n" + END_THINK + "\n\n" + answer + tool_calls_text(calls) + EOS
+                turns.append((output, True))
+        elif role == "tool" and not r1_zero:
+            first = i == 0 or messages[i - 1].get("role") != "tool"
+            last = i == len(messages) - 1 or messages[i + 1].get("role") != "tool"
+            text = TOOL_OUTPUT_BEGIN + (content or "") + TOOL_OUTPUT_END
+            turns.append(((TOOL_OUTPUTS_BEGIN if first else "") + text + (TOOL_OUTPUTS_END if last else ""), False))
         else:
-            raise NanoseekError(f"message {i}: role {role!r} is not one of system, user, assistant")
+            roles = "system, user, assistant" + ("" if r1_zero else ", tool")
+            raise NanoseekError(f"message {i}: role {role!r} is not one of {roles}")
     if r1_zero:  # the preamble is R1-Zero's system prompt; system messages follow it
         turns.insert(1, (R1_ZERO_PREAMBLE + "".join(text + "\n" for text in system), False))
-    elif system:  # DeepSeek puts every system message first, right after BOS
-        turns.insert(1, ("\n\n".join(system), False))
+    elif system or tools:  # DeepSeek puts every system message first, right after BOS
+        turns.insert(1, ("\n\n".join(system + ([tools_prompt(tools)] if tools else [])), False))
     if add_generation_prompt:
-        turns.append((R1_ZERO_ASSISTANT if r1_zero else GENERATION_PROMPT, False))
+        if r1_zero:
+            turns.append((R1_ZERO_ASSISTANT + ("" if thinking else R1_ZERO_NO_THINKING), False))
+        else:
+            turns.append((GENERATION_PROMPT + ("" if thinking else NO_THINKING), False))
     return turns
 
 
-def format_chat(messages: list[dict], add_generation_prompt: bool = True, prompt_format: str = "chat") -> str:
+def format_chat(
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    prompt_format: str = "chat",
+    tools: list[dict] | None = None,
+    thinking: bool = True,
+) -> str:
     """A conversation as text, in DeepSeek-R1's chat format:
     BOS system <｜User｜>q <｜Assistant｜><think>\\n reasoning \\n</think>\\n\\n answer EOS ...
     or in the R1-Zero format: BOS preamble "User: q\\nAssistant: <think>r</think> <answer>a</answer>\\n..." """
-    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt, prompt_format))
+    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt, prompt_format, tools, thinking))
 
 
 def prompt_template(prompt_format: str) -> str:
@@ -187,19 +262,36 @@ _JINJA_ASSISTANT_PARTS = [
     "{%- set reasoning = '' -%}",
     "{%- endif -%}",
 ]
-_JINJA_UNKNOWN_ROLE = [
-    "{%- elif m['role'] != 'system' -%}",
-    "{{- raise_exception('role ' + m['role'] + ' is not one of system, user, assistant') -}}",
-    "{%- endif -%}",
-]
+
+
+def _jinja_unknown_role(roles: str) -> list[str]:
+    return [
+        "{%- elif m['role'] != 'system' -%}",
+        "{{- raise_exception('role ' + m['role'] + ' is not one of " + roles + "') -}}",
+        "{%- endif -%}",
+    ]
+
+
+_JINJA_NO_TOOLS = "{{- raise_exception('the r1-zero prompt format has no tool calls') -}}"
+_JINJA_NO_THINKING = "(thinking is defined and not thinking)"  # the `thinking` variable, True when left out
 
 CHAT_TEMPLATE = "".join(
     [
-        "{%- set ns = namespace(system='') -%}",
+        "{%- set ns = namespace(system='', n=0) -%}",
         "{%- for m in messages if m['role'] == 'system' -%}",
         "{%- set ns.system = ns.system + ('\\n\\n' if loop.index0 > 0 else '') + (m['content'] or '') -%}",
+        "{%- set ns.n = loop.length -%}",
         "{%- endfor -%}",
         "{{- " + _jinja(BOS) + " + ns.system -}}",
+        # the functions offered (`tools_prompt`)
+        "{%- if tools -%}",
+        "{{- ('\\n\\n' if ns.n > 0 else '') + " + _jinja(TOOLS_HEADER) + " -}}",
+        "{%- for t in tools -%}",
+        "{{- '\\n\\n### ' + t['function']['name'] -}}",
+        "{%- if t['function'].get('description') -%}{{- '\\n' + t['function']['description'] -}}{%- endif -%}",
+        "{{- '\\nParameters: ' + (t['function'].get('parameters', {}) | tojson) -}}",
+        "{%- endfor -%}",
+        "{%- endif -%}",
         "{%- for m in messages -%}",
         "{%- if m['role'] == 'user' -%}",
         "{{- " + _jinja(USER) + " + (m['content'] or '') -}}",
@@ -209,17 +301,41 @@ CHAT_TEMPLATE = "".join(
         + _jinja(GENERATION_PROMPT)
         + " + (reasoning | trim) + "
         + _jinja("\n" + END_THINK + "\n\n")
-        + " + (content | trim) + "
-        + _jinja(EOS)
+        + " + (content | trim) -}}",
+        # its tool calls (`tool_calls_text`)
+        "{%- if m.get('tool_calls') -%}",
+        "{{- " + _jinja(TOOL_CALLS_BEGIN) + " -}}",
+        "{%- for c in m['tool_calls'] -%}",
+        "{%- set args = c['function'].get('arguments', '') -%}",
+        "{{- ('\\n' if loop.index0 > 0 else '') + "
+        + _jinja(TOOL_CALL_BEGIN + "function" + TOOL_SEP)
+        + " + c['function']['name'] + "
+        + _jinja(TOOL_ARGS_BEGIN)
+        + " + (args if args is string else args | tojson) + "
+        + _jinja(TOOL_ARGS_END + TOOL_CALL_END)
         + " -}}",
-        *_JINJA_UNKNOWN_ROLE,
         "{%- endfor -%}",
-        "{%- if add_generation_prompt -%}{{- " + _jinja(GENERATION_PROMPT) + " -}}{%- endif -%}",
+        "{{- " + _jinja(TOOL_CALLS_END) + " -}}",
+        "{%- endif -%}",
+        "{{- " + _jinja(EOS) + " -}}",
+        # a run of tool results
+        "{%- elif m['role'] == 'tool' -%}",
+        "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- "
+        + _jinja(TOOL_OUTPUTS_BEGIN)
+        + " -}}{%- endif -%}",
+        "{{- " + _jinja(TOOL_OUTPUT_BEGIN) + " + (m['content'] or '') + " + _jinja(TOOL_OUTPUT_END) + " -}}",
+        "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- " + _jinja(TOOL_OUTPUTS_END) + " -}}{%- endif -%}",
+        *_jinja_unknown_role("system, user, assistant, tool"),
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- " + _jinja(GENERATION_PROMPT) + " -}}",
+        "{%- if " + _JINJA_NO_THINKING + " -%}{{- " + _jinja(NO_THINKING) + " -}}{%- endif -%}",
+        "{%- endif -%}",
     ]
 )
 
 R1_ZERO_CHAT_TEMPLATE = "".join(
     [
+        "{%- if tools -%}" + _JINJA_NO_TOOLS + "{%- endif -%}",
         "{{- " + _jinja(BOS + R1_ZERO_PREAMBLE) + " -}}",
         "{%- for m in messages if m['role'] == 'system' -%}{{- (m['content'] or '') + '\\n' -}}{%- endfor -%}",
         "{%- for m in messages -%}",
@@ -227,6 +343,7 @@ R1_ZERO_CHAT_TEMPLATE = "".join(
         "{{- " + _jinja(R1_ZERO_USER) + " + (m['content'] or '') + '\\n' -}}",
         "{%- elif m['role'] == 'assistant' -%}",
         *_JINJA_ASSISTANT_PARTS,
+        "{%- if m.get('tool_calls') -%}" + _JINJA_NO_TOOLS + "{%- endif -%}",
         "{{- "
         + _jinja(R1_ZERO_ASSISTANT + " " + THINK)
         + " + (reasoning | trim) + "
@@ -236,9 +353,11 @@ R1_ZERO_CHAT_TEMPLATE = "".join(
         + " + ("
         + _jinja(EOS)
         + " if loop.last else '\\n') -}}",
-        *_JINJA_UNKNOWN_ROLE,
+        *_jinja_unknown_role("system, user, assistant"),
         "{%- endfor -%}",
-        "{%- if add_generation_prompt -%}{{- " + _jinja(R1_ZERO_ASSISTANT) + " -}}{%- endif -%}",
+        "{%- if add_generation_prompt -%}{{- " + _jinja(R1_ZERO_ASSISTANT) + " -}}",
+        "{%- if " + _JINJA_NO_THINKING + " -%}{{- " + _jinja(R1_ZERO_NO_THINKING) + " -}}{%- endif -%}",
+        "{%- endif -%}",
     ]
 )
 

@@ -35,6 +35,7 @@ from nanoseek.data.chat import (
     END_ANSWER,
     END_THINK,
     EOS,
+    NO_THINKING,
     PAD,
     THINK,
     USER,
@@ -44,7 +45,9 @@ from nanoseek.data.chat import (
     format_chat,
     prompt_template,
     render_chat_template,
+    tools_prompt,
 )
+from nanoseek.data.reasoning import prompt_opens_reasoning
 from nanoseek.errors import NanoseekError
 
 # Order fixes the ids: BOS 0, EOS 1, PAD 2 as in DeepSeek-V3 (and ModelConfig's defaults).
@@ -262,14 +265,54 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---- the model's prompt format ---------------------------------------------------
-    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def format_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        thinking: bool = True,
+    ) -> str:
         """The conversation as text in this tokenizer's prompt format; for a directory saved
-        here, what transformers' `apply_chat_template(messages, tokenize=False)` gives. As text,
-        a message that spells a control token cannot be told from the template's: to prompt a
-        model use `encode_chat`, not `encode(format_chat(...))`."""
-        if self.prompt_format == "template":
-            return render_chat_template(self.chat_template, messages, add_generation_prompt, **self._template_tokens())
-        return format_chat(messages, add_generation_prompt, self.prompt_format)
+        here, what transformers' `apply_chat_template(messages, tokenize=False, tools=tools,
+        thinking=thinking)` gives. As text, a message that spells a control token cannot be
+        told from the template's: to prompt a model use `encode_chat`, not `encode(format_chat(...))`.
+        `tools`: the functions offered; `thinking` False: the assistant turn opens with its
+        reasoning already closed (see `render`)."""
+        return self.render(messages, add_generation_prompt, tools, thinking)
+
+    def render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        thinking: bool = True,
+        chat_template: str | None = None,
+        prompt_format: str | None = None,
+    ) -> str:
+        """`format_chat` in `prompt_format` (default: this tokenizer's) or the Jinja `chat_template`.
+        A Jinja template gets `tools` and, with thinking off, `thinking` and `enable_thinking`
+        False (Qwen3's name); a generation prompt it leaves inside <think> (R1-Distill's) is then
+        closed as the chat format closes it ("\\n</think>\\n\\n"). A template that does not
+        read `tools` gets them described in a system message of their own, first."""
+        fmt = prompt_format or self.prompt_format
+        if chat_template is None and fmt == "template":
+            if self.chat_template is None:
+                raise NanoseekError("prompt format 'template': this tokenizer has no chat template of its own")
+            chat_template = self.chat_template
+        if chat_template is None:
+            return format_chat(messages, add_generation_prompt, fmt, tools, thinking)
+        variables = self._template_tokens()
+        if tools:
+            if "tools" in chat_template:
+                variables["tools"] = tools
+            else:
+                messages = [{"role": "system", "content": tools_prompt(tools)}, *messages]
+        if not thinking:
+            variables.update(thinking=False, enable_thinking=False)
+        text = render_chat_template(chat_template, messages, add_generation_prompt, **variables)
+        if add_generation_prompt and not thinking and prompt_opens_reasoning(text):
+            text += NO_THINKING
+        return text
 
     def chat_segments(self, messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
         """`format_chat` as (text, is_assistant_output) pieces, for SFT."""
@@ -286,29 +329,24 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         prompt_format: str | None = None,
+        tools: list[dict] | None = None,
+        thinking: bool = True,
     ) -> list[int]:
         """Ids of the conversation in this tokenizer's prompt format (or `prompt_format`), or in
         the Jinja `chat_template` given. Only the template puts control tokens in: every string of the
         messages is ordinary text, so a message that spells "<｜Assistant｜>" cannot end its turn
         (nor an assistant content's "</think>" split off a reasoning). For messages without
         such text, the ids of `format_chat(messages)`: for a directory saved here, what
-        transformers' `apply_chat_template(messages, tokenize=True)` gives."""
+        transformers' `apply_chat_template(messages, tokenize=True)` gives. `tools` (their
+        strings are ordinary text too) and `thinking`: as in `render`."""
 
-        fmt = prompt_format or self.prompt_format
-        if chat_template is None and fmt == "template":
-            if self.chat_template is None:
-                raise NanoseekError("prompt format 'template': this tokenizer has no chat template of its own")
-            chat_template = self.chat_template
-
-        def render(messages):
-            if chat_template is None:
-                return format_chat(messages, add_generation_prompt, prompt_format or self.prompt_format)
-            return render_chat_template(chat_template, messages, add_generation_prompt, **self._template_tokens())
+        def render(messages, tools):
+            return self.render(messages, add_generation_prompt, tools, thinking, chat_template, prompt_format)
 
         try:
-            text = render(self._escape.escape(messages))
+            text = render(self._escape.escape(messages), self._escape.escape(tools))
         except NanoseekError as e:
-            render(messages)  # the same error, in the messages' own words
+            render(messages, tools)  # the same error, in the messages' own words
             raise NanoseekError(self._escape.unescape(str(e))) from None
         return self._encode_rendered(text)
 
