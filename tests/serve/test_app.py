@@ -289,7 +289,13 @@ def test_unsupported_parameters_are_named_and_neutral_values_pass(server):
     ]
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3+4-2?"}]
     a, b = post(server, {**GOOD, "messages": parts}).json(), post(server, {**GOOD, "messages": plain}).json()
-    assert a["usage"] == b["usage"] and a["choices"][0]["message"] == b["choices"][0]["message"]
+    cache = ("prompt_cache_hit_tokens", "prompt_cache_miss_tokens", "prompt_tokens_details")
+    assert {k: v for k, v in a["usage"].items() if k not in cache} == {
+        k: v for k, v in b["usage"].items() if k not in cache
+    }
+    assert a["choices"][0]["message"] == b["choices"][0]["message"]
+    # the same prompt, token for token: b found all its whole blocks in the prefix cache
+    assert b["usage"]["prompt_cache_hit_tokens"] == b["usage"]["prompt_tokens"] // 16 * 16 > 0
     r = post(server, {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
     assert r.json()["error"]["message"] == "'messages[0].content' must be a string or a list of text parts"
     r = post(
@@ -532,6 +538,9 @@ def test_metrics_of_two_apps_in_one_process_are_their_own(engine):
     assert {name: f.type for name, f in families.items()} == {
         "nanoseek_requests": "counter",
         "nanoseek_tokens": "counter",
+        "nanoseek_prompt_cache_hit_rate": "gauge",
+        "nanoseek_prefix_cache_tokens": "gauge",
+        "nanoseek_prefix_cache_capacity_tokens": "gauge",
         "nanoseek_queue_length": "gauge",
         "nanoseek_running": "gauge",
         "nanoseek_pending": "gauge",
@@ -547,7 +556,7 @@ def test_metrics_of_two_apps_in_one_process_are_their_own(engine):
     assert samples[("nanoseek_request_duration_seconds_bucket", (("le", "0.01"),))] == 0
     assert samples[("nanoseek_capacity", ())] == engine.max_batch_size + 256
     assert {labels for name, labels in samples if name == "nanoseek_tokens_total"} == {
-        (("kind", k),) for k in ("prompt", "completion", "reasoning")
+        (("kind", k),) for k in ("prompt", "completion", "reasoning", "prompt_cache_hit", "prompt_cache_miss")
     }
     assert 'nanoseek_requests_total{path="/health"' not in second.state.metrics.render().decode()
 

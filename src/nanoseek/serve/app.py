@@ -91,6 +91,7 @@ class Job:
     first_token: float | None = None
     outputs: dict[int, CompletionOutput] = field(default_factory=dict)  # by choice
     prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # by prompt, when asked for
+    cached_tokens: dict[int, int] = field(default_factory=dict)  # by prompt: its tokens from the prefix cache
     released: bool = False
 
     @property
@@ -106,12 +107,19 @@ class Job:
         return len(self.outputs) == self.choices
 
     def usage(self) -> dict:
+        """OpenAI's usage, with the prompt tokens the prefix cache held as DeepSeek's API reports
+        them (prompt_cache_hit_tokens + prompt_cache_miss_tokens = prompt_tokens) and as OpenAI's
+        (prompt_tokens_details.cached_tokens)."""
         outs = self.outputs.values()
         completion = sum(len(o.token_ids) for o in outs)
+        cached = sum(self.cached_tokens.values())
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "prompt_cache_hit_tokens": cached,
+            "prompt_cache_miss_tokens": self.prompt_tokens - cached,
+            "prompt_tokens_details": {"cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": sum(o.reasoning_tokens for o in outs)},
         }
 
@@ -179,6 +187,7 @@ class EngineLoop:
                     job.outputs[event.index] = event.output
                 if event.prompt_logprobs is not None:
                     job.prompt_logprobs[event.index // job.n] = event.prompt_logprobs
+                job.cached_tokens[event.index // job.n] = event.num_cached_tokens
                 yield event
 
     def release(self, job: Job) -> None:
@@ -466,13 +475,31 @@ class Metrics:
         )
         self.tokens = Counter(
             "nanoseek_tokens",
-            "Tokens of finished requests: prompt, completion, and the reasoning part of completion.",
+            "Tokens of finished requests: prompt (split into prompt_cache_hit, from the prefix cache, and "
+            "prompt_cache_miss), completion, and the reasoning part of completion.",
             ["kind"],
             registry=registry,
         )
-        for kind in ("prompt", "completion", "reasoning"):
+        for kind in ("prompt", "completion", "reasoning", "prompt_cache_hit", "prompt_cache_miss"):
             self.tokens.labels(kind)  # shown from the start, at 0
+        self.prompt_cache = (0, 0)  # the prompt tokens counted as prompt_cache_hit and prompt_cache_miss
+        prefix = loop.engine.prefix_cache
         for name, help_, read in (
+            (
+                "nanoseek_prompt_cache_hit_rate",
+                "Share of the finished requests' prompt tokens taken from the prefix cache.",
+                self.hit_rate,
+            ),
+            (
+                "nanoseek_prefix_cache_tokens",
+                "Tokens the prefix cache holds.",
+                lambda: 0 if prefix is None else prefix.tokens,
+            ),
+            (
+                "nanoseek_prefix_cache_capacity_tokens",
+                "Tokens the prefix cache can hold (0: no prefix cache).",
+                lambda: 0 if prefix is None else prefix.capacity * prefix.block_size,
+            ),
             ("nanoseek_queue_length", "Completions waiting for a row of the batch.", lambda: loop.waiting),
             ("nanoseek_running", "Completions in the batch.", lambda: loop.running),
             ("nanoseek_pending", "Completions accepted and not yet answered.", lambda: loop.pending),
@@ -499,8 +526,16 @@ class Metrics:
         self.tokens.labels("prompt").inc(usage["prompt_tokens"])
         self.tokens.labels("completion").inc(usage["completion_tokens"])
         self.tokens.labels("reasoning").inc(usage["completion_tokens_details"]["reasoning_tokens"])
+        hit, miss = usage["prompt_cache_hit_tokens"], usage["prompt_cache_miss_tokens"]
+        self.tokens.labels("prompt_cache_hit").inc(hit)
+        self.tokens.labels("prompt_cache_miss").inc(miss)
+        self.prompt_cache = (self.prompt_cache[0] + hit, self.prompt_cache[1] + miss)
         if job.first_token is not None:
             self.ttft.observe(job.first_token - job.started)
+
+    def hit_rate(self) -> float:
+        hit, miss = self.prompt_cache
+        return hit / (hit + miss) if hit + miss else 0.0
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

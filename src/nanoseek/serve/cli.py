@@ -35,6 +35,13 @@ def register(subparsers) -> None:
         default=256,
         help="completions that may wait for a batch row; more get 429 (default 256)",
     )
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        metavar="N",
+        help="prefix cache: the cache of up to N tokens of past requests, reused by prompts that start the same "
+        "way (usage.prompt_cache_hit_tokens), in blocks of 16 (default 4 x --max-seq-len; 0: off)",
+    )
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     add_device_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -85,6 +92,7 @@ def cmd_serve(args) -> int:
             max_batch_size=args.max_batch_size,
             max_seq_len=args.max_seq_len,
             speculative=args.speculative,
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
         name = args.served_model_name or Path(args.model).resolve().name
         app = create_app(engine, name, api_key=args.api_key, max_queue=args.max_queue)
@@ -95,7 +103,8 @@ def cmd_serve(args) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(
         f"nanoseek serve: model '{name}' at http://{shown}:{port}  (web chat /, API /v1, metrics /metrics; "
-        f"batch {engine.max_batch_size}, context {engine.max_seq_len}, {engine.device.type} "
+        f"batch {engine.max_batch_size}, context {engine.max_seq_len}, "
+        f"prefix cache {engine.prefix_cache_tokens} tokens, {engine.device.type} "
         f"{str(engine.dtype).removeprefix('torch.')})",
         flush=True,
     )
