@@ -142,3 +142,34 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     assert "## Reflection (the aha moment)" in md and "### An aha sample" in md
     assert "| difficulty | reflect | accuracy when reflecting | accuracy otherwise | thinking length |" in md
+
+
+def test_demo_quick_countdown_pretrains_on_searches_and_reports_by_count_of_numbers(tmp_path, capsys):
+    from nanoseek.cli import main
+    from nanoseek.report import rewrite_report
+
+    assert main(["demo", "--quick", "--task", "countdown", "--reflection", "--out", str(tmp_path / "bad")]) == 2
+    assert "--reflection is an option of the chain task, not of --task countdown" in capsys.readouterr().err
+    r = run("demo", "--quick", "--task", "countdown", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    docs = [json.loads(line) for line in (tmp_path / "data" / "countdown.jsonl").read_text().splitlines()]
+    assert {d["kind"] for d in docs} == {"search", "direct", "plain"}
+    assert all(d["text"].endswith("</answer>") and " yes</think>" in d["text"] for d in docs if d["kind"] == "search")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["task"] == "countdown" and report["task_options"]["max_numbers"] == 4
+    assert set(report["r1_zero"]["by_difficulty"]) <= {"3", "4"}
+    search = report["countdown"]
+    assert 1e6 < search["parameters"] < 2e6 and search["times_smaller_than_0.5b"] == 0.5e9 / search["parameters"]
+    assert set(search["gain_points_by_numbers"]) == set(report["r1_zero"]["by_difficulty"])
+    assert "countdown_gain_met" in report["goals"]
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# nanoseek demo --task countdown: search from RL alone (--quick")
+    assert "## Countdown: search from RL alone" in md and "times smaller than the Qwen2.5-0.5B" in md
+    assert "nanoseek demo --task countdown --out" in md
+    # a finished run's report can be written again from what it left in its directory
+    (tmp_path / "report.md").unlink()
+
+    def timeless(text):  # report.json keeps the seconds to a tenth
+        return [line for line in text.splitlines() if not line.startswith("- Time: data")]
+
+    assert timeless(rewrite_report(tmp_path).read_text()) == timeless(md)

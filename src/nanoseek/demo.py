@@ -77,6 +77,16 @@ class Plan:
 
 
 FULL = Plan()
+# `--task countdown`: 3 and 4 numbers from 1 to 9 and a target up to 50 (tasks/countdown.py); the corpus's
+# reasoning is worked searches (tries that fail, then the one that reaches the target, at most 4 tries:
+# 61 tokens on average for 3 numbers, 105 for 4, at most 186), so the generation budget is 192 tokens;
+# rows of 512 tokens hold two or three documents whole.
+COUNTDOWN = (
+    ("task", "countdown"),
+    ("task_options", (("min_numbers", 3), ("max_numbers", 4), ("max_number", 9), ("max_target", 50))),
+    ("mix", (("search", 0.4), ("direct", 0.4), ("plain", 0.2))),
+)
+FULL_COUNTDOWN = replace(FULL, **dict(COUNTDOWN), seq_len=512, batch_size=8, max_new_tokens=192, eval_problems=200)
 QUICK = replace(
     FULL,
     docs=1_500,
@@ -91,6 +101,7 @@ QUICK = replace(
     group_size=4,
     max_new_tokens=64,
 )
+QUICK_COUNTDOWN = replace(QUICK, **dict(COUNTDOWN))
 
 
 def register(sub) -> None:
@@ -98,6 +109,12 @@ def register(sub) -> None:
     p.add_argument("--out", help="output directory (default: runs/demo, runs/demo-reflection, runs/demo-countdown)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a two-minute version of the same pipeline (for tests)")
+    p.add_argument(
+        "--task",
+        choices=("chain", "countdown"),
+        default="chain",
+        help="chain (the default run) or countdown: reach a target with 3-4 numbers, from worked searches",
+    )
     p.add_argument(
         "--languages",
         metavar="CODES",
@@ -144,7 +161,13 @@ def stage(title: str) -> None:
 
 
 def run_demo(args) -> int:
-    plan = QUICK if args.quick else FULL
+    if args.task == "countdown":
+        chain_only = [f for f, v in (("--languages", args.languages), ("--switch", args.switch)) if v]
+        chain_only += ["--reflection"] if args.reflection else []
+        if chain_only:
+            raise NanoseekError(f"{chain_only[0]} is an option of the chain task, not of --task countdown")
+    plan = {(False, "chain"): FULL, (True, "chain"): QUICK}.get((args.quick, args.task))
+    plan = plan or (QUICK_COUNTDOWN if args.quick else FULL_COUNTDOWN)
     if args.languages:
         plan = replace(plan, languages=tuple(x.strip() for x in args.languages.split(",") if x.strip()))
     if args.switch:
@@ -162,7 +185,8 @@ def run_demo(args) -> int:
         from nanoseek.train.grpo import GRPORunConfig
 
         grpo_overrides(GRPORunConfig(init_from="."), args.overrides)
-    out = args.out or ("runs/demo-reflection" if plan.reflect else "runs/demo")
+    out = args.out or ("runs/demo-countdown" if plan.task == "countdown" else "runs/demo")
+    out = args.out or ("runs/demo-reflection" if plan.reflect else out)
     run_pipeline(plan, Path(out), args.seed, device, dtype, args.quick, overrides=args.overrides)
     return 0
 

@@ -83,6 +83,9 @@ def write_report(
     reflection = _reflection(records, before, after, samples) if plan.get("reflect") else None
     if reflection:
         goals.update(reflection["goals"])
+    search = _countdown(out, before, after, base_samples or [], samples) if task == "countdown" else None
+    if search:
+        goals.update(search["goals"])
     plots = {}
     for name in ("reward.png", "length.png", "kl_entropy.png", "reflection.png"):
         if (out / "grpo" / name).exists():
@@ -114,13 +117,14 @@ def write_report(
         "plots": plots,
         "models": {"base": "base", "r1_zero": "r1-zero"},
         **({"reflection": reflection} if reflection else {}),
+        **({"countdown": search} if search else {}),
         "samples": samples[: SAMPLES_SHOWN * 4],
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
 
     k = after.samples_per_problem
     lines = [
-        "# nanoseek demo: R1-Zero on a laptop" + (" (--quick: plumbing only, not a result)" if quick else ""),
+        f"# nanoseek demo{_flags(plan)}: {_title(plan)}" + (" (--quick: plumbing only, not a result)" if quick else ""),
         "",
         f"A `tiny` DeepSeek-V3 model pretrained on the synthetic `{task}` corpus ({_opts(task_options)}), "
         f"then trained with GRPO ({rl_config['loss_type']}, {rl_config['steps']} steps of "
@@ -151,6 +155,7 @@ def write_report(
         "",
         *_by_difficulty(before, after),
         *(_reflection_markdown(reflection, plan, before, after) if reflection else []),
+        *(_countdown_markdown(search, seconds) if search else []),
         *cost.cost_markdown(costs),
         "## Curves",
         "",
@@ -164,7 +169,7 @@ def write_report(
         "## Reproduce",
         "",
         "```",
-        f"nanoseek demo --out {out}{' --quick' if quick else ''} --seed {seed}",
+        f"nanoseek demo{_flags(plan)} --out {out}{' --quick' if quick else ''} --seed {seed}",
         f"nanoseek chat --model {out / 'r1-zero'}",
         "```",
         "",
@@ -206,6 +211,23 @@ def _diagnosis(base) -> list[str]:
         f"{_fmt(direct, 'pct')}): thinking did not pay, so RL had no gap to amplify. "
         "Its worked steps must be right far more often than its guesses before R1-Zero can work."
     ]
+
+
+def _title(plan: dict) -> str:
+    if plan.get("task") == "countdown":
+        return "search from RL alone"
+    return "the aha moment, R1-Zero on a laptop" if plan.get("reflect") else "R1-Zero on a laptop"
+
+
+def _flags(plan: dict) -> str:
+    """The demo's flags that made this run: " --task countdown", " --reflection" or ""."""
+    if plan.get("task") == "countdown":
+        return " --task countdown"
+    return (
+        " --reflection" + ("" if plan.get("reflect") == 0.05 else f" {plan['reflect']:g}")
+        if plan.get("reflect")
+        else ""
+    )
 
 
 def _opts(options: dict) -> str:
@@ -324,3 +346,106 @@ def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[st
             "```",
         ]
     return [*lines, ""]
+
+
+# ---- countdown (`nanoseek demo --task countdown`) ---------------------------------------------
+# The first-wave demo (README, `nanoseek demo` on chains of 2-7 values, seed 0, 2 threads): the
+# numbers this run is compared with.
+FIRST_WAVE = {"task": "chain", "parameters": 1.37e6, "base": 0.792, "r1_zero": 1.0, "minutes": 12.3}
+TINYZERO = 0.5e9  # Qwen2.5-0.5B, which TinyZero saw fail to learn countdown (1.5B learned it)
+GOAL_POINTS = 20
+GOAL_MINUTES = 20
+
+
+def _tries(samples: list[dict]) -> dict:
+    """Per difficulty: the mean number of tries of the samples that search (" no." ends each failed try)."""
+    by: dict = {}
+    for s in samples:
+        if s.get("reasoning"):
+            by.setdefault(str(s["difficulty"]), []).append(s["reasoning"].count(" no.") + 1)
+    return {d: sum(v) / len(v) for d, v in by.items()}
+
+
+def _countdown(out: Path, before, after, base_samples: list[dict], samples: list[dict]) -> dict:
+    """pass@1 of 3 and 4 numbers before and after RL (the goal: +20 points each), the searches'
+    accuracy and tries, and the model's size against the 0.5B model TinyZero saw fail."""
+    from nanoseek.io.hf import load_pretrained
+    from nanoseek.model import count_parameters
+
+    n = count_parameters(load_pretrained(out / "base").config)
+    b, a = before.by_difficulty, after.by_difficulty
+    gains = {f"{float(d):g}": 100 * (a[d]["pass_at_1"] - b[d]["pass_at_1"]) for d in sorted(set(a) & set(b), key=float)}
+    return {
+        "parameters": n["total"],
+        "active_parameters": n["active"],
+        "times_smaller_than_0.5b": TINYZERO / n["total"],
+        "gain_points_by_numbers": {d: round(g, 1) for d, g in gains.items()},
+        "tries_by_numbers": {"base": _tries(base_samples), "r1_zero": _tries(samples)},
+        "first_wave": FIRST_WAVE,
+        "goals": {
+            "countdown_gain_met": bool(gains) and all(g >= GOAL_POINTS for g in gains.values()),
+        },
+    }
+
+
+def _countdown_markdown(search: dict, seconds: dict) -> list[str]:
+    gains, tries = search["gain_points_by_numbers"], search["tries_by_numbers"]
+    minutes = seconds.get("total", 0) / 60
+    fw = search["first_wave"]
+    lines = [
+        "## Countdown: search from RL alone",
+        "",
+        f"- Model: {search['parameters'] / 1e6:.2f}M parameters ({search['active_parameters'] / 1e6:.2f}M active), "
+        f"{search['times_smaller_than_0.5b']:,.0f} times smaller than the Qwen2.5-0.5B that TinyZero saw fail to "
+        "learn countdown (1.5B learned it). Its base model was made for the task: pretrained on worked searches, "
+        "tries that fail and the one that reaches the target.",
+        "- Held-out pass@1 gain from RL, by count of numbers (goal: +20 points each): "
+        + ", ".join(f"{d} numbers {g:+.1f}" for d, g in gains.items())
+        + f": **{'met' if search['goals']['countdown_gain_met'] else 'not met'}**.",
+        "- Tries per searching sample, base -> R1-Zero: "
+        + ", ".join(
+            f"{d} numbers {_fmt(tries['base'].get(d), 'num')} -> {_fmt(tries['r1_zero'].get(d), 'num')}" for d in gains
+        )
+        + ".",
+        f"- Time: {minutes:.1f} min in all (goal: under {GOAL_MINUTES} on the CPU): "
+        f"**{'met' if minutes < GOAL_MINUTES else 'not met'}**.",
+        f"- The first-wave demo (`nanoseek demo`, {fw['task']}, the same tiny preset at "
+        f"{fw['parameters'] / 1e6:.2f}M parameters): pass@1 {100 * fw['base']:.1f}% -> {100 * fw['r1_zero']:.1f}% "
+        f"in {fw['minutes']} min (README).",
+        "",
+    ]
+    return lines
+
+
+def rewrite_report(out: str | Path) -> Path:
+    """Write OUT/report.md and report.json again from what a demo run left in OUT (report.json,
+    samples_base.jsonl, samples_r1_zero.jsonl, the stages' metrics): the report of a finished run
+    with this version's report code."""
+    from nanoseek.eval import EvalResult
+
+    out = Path(out)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+    def result(d: dict) -> EvalResult:
+        levels = {(int(float(k)) if float(k).is_integer() else float(k)): v for k, v in d["by_difficulty"].items()}
+        return EvalResult(**{**d, "by_difficulty": levels})
+
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    return write_report(
+        out,
+        plan=report["plan"],
+        task=report["task"],
+        task_options=report["task_options"],
+        template=report["template"],
+        before=result(report["base"]),
+        after=result(report["r1_zero"]),
+        samples=rows("r1_zero"),
+        base_samples=rows("base"),
+        pretrain=report["pretrain"],
+        rl_config=report["grpo"],
+        seconds=report["seconds"],
+        quick=report["quick"],
+        seed=report["seed"],
+    )

@@ -14,6 +14,9 @@ that the base model already has between thinking and guessing):
   so that a second question is worked with its own values, not the first one's.
 - recall: no template, a chain problem's bindings and then each of them again in a random
   order ("a=3,b=-1. b=-1,a=3"): the lookup that chain's worked steps make, drilled.
+- search: a worked search (countdown's `search`): tries that fail and are abandoned, then the
+  one that reaches the target, answered with its expression. A problem no search solves is
+  replaced by the next one.
 
 Default mix: 50% worked, 30% direct, 10% terse, 10% plain; a mix's shares are each in [0, 1]
 and add up to 1 (anything else is a NanoseekError naming the kind). Problems come from the task's
@@ -40,6 +43,7 @@ RL rewards only the answer, never the move. With `reflect` 0 nothing more is dra
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -50,7 +54,8 @@ from nanoseek.errors import NanoseekError
 from nanoseek.tasks import Problem, Step, Task
 
 DEFAULT_MIX = {"worked": 0.5, "direct": 0.3, "terse": 0.1, "plain": 0.1}
-KINDS = ("worked", "direct", "terse", "plain", "recall", "followup")
+KINDS = ("worked", "direct", "terse", "plain", "recall", "followup", "search")
+SEARCH_SPARE = 0.1  # extra problems drawn for searches, to replace those no search solves
 PLAIN_PROBLEMS = 4  # problems whose steps make one plain document
 
 
@@ -105,6 +110,11 @@ def document(
         return prompt + completion(", ".join(terse(task.steps(problem))), problem.answer)
     if kind == "direct":
         return prompt + completion("", problem.answer)
+    if kind == "search":
+        found = task.search(problem, rng or random.Random(problem.prompt))
+        if found is None:
+            raise NanoseekError(f"corpus: no worked search solves {problem.prompt!r}")
+        return prompt + completion(*found)
     raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(KINDS)})")
 
 
@@ -191,10 +201,15 @@ def corpus(
     kinds = [k for k, c in counts.items() for _ in range(c)]
     rng = random.Random(f"corpus:{seed}")
     rng.shuffle(kinds)
+    if counts.get("search") and not hasattr(task, "search"):
+        raise NanoseekError(f"corpus: the search kind needs a task that searches (countdown), not {task.name!r}")
     n_problems = n_docs + counts.get("plain", 0) * (PLAIN_PROBLEMS - 1) + counts.get("followup", 0)
+    n_problems += math.ceil(counts.get("search", 0) * SEARCH_SPARE)
     problems = iter(task.sample(n_problems, "train", seed, distinct=False)) if n_problems else iter(())
     for kind in kinds:
         problem = next(problems)
+        while kind == "search" and not task.tries_solve(problem):
+            problem = next(problems)
         extra = [next(problems) for _ in range({"plain": PLAIN_PROBLEMS - 1, "followup": 1}.get(kind, 0))]
         with_preamble = rng.random() < preamble
         switch_at = None  # drawn only when asked for: a default corpus is the one it always was

@@ -2,10 +2,27 @@
 
 Problems are made backwards: combine random numbers with random operations (divisions
 exact, differences positive) and take the result as the target, so each has a solution.
+
+`search(problem, rng)` writes a worked search, the reasoning of the countdown corpus (the
+corpus's "search" kind): tries that fail, each abandoned for the next, and the one that
+reaches the target. A try puts the numbers in an order, folds them from the left, writing
+each step with what is left ("5+3=8,2,4:", so that the next step's operands are the first two
+numbers in front of it), and at the last number tries + - * / in turn, each written as its
+operator and value ("+17" is 15+2=17):
+
+    3,5,2:3*5=15,2:+17-13*30 no. 5,3,2:5+3=8,2:+10-6*16 yes
+
+then answers with the try's expression, "(5+3)*2". A search draws its tries at random
+without repeats, as a searcher that knows nothing better would, so a base model pretrained
+on it searches blindly, within a few tries: which tries pay is what RL can teach it. Left folds reach the target
+of nearly every problem (98% of 3- and 4-number problems of numbers up to 9, measured while
+the countdown demo was built); a problem they cannot solve gets no search (`search` returns
+None).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -13,6 +30,9 @@ from nanoseek.errors import NanoseekError
 from nanoseek.rewards import countdown_reward
 from nanoseek.tasks import GeneratedTask, Problem, Step
 
+SEARCH_OPS = "+-*/"
+REDRAWS = 20  # orders of tries drawn for a search before its last try is made one that succeeds
+MAX_STEP = 99  # a try's running value stays in 0..99: steps a tiny model can learn to compute
 _STEP = re.compile(r"(-?\d+)([-+*/])(-?\d+)=(-?\d+)")
 
 
@@ -84,3 +104,100 @@ class Countdown(GeneratedTask):
 
     def steps(self, problem: Problem) -> list[Step]:
         return [Step(int(a), op, int(b), int(c)) for a, op, b, c in _STEP.findall(problem.solution or "")]
+
+    # ---- worked searches ----------------------------------------------------------------------
+    def tries(self, problem: Problem) -> list[tuple[tuple[int, ...], str, bool]]:
+        """Every try of a left-fold search: (the numbers in order, the operators of the steps
+        before the last number, whether some operator at the last number reaches the target).
+        Steps keep the running value in 0..MAX_STEP, divisions exact."""
+        out = []
+        for order in sorted(set(itertools.permutations(problem.numbers))):
+            for ops in itertools.product(SEARCH_OPS, repeat=len(order) - 2):
+                value = _fold(order[:-1], ops)
+                if value is not None:
+                    hits = any(v == problem.target for _, v in _last(value, order[-1]))
+                    out.append((order, "".join(ops), hits))
+        return out
+
+    def tries_solve(self, problem: Problem) -> bool:
+        """Whether some left-fold try reaches the target (`search` has something to find)."""
+        return any(hits for _, _, hits in self.tries(problem))
+
+    def search(self, problem: Problem, rng: random.Random, max_tries: int = 4) -> tuple[str, str] | None:
+        """(reasoning, answer) of a worked search, or None when no left fold reaches the target.
+        Tries are drawn at random without repeats until one reaches the target; an order of
+        tries that finds none in `max_tries` is drawn again (up to REDRAWS times, then the last
+        try is one that does), so every search succeeds within `max_tries`, as often early as a
+        blind searcher that got there in time."""
+        tries = self.tries(problem)
+        good = [t for t in tries if t[2]]
+        if not good:
+            return None
+        for _ in range(REDRAWS):
+            rng.shuffle(tries)
+            first = next(i for i, t in enumerate(tries) if t[2])
+            if first < max_tries:
+                break
+        failed = [t for t in tries[: min(first, max_tries - 1)]]
+        win = tries[first] if first < max_tries else rng.choice(good)
+        text = [_written(order, ops, problem.target) + " no." for order, ops, _ in failed]
+        text.append(_written(*win[:2], problem.target) + " yes")
+        return " ".join(text), _expression(*win[:2], problem.target)
+
+    def worked(self, problem: Problem) -> str:
+        """A worked search, drawn from a seed of the problem's own (the corpus draws a new one per document)."""
+        found = self.search(problem, random.Random(self.key(problem)))
+        if found is None:
+            raise NanoseekError(f"countdown: no left-fold search reaches {problem.target} from {problem.numbers}")
+        return found[0]
+
+
+def _apply(a: int, op: str, b: int) -> int | None:
+    """a op b as a search step writes it: None for an inexact division or a negative difference."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b if a >= b else None
+    if op == "*":
+        return a * b
+    return a // b if b and a % b == 0 else None
+
+
+def _fold(numbers, ops) -> int | None:
+    value = numbers[0]
+    for op, n in zip(ops, numbers[1:]):
+        value = _apply(value, op, n)
+        if value is None or value > MAX_STEP:
+            return None
+    return value
+
+
+def _last(value: int, n: int) -> list[tuple[str, int]]:
+    """The last number's candidates, in the order + - * /."""
+    return [(op, v) for op in SEARCH_OPS if (v := _apply(value, op, n)) is not None]
+
+
+def _written(order, ops: str, target: int) -> str:
+    """One try: "5,3,2,4:5+3=8,2,4:8*2=16,4:+20-12*64/4", stopping at the target. At the last
+    number each candidate is its operator and its value: "+20" is 16+4=20."""
+    text = ",".join(map(str, order)) + ":"
+    value, rest = order[0], list(order[1:])
+    for op in ops:
+        n = rest.pop(0)
+        new = _apply(value, op, n)
+        text += f"{value}{op}{n}={','.join(map(str, [new, *rest]))}:"
+        value = new
+    for op, v in _last(value, rest[0]):
+        text += f"{op}{v}"
+        if v == target:
+            break
+    return text
+
+
+def _expression(order, ops: str, target: int) -> str:
+    """The left fold that reaches the target: "((5+3)*2)-4"."""
+    value, expr = order[0], str(order[0])
+    for op, n in zip(ops, order[1:]):
+        value, expr = _apply(value, op, n), f"({expr}{op}{n})"
+    last = next(op for op, v in _last(value, order[-1]) if v == target)
+    return f"{expr}{last}{order[-1]}"

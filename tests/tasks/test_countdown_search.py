@@ -1,0 +1,97 @@
+"""countdown's worked searches: tries that fail, then the one that reaches the target, every step right."""
+
+import random
+import re
+
+import pytest
+
+from nanoseek import tasks
+from nanoseek.data.corpus import corpus
+from nanoseek.errors import NanoseekError
+from nanoseek.rewards import countdown_reward
+from nanoseek.tasks import Problem
+
+OPTIONS = dict(min_numbers=3, max_numbers=4, max_number=9, max_target=50)  # the countdown demo's
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
+
+
+def check_try(text: str, numbers, target: int) -> bool:
+    """Read one try as a reader would and check every step of it; returns whether it reached the target."""
+    head, *steps, last = text.split(":")
+    current = [int(n) for n in head.split(",")]
+    assert sorted(current) == sorted(numbers)  # each number once
+    for step in steps:  # "5+3=8,2,4": the first two numbers in front, then what is left
+        m = re.fullmatch(r"(\d+)([-+*/])(\d+)=([\d,]+)", step)
+        a, op, b, rest = int(m[1]), m[2], int(m[3]), [int(x) for x in m[4].split(",")]
+        assert [a, b] == current[:2] and rest[1:] == current[2:]
+        assert op != "/" or a % b == 0
+        assert rest[0] == OPS[op](a, b) and 0 <= rest[0] <= 99
+        current = rest
+    assert len(current) == 2
+    candidates = re.findall(r"([-+*/])(\d+)", last)
+    assert "".join(f"{op}{v}" for op, v in candidates) == last
+    ops = [op for op, _ in candidates]
+    assert ops == sorted(ops, key="+-*/".index)  # in the order + - * /, each at most once
+    a, b = current
+    for op, v in candidates:
+        assert int(v) == OPS[op](a, b) and (op != "-" or a >= b) and (op != "/" or a % b == 0)
+    hit = [int(v) == target for _, v in candidates]
+    assert not any(hit[:-1])  # a try stops at the target
+    return bool(hit) and hit[-1]
+
+
+def test_the_written_search_of_a_small_problem():
+    task = tasks.get("countdown", **OPTIONS)
+    p = Problem(prompt="", answer="(5+3)*2", task="countdown", numbers=(3, 5, 2), target=16)
+    reasoning, answer = task.search(p, random.Random(1))
+    tries = reasoning.split(" no. ")
+    assert tries[-1].endswith(" yes") and all(check_try(t, p.numbers, 16) is False for t in tries[:-1])
+    assert check_try(tries[-1].removesuffix(" yes"), p.numbers, 16) is True
+    assert countdown_reward(f"<answer>{answer}</answer>", p.numbers, 16) == 1.0
+    # the format, pinned: each try's order, its steps with what is left, the last number's candidates
+    assert re.fullmatch(
+        r"(\d,\d,\d:\d[-+*/]\d=\d+,\d:[-+*/\d]+ no\. )*\d,\d,\d:\d[-+*/]\d=\d+,\d:[-+*/\d]+ yes", reasoning
+    )
+
+
+def test_searches_are_right_step_by_step_and_end_at_the_target():
+    task = tasks.get("countdown", **OPTIONS)
+    rng = random.Random(0)
+    lengths = {3: [], 4: []}
+    for p in task.sample(150, "train", seed=2):
+        found = task.search(p, rng, max_tries=4)
+        if found is None:
+            assert not task.tries_solve(p)
+            continue
+        reasoning, answer = found
+        tries = reasoning.split(" no. ")
+        assert 1 <= len(tries) <= 4 and tries[-1].endswith(" yes")
+        reached = [check_try(t.removesuffix(" yes"), p.numbers, p.target) for t in tries]
+        assert reached == [False] * (len(tries) - 1) + [True]
+        assert countdown_reward(f"<answer>{answer}</answer>", p.numbers, p.target) == 1.0
+        lengths[len(p.numbers)].append(len(tries))
+    # a blind search: most take more than one try, and none more than four
+    assert all(1.5 < sum(n) / len(n) < 3 for n in lengths.values()), lengths
+
+
+def test_a_problem_no_left_fold_solves_has_no_search():
+    task = tasks.get("countdown", **OPTIONS)
+    p = Problem(prompt="", answer="", task="countdown", numbers=(1, 1, 1), target=50)
+    assert task.search(p, random.Random(0)) is None and not task.tries_solve(p)
+    with pytest.raises(NanoseekError, match="no left-fold search reaches 50"):
+        task.worked(p)
+
+
+def test_the_search_corpus_kind():
+    task = tasks.get("countdown", **OPTIONS)
+    docs = list(corpus(task, 300, seed=1, mix={"search": 0.5, "direct": 0.3, "plain": 0.2}))
+    assert docs == list(corpus(task, 300, seed=1, mix={"search": 0.5, "direct": 0.3, "plain": 0.2}))
+    searches = [text for kind, text in docs if kind == "search"]
+    assert len(searches) == 150
+    for text in searches:
+        numbers = [int(n) for n in re.search(r"Using the numbers ([\d, ]+), each", text)[1].split(", ")]
+        target = int(re.search(r"make (\d+)\.", text)[1])
+        think = re.search(r" <think>(.*)</think> <answer>(.*)</answer>$", text)
+        assert think[1].endswith(" yes") and countdown_reward(f"<answer>{think[2]}</answer>", numbers, target) == 1.0
+    with pytest.raises(NanoseekError, match="the search kind needs a task that searches"):
+        list(corpus(tasks.get("chain"), 10, mix={"search": 1.0}))
