@@ -168,17 +168,20 @@ def distribute_experts(model: nn.Module, ep_rank: int, ep_world: int) -> list[nn
     return kept
 
 
-def parallelize(root: nn.Module, model: nn.Module, ctx: Context) -> set[nn.Parameter]:
+def parallelize(root: nn.Module, model: nn.Module, ctx: Context, per_block: bool = True) -> set[nn.Parameter]:
     """FSDP2 over `root` (the module whose forward the trainer calls, holding `model`), with
     routed experts split across ranks when ctx.expert_parallel. Returns the expert-parallel
-    parameters (not FSDP's: their gradients are local to the owner rank)."""
+    parameters (not FSDP's: their gradients are local to the owner rank). `per_block`: each
+    block is its own FSDP unit (gathered only while it runs); without, the root is the one unit
+    (GRPO's: its blocks write a KV cache passed to them in place, which FSDP2's hooks on a
+    unit's inputs do not allow)."""
     from torch.distributed.fsdp import fully_shard
 
     ep_world = ctx.world_size if ctx.expert_parallel else 1
     experts = set(distribute_experts(model, ctx.rank if ctx.expert_parallel else 0, ep_world))
     # The MTP modules stay in the root unit: the model applies their shared_head norm outside
     # their forward, when a separately sharded module would have resharded it.
-    for block in model.layers:
+    for block in model.layers if per_block else ():
         fully_shard(block, mesh=ctx.mesh, ignored_params={p for p in block.parameters() if p in experts} or None)
     fully_shard(root, mesh=ctx.mesh, ignored_params=experts or None)
     return experts

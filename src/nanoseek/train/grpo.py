@@ -109,6 +109,50 @@ def _normalise_prompts(prompts) -> list[dict]:
     return rows
 
 
+def completion_logprobs(model, prompts, prompt_lens, comp, group, with_entropy=False):
+    """log pi of each completion token [N, C] (and the entropy there, without grad), where
+    completion i follows prompt group[i]. Each prompt runs once: its cache (MLA's latents, or a
+    dense student's keys and values) is copied to its completions, which read it as context,
+    and their gradients flow back through it."""
+    used, group = group.unique(return_inverse=True)
+    prompts, lens = prompts[used], prompt_lens[used]
+    n, width = prompts.shape
+    weight = model.lm_head.weight
+    dense = isinstance(model.config, DenseConfig)
+    cache = (KVCache if dense else LatentCache).empty(
+        model.config, n, width + comp.shape[1], dtype=weight.dtype, device=weight.device
+    )
+    # MLA in its naive form: the absorbed one is the engine's, for decoding without gradients
+    impl = {} if dense else {"impl": "naive"}
+    positions = torch.arange(width, device=prompts.device).expand(n, width)
+    hidden = model.hidden_states(prompts, positions, cache, **impl)
+    cache = cache.select(group)
+    positions = lens[group, None] + torch.arange(comp.shape[1], device=comp.device)  # right after the prompt
+    # The prompt's last position predicts the first completion token.
+    hidden = torch.cat(
+        [hidden[group, lens[group] - 1, None], model.hidden_states(comp, positions, cache, **impl)[:, :-1]],
+        dim=1,
+    )
+    logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
+    lp = logp.gather(-1, comp[..., None]).squeeze(-1)
+    if not with_entropy:
+        return lp, None
+    with torch.no_grad():
+        return lp, -(logp.exp() * logp).sum(-1)
+
+
+class TrainingForward(torch.nn.Module):
+    """The training forward, `completion_logprobs` of the policy, as one module: FSDP2's root unit
+    when the learner runs on several ranks (its forward gathers the embedding, norm and head)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, prompts, prompt_lens, comp, group, with_entropy=False):
+        return completion_logprobs(self.model, prompts, prompt_lens, comp, group, with_entropy)
+
+
 class GRPOTrainer:
     def __init__(
         self,
@@ -119,6 +163,7 @@ class GRPOTrainer:
         config: GRPOConfig | None = None,
         metrics_fn: Callable[..., dict[str, list[float]]] | None = None,
         engine=None,
+        ctx: distributed.Context | None = None,
     ):
         from nanoseek.infer import Engine
 
@@ -126,14 +171,29 @@ class GRPOTrainer:
         self.model, self.tokenizer = _load(model, tokenizer)
         self.reward_fn, self.metrics_fn = reward_fn, metrics_fn
         self.rows = _normalise_prompts(prompts)
+        self.ctx = ctx = ctx or distributed.Context()
         c = self.config
         torch.manual_seed(c.seed)
+        self.ref_model = None
+        if c.beta != 0.0:  # a full copy on every rank: its forward needs no collective
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # Several learner ranks (torchrun): FSDP2 shards the policy; rank 0 samples on a full copy
+        # (`sampler`, refreshed after every update) and broadcasts the rollouts to the others.
+        self.sampler = self.model
+        self.forward = None  # on several ranks: the training forward as FSDP's root module
+        if ctx.distributed:
+            if isinstance(self.model.config, DenseConfig):
+                raise NanoseekError(
+                    f"a dense student trains in one process, not on {ctx.world_size} ranks (run it without torchrun)"
+                )
+            if engine is not None:
+                raise NanoseekError("GRPOTrainer: an engine was given, but the learner runs on several ranks")
+            self.sampler = copy.deepcopy(self.model).eval().requires_grad_(False) if ctx.is_main else None
+            self.forward = TrainingForward(self.model)
+            distributed.parallelize(self.forward, self.model, ctx, per_block=False)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay
         )
-        self.ref_model = None
-        if c.beta != 0.0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         prompt_len = max(len(self.tokenizer.encode(r["prompt"], bos=True)) for r in self.rows)
         workers = c.rollout.workers
         engine_kwargs = {
@@ -141,13 +201,15 @@ class GRPOTrainer:
             "max_batch_size": min(c.group_size * -(-c.prompts_per_step // workers), 256),
             "max_seq_len": prompt_len + c.max_new_tokens + 1,
         }
-        if c.rollout.backend == "local":
+        if c.rollout.backend == "local" and self.sampler is not None:
             # The engine reads the policy's weights in place: no copy of the model per step.
-            engine = engine or Engine(self.model, self.tokenizer, **engine_kwargs)
+            engine = engine or Engine(self.sampler, self.tokenizer, **engine_kwargs)
         elif engine is not None:
             raise NanoseekError(f"GRPOTrainer: an engine was given, but rollout.backend is {c.rollout.backend}")
         self.engine = engine
-        self.rollouts = make_rollout(c.rollout, self.model, self.tokenizer, engine_kwargs, engine)
+        self.rollouts = None  # rank 0 samples
+        if ctx.is_main:
+            self.rollouts = make_rollout(c.rollout, self.sampler, self.tokenizer, engine_kwargs, engine)
         self.published = None  # the step count whose weights the rollout workers hold
         self.pending = None  # rollout.async: (rows, wait for its Rollouts, (position, epoch) before the rows)
         self.step_count = 0
@@ -190,20 +252,43 @@ class GRPOTrainer:
 
     def submit(self, rows: list[dict], step: int):
         """Start sampling `rows` for step `step` on the current weights (published to the workers
-        first when they changed); returns (prompt ids, a function that waits for the Rollouts)."""
+        first when they changed); returns (prompt ids, a function that waits for the Rollouts).
+        On several ranks every rank calls it (the sampler's refresh gathers the shards), rank 0 samples."""
         prompt_ids = [self.tokenizer.encode(r["prompt"], bos=True) for r in rows]  # as the corpus documents
         self.model.eval()
         if self.published != self.step_count:
-            self.rollouts.publish(self.model, self.step_count)
+            if self.ctx.distributed:  # collective: the shards gathered into rank 0's full copy
+                full, _ = distributed.full_state(self.model, None, self.ctx)
+                if self.ctx.is_main:
+                    self.sampler.load_state_dict(full)
+            if self.rollouts is not None:
+                self.rollouts.publish(self.sampler, self.step_count)
             self.published = self.step_count
-        with torch.no_grad():
-            wait = self.rollouts.submit(prompt_ids, self.sampling_params(step), self.step_count)
+        wait = None
+        if self.rollouts is not None:
+            with torch.no_grad():
+                wait = self.rollouts.submit(prompt_ids, self.sampling_params(step), self.step_count)
         return prompt_ids, wait
+
+    def collect(self, rows, wait):
+        """The Rollouts and their scores, (rollouts, rewards, extra metrics): rank 0 waits for the
+        rollout and scores it, and on several ranks sends all three to every rank."""
+        if self.rollouts is not None:
+            rollouts = wait()
+            rewards, extra = self.score(rows, rollouts.completions)
+            out = [rollouts, rewards, extra]
+        else:
+            out = [None, None, None]
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(out, src=0)
+        return out
 
     @torch.no_grad()
     def rollout(self, rows: list[dict]):
         prompt_ids, wait = self.submit(rows, self.step_count)
-        return prompt_ids, wait().completions
+        return prompt_ids, self.collect(rows, wait)[0].completions
 
     def score(self, rows, completions) -> tuple[torch.Tensor, dict[str, list[float]]]:
         flat_prompts = [r["prompt"] for r in rows for _ in range(self.config.group_size)]
@@ -248,35 +333,7 @@ class GRPOTrainer:
         return (lp, token_entropy(logits)) if with_entropy else (lp, None)
 
     def completion_logprobs(self, model, prompts, prompt_lens, comp, group, with_entropy=False):
-        """log pi of each completion token [N, C] (and the entropy there, without grad), where
-        completion i follows prompt group[i]. Each prompt runs once: its cache (MLA's latents, or a
-        dense student's keys and values) is copied to its completions, which read it as context,
-        and their gradients flow back through it."""
-        used, group = group.unique(return_inverse=True)
-        prompts, lens = prompts[used], prompt_lens[used]
-        n, width = prompts.shape
-        weight = model.lm_head.weight
-        dense = isinstance(model.config, DenseConfig)
-        cache = (KVCache if dense else LatentCache).empty(
-            model.config, n, width + comp.shape[1], dtype=weight.dtype, device=weight.device
-        )
-        # MLA in its naive form: the absorbed one is the engine's, for decoding without gradients
-        impl = {} if dense else {"impl": "naive"}
-        positions = torch.arange(width, device=prompts.device).expand(n, width)
-        hidden = model.hidden_states(prompts, positions, cache, **impl)
-        cache = cache.select(group)
-        positions = lens[group, None] + torch.arange(comp.shape[1], device=comp.device)  # right after the prompt
-        # The prompt's last position predicts the first completion token.
-        hidden = torch.cat(
-            [hidden[group, lens[group] - 1, None], model.hidden_states(comp, positions, cache, **impl)[:, :-1]],
-            dim=1,
-        )
-        logp = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
-        lp = logp.gather(-1, comp[..., None]).squeeze(-1)
-        if not with_entropy:
-            return lp, None
-        with torch.no_grad():
-            return lp, -(logp.exp() * logp).sum(-1)
+        return completion_logprobs(model, prompts, prompt_lens, comp, group, with_entropy)
 
     def update(self, prompt_ids, completions, advantages, keep, off_policy: bool = False) -> dict:
         """mu passes of the clipped objective over the kept groups' completions. `off_policy`: the
@@ -294,18 +351,29 @@ class GRPOTrainer:
             self.model.train()
             n_total = len(comp)
             mbs = [slice(i, i + c.micro_batch_size) for i in range(0, n_total, c.micro_batch_size)]
+            # On several ranks each takes every world-th micro-batch; a rank short of one runs the
+            # first again with no weight, so that all ranks make the same FSDP collectives.
+            world, rank = self.ctx.world_size, self.ctx.rank
+            rounds = -(-len(mbs) // world)
+            mine = [(mbs[j], True) if j < len(mbs) else (mbs[0], False) for j in range(rank, rounds * world, world)]
 
             def micro_batch_logprobs(model, sl, with_entropy=False):
-                return self.completion_logprobs(model, prompts, prompt_lens, comp[sl], group[sl], with_entropy)
+                if model is self.model and self.forward is not None:
+                    return self.forward(prompts, prompt_lens, comp[sl], group[sl], with_entropy)
+                return completion_logprobs(model, prompts, prompt_lens, comp[sl], group[sl], with_entropy)
 
             with torch.no_grad():
-                old = [micro_batch_logprobs(self.model, sl)[0] for sl in mbs] if c.mu > 1 and not off_policy else None
-                ref = None if self.ref_model is None else [micro_batch_logprobs(self.ref_model, sl)[0] for sl in mbs]
-            trained = [None] * len(mbs)  # the training forward's log-probs before this step's updates
+                old = None
+                if c.mu > 1 and not off_policy:
+                    old = [micro_batch_logprobs(self.model, sl)[0] for sl, _ in mine]
+                ref = (
+                    None if self.ref_model is None else [micro_batch_logprobs(self.ref_model, sl)[0] for sl, _ in mine]
+                )
+            trained = [None] * len(mine)  # the training forward's log-probs before this step's updates
             for done in range(c.mu):
                 self.optimizer.zero_grad(set_to_none=True)
                 pass_loss = 0.0
-                for j, sl in enumerate(mbs):
+                for j, (sl, real) in enumerate(mine):
                     lp, ent = micro_batch_logprobs(self.model, sl, with_entropy=True)
                     if off_policy:  # pi_theta / pi_sampler: the behaviour policy's log-probs
                         old_lp = sampled[sl, : lp.shape[1]]
@@ -327,7 +395,10 @@ class GRPOTrainer:
                     )
                     # micro-batches add up to the batch loss: by tokens for the token-level loss
                     share = (mask[sl].sum() / mask.sum()).item() if c.loss_type == "dapo" else len(comp[sl]) / n_total
-                    (loss * share).backward()
+                    # FSDP averages the ranks' gradients: each rank's part counts world times
+                    (loss * (share * world if real else 0.0)).backward()
+                    if not real:
+                        continue
                     pass_loss += stats.loss * share
                     loss_sum += stats.loss * share
                     kl_sum += stats.kl * share
@@ -335,7 +406,11 @@ class GRPOTrainer:
                     m = mask[sl]
                     ent_sum += ((ent.detach() * m).sum() / m.sum().clamp(min=1)).item() * share
                     n_mb += 1
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
+                if self.ctx.distributed:
+                    pass_loss = self.ctx.all_reduce(torch.tensor(pass_loss, dtype=torch.float64)).item()
+                    norm = distributed.clip_grad_norm(list(self.model.parameters()), c.grad_clip, self.ctx)
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip).item()
                 if not (math.isfinite(pass_loss) and math.isfinite(norm)):  # before the update: weights stay finite
                     self.optimizer.zero_grad(set_to_none=True)
                     self.model.eval()
@@ -350,9 +425,14 @@ class GRPOTrainer:
                     )
                 self.optimizer.step()
             self.model.eval()
-            diff = None if sampled is None else (torch.cat(trained) - sampled).abs()[mask.bool()]
-            if diff is not None and diff.numel():
-                mismatch = {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
+            if self.ctx.distributed:
+                mismatch = self._ranks_mismatch(trained, sampled, mask, mine)
+                sums = torch.tensor([loss_sum, kl_sum, clip_sum, ent_sum], dtype=torch.float64)
+                loss_sum, kl_sum, clip_sum, ent_sum = self.ctx.all_reduce(sums).tolist()
+            else:
+                diff = None if sampled is None else (torch.cat(trained) - sampled).abs()[mask.bool()]
+                if diff is not None and diff.numel():
+                    mismatch = {"logprob_diff_mean": diff.mean().item(), "logprob_diff_max": diff.max().item()}
         passes = max(c.mu, 1) if keep else 1
         return {
             "loss": loss_sum / passes,
@@ -361,6 +441,24 @@ class GRPOTrainer:
             "entropy": ent_sum / passes,
             **mismatch,
         }
+
+    def _ranks_mismatch(self, trained, sampled, mask, mine) -> dict:
+        """The mismatch metric over all ranks' micro-batches (each rank holds its own)."""
+        import torch.distributed as dist
+
+        total = torch.zeros(2, dtype=torch.float64)  # sum of |diff|, tokens
+        top = torch.zeros(1, dtype=torch.float64)
+        if sampled is not None:
+            for lp, (sl, real) in zip(trained, mine):
+                if real:
+                    d = (lp - sampled[sl]).abs()[mask[sl].bool()].double()
+                    total += torch.stack([d.sum(), torch.tensor(float(d.numel()), dtype=torch.float64)])
+                    top = torch.maximum(top, d.max(dim=0, keepdim=True).values if d.numel() else top)
+        self.ctx.all_reduce(total)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        if sampled is None or total[1] == 0:
+            return {"logprob_diff_mean": None, "logprob_diff_max": None}
+        return {"logprob_diff_mean": (total[0] / total[1]).item(), "logprob_diff_max": top.item()}
 
     def sampled_logprobs(self, completions, keep_groups, comp) -> torch.Tensor | None:
         """The log-probs the rollout sampled the kept completions' tokens with [N, C] (0 past the
@@ -382,13 +480,12 @@ class GRPOTrainer:
         else:
             rows = self.next_prompts()
             prompt_ids, wait = self.submit(rows, self.step_count)
-        rollouts = wait()
+        rollouts, rewards, extra = self.collect(rows, wait)
         completions = rollouts.completions
         if c.rollout.async_:  # the next step's rollout runs on these weights while this one trains
             resume_at = (self.position, self.epoch)
             next_rows = self.next_prompts()
             self.pending = (next_rows, *self.submit(next_rows, self.step_count + 1), resume_at)
-        rewards, extra = self.score(rows, completions)
         t_gen = time.perf_counter() - t0
 
         advantages = group_advantages(rewards, c.loss_type)
@@ -417,7 +514,10 @@ class GRPOTrainer:
         train_stats = self.update(prompt_ids, completions, advantages, keep, off_policy=c.rollout.async_)
         self.step_count += 1
         if self.ref_model is not None and c.ref_refresh_every and self.step_count % c.ref_refresh_every == 0:
-            self.ref_model.load_state_dict(self.model.state_dict())
+            if self.ctx.distributed:  # the full weights, on every rank (no expert parallelism here)
+                self.ref_model.load_state_dict(distributed.full_state(self.model, None, self.ctx)[0])
+            else:
+                self.ref_model.load_state_dict(self.model.state_dict())
         prompt_lens = [len(p) for p in prompt_ids]
         forwards = int(c.mu > 1) + int(self.ref_model is not None)  # old policy's and reference's log-probs
         self.tokens += sum(prompt_lens) + sum(lengths)
@@ -435,7 +535,8 @@ class GRPOTrainer:
     def close(self) -> None:
         """Stop the rollout workers (and the Ray cluster this trainer started)."""
         self.pending = None
-        self.rollouts.close()
+        if self.rollouts is not None:
+            self.rollouts.close()
 
     def train(self, steps: int, callback: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
         """`steps` more steps; `callback(metrics)` after each (logging, checkpoints)."""
@@ -485,7 +586,9 @@ class GRPOTrainer:
         self.elapsed = state.get("elapsed", 0.0)
 
     def _tensors(self) -> tuple[dict, dict]:
-        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, distributed.Context())
+        """Full CPU tensors of the policy, its AdamW moments and the reference model (collective on
+        several ranks, complete on rank 0)."""
+        model_sd, optim_sd = distributed.full_state(self.model, self.optimizer, self.ctx)
         if self.ref_model is not None:
             model_sd.update({f"ref.{k}": v.detach().clone() for k, v in self.ref_model.state_dict().items()})
         return model_sd, optim_sd
@@ -495,8 +598,12 @@ class GRPOTrainer:
         return self.config.to_dict(), ckpt.jsonable(self.model.config.__dict__)
 
     def save(self, out: str | Path, keep: int = 2) -> Path:
-        """Policy, reference model, AdamW moments, prompt position and RNG states, atomically."""
+        """Policy, reference model, AdamW moments, prompt position and RNG states, atomically. On
+        several ranks every rank calls it (the shards are gathered) and rank 0 writes."""
         model_sd, optim_sd = self._tensors()
+        if not self.ctx.is_main:
+            self.ctx.barrier()
+            return Path(out) / "checkpoints" / f"step-{self.step_count:08d}"
         config, model_config = self._configs()
         state = {
             "stage": "grpo",
@@ -505,7 +612,19 @@ class GRPOTrainer:
             "trainer": self.state_dict(),
             "rng": ckpt.rng_state(),
         }
-        return ckpt.save_checkpoint(out, self.step_count, model_sd, optim_sd, state, keep=keep)
+        path = ckpt.save_checkpoint(out, self.step_count, model_sd, optim_sd, state, keep=keep)
+        self.ctx.barrier()
+        return path
+
+    def full_model(self):
+        """The policy with full weights: the model itself in one process; on several ranks rank 0's
+        sampler refreshed from the shards (collective; None on the other ranks)."""
+        if not self.ctx.distributed:
+            return self.model
+        full, _ = distributed.full_state(self.model, None, self.ctx)
+        if self.ctx.is_main:
+            self.sampler.load_state_dict(full)
+        return self.sampler
 
     def restore(self, path: str | Path) -> None:
         """Resume from a checkpoint written by `save`; checks everything before changing anything."""
@@ -659,14 +778,21 @@ def task_rewards(
 def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     """GRPO from cfg.init_from into OUT: checkpoints, metrics.jsonl, TensorBoard, plots and hf/.
     A run resumes from OUT's newest checkpoint (or `resume`) exactly where it stopped."""
+    ctx = distributed.setup(cfg.device)  # several learner ranks under torchrun
+    try:
+        return _run(cfg, Path(out), resume, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _run(cfg: GRPORunConfig, out: Path, resume: str | None, ctx: distributed.Context) -> dict:
     from nanoseek import tasks
     from nanoseek.data.reasoning import prompt_opens_reasoning
     from nanoseek.io.hf import save_pretrained
     from nanoseek.train.metrics import Metrics, plot_grpo
 
-    out = Path(out)  # cfg was checked when it was built
-    task = tasks.get(cfg.task, **cfg.task_options)
-    device = resolve_device(cfg.device, "config key 'device'")
+    task = tasks.get(cfg.task, **cfg.task_options)  # cfg was checked when it was built
+    device = ctx.device if ctx.distributed else resolve_device(cfg.device, "config key 'device'")
     dtype = resolve_dtype(cfg.dtype, device, "config key 'dtype'")
     model, tokenizer = _load(cfg.init_from, cfg.tokenizer, device, dtype)
     reward_fn, metrics_fn = task_rewards(
@@ -680,7 +806,7 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     )
     # drawn with repeats, so that every difficulty keeps its share of the prompts (Task.sample)
     rows = task_prompts(task, task.sample(cfg.prompts, "train", cfg.seed, distinct=False), cfg.template)
-    trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn)
+    trainer = GRPOTrainer(model, tokenizer, reward_fn, rows, cfg, metrics_fn=metrics_fn, ctx=ctx)
     start = ckpt.find_resume(out, resume)
     if start is not None:  # check everything before writing anything
         try:
@@ -688,32 +814,42 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
         except BaseException:
             trainer.close()
             raise
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_partial(out)
-    save_config(cfg, out / "config.yaml")
-    verb = f"resuming {start} at step {trainer.step_count}" if start else "starting"
-    print(
-        f"grpo: {verb}; {cfg.prompts_per_step} prompts x {cfg.group_size} completions a step, "
-        f"{cfg.loss_type} loss, beta {cfg.beta}, task {cfg.task}, {device.type} {cfg.dtype}",
-        file=sys.stderr,
-    )
-    metrics = Metrics(out, trainer.step_count, cfg.tensorboard)
+    metrics = None
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(out)
+        save_config(cfg, out / "config.yaml")
+        verb = f"resuming {start} at step {trainer.step_count}" if start else "starting"
+        ranks = f", learner on {ctx.world_size} ranks (FSDP2)" if ctx.distributed else ""
+        print(
+            f"grpo: {verb}; {cfg.prompts_per_step} prompts x {cfg.group_size} completions a step, "
+            f"{cfg.loss_type} loss, beta {cfg.beta}, task {cfg.task}, {device.type} {cfg.dtype}{ranks}",
+            file=sys.stderr,
+        )
+        metrics = Metrics(out, trainer.step_count, cfg.tensorboard)
+    ctx.barrier()
 
     def after_step(m: dict) -> None:
-        metrics.log(m)
+        if metrics is not None:
+            metrics.log(m)
         if trainer.step_count % cfg.checkpoint_every == 0 or trainer.step_count == cfg.steps:
             trainer.save(out, cfg.keep_checkpoints)
 
     with storage.disk_errors(out):  # metrics, plots, summary: checkpoints and the model say more themselves
         try:
-            trainer.train(max(cfg.steps - trainer.step_count, 0), callback=after_step, progress=cfg.progress)
+            progress = cfg.progress and ctx.is_main
+            trainer.train(max(cfg.steps - trainer.step_count, 0), callback=after_step, progress=progress)
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             trainer.close()
-        storage.check_finite(trainer.model.state_dict(), out / "hf")
+        final = trainer.full_model()
+        if not ctx.is_main:
+            return {}
+        storage.check_finite(final.state_dict(), out / "hf")
         hf = out / "hf"
         with storage.replacing_directory(hf) as tmp:  # a failed write leaves the previous export
-            save_pretrained(trainer.model, tmp)
+            save_pretrained(final, tmp)
             # The policy now answers in the template's format: the saved tokenizer names it (chat,
             # serve and generate then prompt it that way); another template keeps the tokenizer's.
             tokenizer.save_pretrained(tmp, prompt_format=template_format(cfg.template))
