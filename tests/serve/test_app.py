@@ -232,9 +232,14 @@ LONG = [{"role": "user", "content": "The quick brown fox jumps. " * 150}]  # > 5
             "unknown_parameter",
         ),
         ({**GOOD, "temperatur": 0.5}, 400, "temperatur", "unknown_parameter"),  # OpenAI refuses unknown keys too
-        ({**GOOD, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
-        ({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
-        ({**GOOD, "tool_choice": "auto"}, 400, "tool_choice", "unsupported_parameter"),
+        ({**GOOD, "prediction": {"type": "content", "content": "x"}}, 400, "prediction", "unsupported_parameter"),
+        (
+            {**GOOD, "tools": [{"type": "function", "function": {"name": "f g"}}]},
+            400,
+            "tools[0].function.name",
+            "invalid_value",
+        ),
+        ({**GOOD, "tool_choice": "auto"}, 400, "tool_choice", "invalid_value"),  # without tools
         ({**GOOD, "logit_bias": {"5": 10}}, 400, "logit_bias", "unsupported_parameter"),
         ({**GOOD, "functions": [{"name": "f"}]}, 400, "functions", "unsupported_parameter"),
         ({**GOOD, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
@@ -256,11 +261,11 @@ def test_bad_parameters_are_4xx_with_an_openai_error_body(server, body, status, 
 
 
 def test_unsupported_parameters_are_named_and_neutral_values_pass(server):
-    r = post(server, {**GOOD, "response_format": {"type": "json_object"}})
+    r = post(server, {**GOOD, "audio": {"voice": "alloy"}})
     assert r.json()["error"] == {
-        "message": "'response_format' is not supported by this server",
+        "message": "'audio' is not supported by this server",
         "type": "invalid_request_error",
-        "param": "response_format",
+        "param": "audio",
         "code": "unsupported_parameter",
     }
     r = post(server, {**GOOD, "temperatur": 0.5})

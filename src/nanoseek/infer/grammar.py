@@ -116,7 +116,7 @@ class Grammars:
 # ---------------------------------------------------------------------------------------
 # Whitespace inside JSON: newlines and spaces, as a model writes indented JSON, but bounded, so
 # that a weak model cannot spend its tokens on blanks.
-JSON_WHITESPACE = r"[ \n]{0,24}"
+JSON_WHITESPACE = r"( |\n {0,16})?"
 # Between "</think>" and the answer (the chat format writes "\n\n").
 GAP = r"/[ \n]{0,4}/"
 
@@ -169,3 +169,61 @@ def answer_grammar(tokenizer, answer: str, reasoning: str, r1_zero: bool = False
         body = f"{GAP} answer"
     lines.insert(0, f"start: {head} {body}".replace("  ", " "))
     return "\n".join(lines) + "\n" + answer.strip() + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Tool calls (nanoseek.data.tools' formats).
+# ---------------------------------------------------------------------------------------
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def text_then(tokenizer, marker: str) -> str:
+    """Rules `TEXT` (free text without `marker`) and `head` (free text, then `marker`). A marker
+    the tokenizer has as a control token follows the text as that token; one spelt in ordinary
+    tokens ends a lazy lexeme (the text's lexeme alone would run over it)."""
+    rules = f"TEXT: {text_without(marker)}\n"
+    if marker in tokenizer.control_tokens:
+        return rules + f"head: TEXT? {token_literal(tokenizer, marker)}\n"
+    return rules + f"head[lazy]: /(?s:.*){_regex_escape(marker)}/\n"
+
+
+def tool_calls_rules(tokenizer, fmt, tools: list[dict], parallel: bool = True) -> str:
+    """Rules `tool_calls` (the calls as `fmt` writes them, `fmt.begin` first) and `calls_after_begin`
+    (the same after `fmt.begin`): one call, or with `parallel` one or more, each of a function of
+    `tools` (OpenAI's {"type": "function", "function": {"name", "parameters"}}) with arguments
+    that match its parameters' JSON schema ("{}" for a function without parameters, as OpenAI
+    reads one: an empty parameter list)."""
+    from nanoseek.data import chat
+
+    lit = lambda text: token_literal(tokenizer, text)  # noqa: E731
+    lines, names = [], []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        params = fn.get("parameters") or NO_PARAMETERS
+        names.append(f"fn_{i}")
+        if fmt.name == "deepseek":
+            lines.append(
+                f"fn_{i}: {lark_string(fn['name'] + chat.TOOL_ARGS_BEGIN)} args_{i} "
+                f"{lark_string(chat.TOOL_ARGS_END)} {lit(chat.TOOL_CALL_END)}"
+            )
+            lines.append(json_rule(f"args_{i}", params))
+        else:
+            call = {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            lines.append(json_rule(f"fn_{i}", call))
+    lines.append("fn: " + " | ".join(names))
+    more = ' ("\\n" call)*' if parallel else ""
+    if fmt.name == "deepseek":
+        lines.append(f'call: {lit(chat.TOOL_CALL_BEGIN)} "function" {lit(chat.TOOL_SEP)} fn')
+        lines.append(f"calls_after_begin: call{more} {lit(chat.TOOL_CALLS_END)}")
+        lines.append(f"tool_calls: {lit(chat.TOOL_CALLS_BEGIN)} calls_after_begin")
+    else:
+        lines.append(f'call_rest: "\\n" fn "\\n" {lit(fmt.end)}')
+        lines.append(f"call: {lit(fmt.begin)} call_rest")
+        lines.append(f"calls_after_begin: call_rest{more}")
+        lines.append(f"tool_calls: call{more}")
+    return "\n".join(lines) + "\n"

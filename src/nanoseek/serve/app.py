@@ -60,7 +60,15 @@ from nanoseek.serve.logprobs import (
     completion_logprobs,
     join_logprobs,
 )
-from nanoseek.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest, parse
+from nanoseek.serve.protocol import (
+    REASONING_EFFORT,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+    parse,
+)
+from nanoseek.serve.structured import chat_output, prompt_messages
 
 log = logging.getLogger("nanoseek.serve")
 
@@ -333,11 +341,13 @@ def parse_sampling(
     prompt_param: str = "messages",
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    grammar: str | None = None,
 ) -> tuple[SamplingParams, bool, bool]:
     """(SamplingParams, stream, include_usage) of a validated request (`prompt_tokens`: its longest
     prompt's); ApiError 400 for what depends on more than one parameter (the context length,
     stream_options without stream). `logprobs` and `prompt_logprobs`: the top-n the endpoint asks
-    the engine for (SamplingParams' fields of those names)."""
+    the engine for (SamplingParams' fields of those names); `grammar`: the one the completion
+    follows (nanoseek.serve.structured). `reasoning_effort` is a thinking budget (REASONING_EFFORT)."""
     stream = bool(req.stream)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if include_usage and not stream:
@@ -372,7 +382,12 @@ def parse_sampling(
             max_tokens=max_tokens,
             stop=req.stop,
             seed=req.seed,
-            max_thinking_tokens=req.max_reasoning_tokens,
+            max_thinking_tokens=(
+                REASONING_EFFORT[req.reasoning_effort]
+                if getattr(req, "reasoning_effort", None) is not None
+                else req.max_reasoning_tokens
+            ),
+            grammar=grammar,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
@@ -411,8 +426,11 @@ def completion_prompts(prompt, vocab_size: int) -> tuple[list[str | list[int]], 
     return batch, names
 
 
-def _finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
+def _finish_reason(reason: str | None, tool_calls: list | None = None) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" for a completion that ended after calling tools."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "tool_calls" if tool_calls else "stop"
 
 
 def _sse(data: dict | str) -> str:
@@ -693,7 +711,7 @@ def create_app(
 
     async def start(body: SamplingRequest, prompts: list[list[int]], prefix: str, prompt_params: list[str], **logprobs):
         """Submit the request's prompts (`prompt_params`: how each is named in errors);
-        (job, params, stream, include_usage)."""
+        (job, params, stream, include_usage). `logprobs`: parse_sampling's logprobs, prompt_logprobs, grammar."""
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
         params, stream, include_usage = parse_sampling(
             body, len(prompts[longest]), engine.max_seq_len, prompt_params[longest], **logprobs
@@ -807,19 +825,29 @@ def create_app(
     async def chat_completions(request: Request):
         """OpenAI's chat completions. With `logprobs: true` each choice's `logprobs` holds the
         generated tokens' log-probs and `top_logprobs` likeliest: the answer's in `content`, the
-        reasoning's in `reasoning_content` (nanoseek.serve.logprobs.ReasoningTokens), streamed too."""
+        reasoning's in `reasoning_content` (nanoseek.serve.logprobs.ReasoningTokens), streamed too.
+        `thinking`, `response_format`, `tools` and `tool_choice`: nanoseek.serve.structured; the
+        answer's tool calls come back as `tool_calls` (streamed as each call completes)."""
         authorize(request)
         body = await read_body(request, ChatCompletionRequest)
         if body.top_logprobs and not body.logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", "top_logprobs", "invalid_value")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        messages = body.chat()
+        plan = chat_output(body, tokenizer)
+        messages = prompt_messages(body, tokenizer)
         try:  # in the format the model was trained with; the messages' text is only text
-            text = tokenizer.format_chat(messages)
+            text = tokenizer.format_chat(messages, tools=plan.tools, thinking=plan.thinking)
         except NanoseekError as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
-        ids = await encode(tokenizer.encode_chat, messages, text=text, param="messages")
-        job, params, stream, include_usage = await start(body, [ids], "chatcmpl", ["messages"], logprobs=top)
+        ids = await encode(
+            lambda m: tokenizer.encode_chat(m, tools=plan.tools, thinking=plan.thinking),
+            messages,
+            text=text,
+            param="messages",
+        )
+        job, params, stream, include_usage = await start(
+            body, [ids], "chatcmpl", ["messages"], logprobs=top, grammar=plan.grammar(tokenizer, ids)
+        )
         head = {"id": job.request_id, "object": "chat.completion.chunk", "created": job.created, "model": model_name}
         opened = opens_reasoning(ids, engine.think_id, engine.end_think_id)
 
@@ -828,20 +856,25 @@ def create_app(
 
         if stream:
             parts = [ReasoningTokens(opened, engine.think_id, engine.end_think_id) for _ in range(params.n)]
+            readers = [plan.reader() for _ in range(params.n)]
 
             def render(event: StreamEvent):
                 # the engine's reasoning splitter: the deltas add up to the non-streamed message
-                reasoning, content = event.reasoning, event.answer
+                reader = readers[event.index]
+                reasoning = event.reasoning
+                content, calls = reader.feed(event.answer, final=event.finish_reason is not None)
                 delta = (
                     {"content": content or None, "reasoning_content": reasoning or None}
                     if (reasoning or content)
                     else {}
                 )
+                if calls:
+                    delta["tool_calls"] = calls
                 logprobs = None
                 if top is not None and event.token_id is not None:  # every token, its text shown yet or not
                     entry = chat_entry(strings, event.token_id, event.logprob, event.top_logprobs)
                     logprobs = chat_logprobs([(parts[event.index].feed(event.token_id), entry)])
-                finish = _finish_reason(event.finish_reason)
+                finish = _finish_reason(event.finish_reason, reader.calls)
                 if delta or finish or logprobs:
                     yield chunk([{"index": event.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
@@ -873,19 +906,27 @@ def create_app(
                 ]
             )
 
-        choices = [
-            {
-                "index": i,
-                "message": {
-                    "role": "assistant",
-                    "content": job.outputs[i].answer,
-                    "reasoning_content": job.outputs[i].reasoning,
-                },
-                "logprobs": logprobs_of(job.outputs[i]),
-                "finish_reason": _finish_reason(job.outputs[i].finish_reason),
+        def message_of(out: CompletionOutput) -> tuple[dict, list[dict]]:
+            content, calls = plan.reader().feed(out.answer, final=True)
+            calls = [{k: v for k, v in c.items() if k != "index"} for c in calls]  # a stream's field
+            message = {
+                "role": "assistant",
+                "content": None if calls and not content else content,
+                "reasoning_content": out.reasoning,
             }
-            for i in range(params.n)
-        ]
+            return ({**message, "tool_calls": calls} if calls else message), calls
+
+        choices = []
+        for i in range(params.n):
+            message, calls = message_of(job.outputs[i])
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": logprobs_of(job.outputs[i]),
+                    "finish_reason": _finish_reason(job.outputs[i].finish_reason, calls),
+                }
+            )
         return {
             "id": job.request_id,
             "object": "chat.completion",

@@ -1,10 +1,13 @@
 """The OpenAI protocol as this server speaks it: request bodies as pydantic models, and errors.
 
 Every parameter OpenAI defines for an endpoint is declared here, once. Those the engine does
-not implement are refused with a 400 naming them ("'response_format' is not supported by this
+not implement are refused with a 400 naming them ("'logit_bias' is not supported by this
 server") unless they are left at their neutral value (`presence_penalty: 0` asks for nothing);
 a key OpenAI does not define is refused too, as OpenAI refuses it. Nothing is silently ignored.
-Two extensions: `top_k` and `max_reasoning_tokens` (a budget for the thinking part).
+Extensions: `top_k`, `max_reasoning_tokens` (a budget for the thinking part) and DeepSeek's
+`thinking: {"type": "enabled" | "disabled"}`; `reasoning_effort` maps to a thinking budget
+(REASONING_EFFORT). JSON output (`response_format`) and tool calls (`tools`, `tool_choice`,
+`parallel_tool_calls`) are held to their syntax by constrained decoding (nanoseek.serve.structured).
 Log-probabilities are the engine's (nanoseek.serve.logprobs writes them): chat's `logprobs` /
 `top_logprobs`, and the completions API's `logprobs` (top-n per token) with `echo`, where
 `max_tokens: 0` scores the prompt without generating, as evaluation harnesses ask.
@@ -18,7 +21,7 @@ import json
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from nanoseek.errors import dotted_location
@@ -26,7 +29,10 @@ from nanoseek.errors import dotted_location
 MAX_N = 16
 MAX_LOGPROBS = 20  # top-n log-probs per token: OpenAI's bound for chat, and vLLM's default for both
 MAX_STOP = 4
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# reasoning_effort as a thinking budget, in reasoning tokens (the default, without it: no budget).
+REASONING_EFFORT = {"low": 256, "medium": 1024, "high": 4096}
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 
 # OpenAI parameters the engine does not have, with the values that ask for nothing.
 UNSUPPORTED: dict[str, tuple] = {
@@ -36,17 +42,12 @@ UNSUPPORTED: dict[str, tuple] = {
     "logit_bias": ({},),
     "user": (),
     "service_tier": (),
-    # chat completions
-    "tools": ([],),
-    "tool_choice": ("none",),
+    # chat completions (`functions` and `function_call`: OpenAI's older names of tools)
     "functions": ([],),
     "function_call": ("none",),
-    "parallel_tool_calls": (),
-    "response_format": ({"type": "text"},),
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
-    "reasoning_effort": (),
     "metadata": ({},),
     "store": (False,),
     "web_search_options": (),
@@ -105,10 +106,35 @@ class StreamOptions(ApiModel):
     include_usage: bool | None = None
 
 
+class FunctionCall(ApiModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(ApiModel):
+    """A call of an earlier assistant turn, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(ApiModel):
     role: Literal[tuple(ROLES)]
     content: str | None = None  # a string, or OpenAI's list of {"type": "text", "text": ...} parts
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
     reasoning_content: Any = None  # refused, as DeepSeek's API refuses it
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("'tool_calls' is only allowed in an assistant message")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs 'tool_call_id' (the id of the call it answers)")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("'tool_call_id' is only allowed in a tool message")
+        return self
 
     @field_validator("reasoning_content", mode="before")
     @classmethod
@@ -130,6 +156,40 @@ class ChatMessage(ApiModel):
         ):
             return "".join(p["text"] for p in content)
         raise ValueError("must be a string or a list of text parts")
+
+
+class FunctionDefinition(ApiModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object (None: no arguments)
+    strict: bool | None = None  # the arguments always match `parameters` here, strict or not
+
+
+class Tool(ApiModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class JsonSchemaFormat(ApiModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    json_schema: dict | bool | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # the answer always matches the schema here, strict or not
+
+
+class ResponseFormat(ApiModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema', and only with it")
+        return self
+
+
+class Thinking(ApiModel):
+    type: Literal["enabled", "disabled"]
 
 
 class SamplingRequest(ApiModel):
@@ -166,18 +226,19 @@ class SamplingRequest(ApiModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Any = None  # "none", "auto", "required", or {"type": "function", "function": {"name": NAME}}
+    parallel_tool_calls: bool | None = None  # more than one call in a turn (default true)
+    response_format: ResponseFormat | None = None
+    thinking: Thinking | None = None  # DeepSeek's: "disabled" opens the answer with an empty <think></think>
+    reasoning_effort: Literal["low", "medium", "high"] | None = None  # a thinking budget (REASONING_EFFORT)
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with logprobs: the likeliest per token
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
-    reasoning_effort: Any = None
     metadata: Any = None
     store: Any = None
     web_search_options: Any = None
@@ -185,9 +246,28 @@ class ChatCompletionRequest(SamplingRequest):
     prompt_cache_key: Any = None
     safety_identifier: Any = None
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice(cls, choice):
+        if choice is None or choice in ("none", "auto", "required"):
+            return choice
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        if isinstance(fn, dict) and choice.keys() == {"type", "function"} and choice["type"] == "function":
+            if fn.keys() == {"name"} and isinstance(fn["name"], str):
+                return choice
+        raise ValueError('must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}')
+
     def chat(self) -> list[dict]:
-        """The messages as the chat template takes them (developer is system)."""
-        return [{"role": ROLES[m.role], "content": m.content} for m in self.messages]
+        """The messages as the chat template takes them (developer is system; tool calls as OpenAI's dicts)."""
+        out = []
+        for m in self.messages:
+            message = {"role": ROLES[m.role], "content": m.content}
+            if m.tool_calls is not None:
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            out.append(message)
+        return out
 
 
 class CompletionRequest(SamplingRequest):
