@@ -18,7 +18,7 @@ from nanoseek.data.tokenizer import train_tokenizer
 from nanoseek.errors import NanoseekError
 from nanoseek.io.hf import save_pretrained
 from nanoseek.tasks import get
-from nanoseek.train.config import load_config
+from nanoseek.train.config import load_config, save_config
 from nanoseek.train.grpo import GRPOConfig, GRPORunConfig, GRPOTrainer
 from nanoseek.train.grpo import run as grpo_run
 from nanoseek.train.rollout import RolloutConfig, split
@@ -136,11 +136,13 @@ def test_async_samples_one_step_ahead(tokenizer, cluster, single):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_rollout_config():
+def test_rollout_config(tmp_path):
     assert [(s.start, s.stop) for s in split(5, 2)] == [(0, 3), (3, 5)]
     assert [(s.start, s.stop) for s in split(1, 3)] == [(0, 1)]
     cfg = load_config(None, ["init_from=.", "rollout.async=true", "rollout.backend=ray"], cls=GRPORunConfig)
     assert cfg.rollout.async_ and cfg.to_dict()["rollout"]["async"] is True
+    save_config(cfg, tmp_path / "config.yaml")  # what a run writes reads back the same
+    assert load_config(tmp_path / "config.yaml", cls=GRPORunConfig).rollout == cfg.rollout
     for items, message in (
         (["rollout.workers=2"], "config key 'rollout.workers': 2 workers need backend ray or vllm"),
         (["rollout.async=true"], "config key 'rollout.async': needs backend ray or vllm"),
