@@ -231,3 +231,11 @@ def test_vllm_rollouts_train(tokenizer):
     assert all(len(group) == 4 for step in completions for group in step)
     # vLLM's log-probs of its samples against the learner's forward: the same model, other kernels
     assert history[0]["logprob_diff_mean"] < 1e-2
+
+
+def test_the_ray_backend_without_ray_is_one_line(tokenizer, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(NanoseekError, match=r"rollout.backend ray needs Ray: pip install 'nanoseek\[scale\]'"):
+        make_trainer(tokenizer, backend="ray", workers=2)
