@@ -1,7 +1,8 @@
 """The web chat at GET / in headless Chromium (Playwright driving the Debian `chromium`): a
 message streams its reasoning into a "Thought for N seconds" block and then its answer, the
 conversation goes back without the reasoning, the default max tokens is what the context has
-left, a failed turn is not kept, and the stop button aborts the request.
+left, a failed turn is not kept, the stop button aborts the request, and the thinking switch
+turns the reasoning off (`thinking: {"type": "disabled"}`).
 
 `make test` installs chromium when it is missing; without it this test fails, never skips.
 """
@@ -10,6 +11,8 @@ import re
 import shutil
 
 import pytest
+
+from nanoseek.infer import SamplingParams
 
 from serve_support import MESSAGES, MODEL, engine_steps, expected_message, format_chat, serve_in_thread, wait_idle
 
@@ -106,7 +109,7 @@ def test_chat_streams_the_reasoning_then_the_answer(page, server, engine, tmp_pa
         {"role": "assistant", "content": answer},
         {"role": "user", "content": "and 5-2?"},
     ]
-    assert sent["stream"] is True and sent["max_reasoning_tokens"] == 10
+    assert sent["stream"] is True and sent["max_reasoning_tokens"] == 10 and sent["thinking"] == {"type": "enabled"}
     expect(page.locator(".msg.assistant .meta")).to_have_count(2, timeout=60_000)
     expect(page.locator(".msg.assistant").last.locator(".meta")).to_contain_text("tokens")
 
@@ -200,3 +203,37 @@ def test_a_server_with_an_api_key_asks_for_it_once(browser, model_dir):
         expect(page.locator(".msg.assistant .meta")).to_contain_text("6 tokens")
         assert asked == ["This server needs an API key:"]  # kept in localStorage for the chat request
         page.close()
+
+
+def test_thinking_switch_turns_the_reasoning_off(page, server, engine):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#model")).to_have_text(MODEL)
+    assert page.is_checked("#thinking")  # on by default
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "6")
+    page.fill("#thinking-budget", "3")
+    page.uncheck("#thinking")
+    expect(page.locator("#thinking-budget")).to_be_disabled()  # no budget without thinking
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.fill("#input", MESSAGES[0]["content"])
+        page.press("#input", "Enter")
+    sent = request.value.post_data_json
+    assert sent["thinking"] == {"type": "disabled"} and sent["max_reasoning_tokens"] is None
+    reply = page.locator(".msg.assistant").last
+    expect(reply.locator(".meta")).to_contain_text("6 tokens (0 reasoning)", timeout=60_000)
+    assert reply.locator("details.thought").is_hidden()  # nothing to show: no "Thought for" block
+    ids = engine.tokenizer.encode_chat(MESSAGES, thinking=False)  # the turn opens with <think>\n\n</think>
+    out = engine.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0]
+    assert reply.locator(".answer").text_content() == out.answer and out.answer
+
+    page.check("#thinking")  # and back on: the next turn thinks again, under its budget
+    expect(page.locator("#thinking-budget")).to_be_enabled()
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.fill("#input", "and 5-2?")
+        page.press("#input", "Enter")
+    sent = request.value.post_data_json
+    assert sent["thinking"] == {"type": "enabled"} and sent["max_reasoning_tokens"] == 3
+    reply = page.locator(".msg.assistant").last
+    expect(reply.locator(".meta")).to_contain_text(re.compile(r"6 tokens \([1-9]\d* reasoning\)"), timeout=60_000)
+    assert reply.locator("details.thought").is_visible()
