@@ -200,6 +200,9 @@ class GRPOTrainer:
             # a worker's share of the step: ceil(P / workers) prompts of G completions
             "max_batch_size": min(c.group_size * -(-c.prompts_per_step // workers), 256),
             "max_seq_len": prompt_len + c.max_new_tokens + 1,
+            # no prefix cache: the weights change every step, and a reused prefix would round
+            # differently from a recomputed one, making a rollout depend on how it was batched
+            "prefix_cache_tokens": 0,
         }
         if c.rollout.backend == "local" and self.sampler is not None:
             # The engine reads the policy's weights in place: no copy of the model per step.
