@@ -303,15 +303,19 @@ def bench_grpo(
         ours = nanoseek_trainer(tmp, texts, group, new_tokens, beta, lr, seed)
         times = bench.tools["nanoseek"] = StepTimes()
         seen: dict[str, list] = {"lengths": [], "prompt_ids": []}
-        rollout = ours.rollout
+        submit, collect = ours.submit, ours.collect
 
-        def recording_rollout(rows):
-            prompt_ids, completions = rollout(rows)
-            seen["lengths"] = [len(o.token_ids) for g in completions for o in g]
+        def recording_submit(rows, step):
+            prompt_ids, wait = submit(rows, step)
             seen["prompt_ids"] += [ids for ids in prompt_ids if ids not in seen["prompt_ids"]]
-            return prompt_ids, completions
+            return prompt_ids, wait
 
-        ours.rollout = recording_rollout
+        def recording_collect(rows, wait):
+            rollouts, rewards, extra = collect(rows, wait)
+            seen["lengths"] = [len(o.token_ids) for g in rollouts.completions for o in g]
+            return rollouts, rewards, extra
+
+        ours.submit, ours.collect = recording_submit, recording_collect
 
         def nanoseek_step(i: int) -> None:
             t = time.perf_counter()
