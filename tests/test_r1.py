@@ -232,6 +232,7 @@ def test_distill_errors_are_one_line(args, message, tmp_path, capsys):
     assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow  # ~17 s; stage checkpoints resume as tests/train/test_checkpoint.py tests them
 def test_an_interrupted_stage_resumes_from_its_checkpoint(quick):
     """The logit-KL distillation stopped after its first step (its newest checkpoint and its
     marker gone): re-running the command resumes it at step 1, skips what finished before it and
