@@ -1,6 +1,7 @@
 """`nanoseek demo --quick`: the whole R1-Zero pipeline end to end, and the CLI's help."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -113,14 +114,18 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--reflection", "1.5"]) == 2
     assert "--reflection 1.5: the share must be in (0, 1]" in capsys.readouterr().err
-    r = run("demo", "--quick", "--reflection", "0.3", "--out", str(tmp_path))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "-o", "max_vale=4"]) == 2
+    assert "task 'chain': unknown option max_vale" in capsys.readouterr().err
+    r = run("demo", "--quick", "--reflection", "0.3", "-o", "max_value=4", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     docs = [json.loads(line) for line in (tmp_path / "data" / "chain.jsonl").read_text().splitlines()]
     worked = [d["text"] for d in docs if d["kind"] == "worked"]
     assert 0.15 < sum(" wait, " in t for t in worked) / len(worked) < 0.45  # about 30% of them slip
     assert not any(" wait, " in d["text"] for d in docs if d["kind"] != "worked")
+    bindings = [re.search(r"User: ([^.]+)\. ", d["text"])[1] for d in docs if d["kind"] == "worked"]
+    assert max(int(v) for b in bindings for v in re.findall(r"=-?(\d+)", b)) == 4  # -o max_value=4
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["plan"]["reflect"] == 0.3
+    assert report["plan"]["reflect"] == 0.3 and report["task_options"]["max_value"] == 4
     reflection = report["reflection"]
     assert set(reflection["goals"]) == {
         "reflection_rose",
@@ -142,6 +147,7 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     assert "## Reflection (the aha moment)" in md and "### An aha sample" in md
     assert "| difficulty | reflect | accuracy when reflecting | accuracy otherwise | thinking length |" in md
+    assert f"nanoseek demo --reflection 0.3 -o max_value=4 --out {tmp_path} --quick --seed 0" in md
 
 
 def test_demo_quick_countdown_pretrains_on_searches_and_reports_by_count_of_numbers(tmp_path, capsys):

@@ -220,14 +220,18 @@ def _title(plan: dict) -> str:
 
 
 def _flags(plan: dict) -> str:
-    """The demo's flags that made this run: " --task countdown", " --reflection" or ""."""
-    if plan.get("task") == "countdown":
-        return " --task countdown"
-    return (
-        " --reflection" + ("" if plan.get("reflect") == 0.05 else f" {plan['reflect']:g}")
-        if plan.get("reflect")
-        else ""
-    )
+    """The demo's flags that made this run: " --task countdown", " --reflection", " -o max_value=7", ..."""
+    from nanoseek.demo import FULL, FULL_COUNTDOWN
+
+    countdown = plan.get("task") == "countdown"
+    flags = " --task countdown" if countdown else ""
+    if plan.get("reflect"):
+        flags += " --reflection" + ("" if plan["reflect"] == 0.05 else f" {plan['reflect']:g}")
+    default = dict((FULL_COUNTDOWN if countdown else FULL).task_options)
+    for key, value in dict(plan.get("task_options") or ()).items():
+        if default.get(key) != value:
+            flags += f" -o {key}={json.dumps(value) if not isinstance(value, (int, float)) else value}"
+    return flags
 
 
 def _opts(options: dict) -> str:
@@ -277,6 +281,11 @@ def _reflection(records: list[dict], before, after, samples: list[dict]) -> dict
     }
 
 
+def _among_thinking(result) -> float | None:
+    """The share of the samples that reason that also reflect."""
+    return result.reflection_share / result.thinking_share if result.thinking_share else None
+
+
 def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[str]:
     curve, goals = reflection["rl_curve"], reflection["goals"]
     share, right, other = curve["reflection"], curve["reflection_accuracy"], curve["no_reflection_accuracy"]
@@ -293,9 +302,11 @@ def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[st
         f"{'most' if goals['reflection_rose_most_on_hardest'] else 'not most'} on the hardest problems.",
         f"- Their accuracy {_fmt(right['first_steps'], 'pct')} -> {_fmt(right['last_steps'], 'pct')}; "
         f"the other samples' {_fmt(other['first_steps'], 'pct')} -> {_fmt(other['last_steps'], 'pct')}.",
-        f"- Held out: {_fmt(before.reflection_share, 'pct')} of the base model's samples reflect, "
-        f"{_fmt(after.reflection_share, 'pct')} of the R1-Zero model's; pass@1 {_fmt(before.pass_at_1, 'pct')} -> "
-        f"{_fmt(after.pass_at_1, 'pct')}.",
+        f"- Held out: {_fmt(before.reflection_share, 'pct')} of the base model's samples reflect "
+        f"({_fmt(_among_thinking(before), 'pct')} of those that reason), {_fmt(after.reflection_share, 'pct')} of "
+        f"the R1-Zero model's ({_fmt(_among_thinking(after), 'pct')}); pass@1 {_fmt(before.pass_at_1, 'pct')} -> "
+        f"{_fmt(after.pass_at_1, 'pct')}. Only samples that reason can reflect: as RL turns direct answers into "
+        "reasoning, the share of all samples that reflect grows even when the share of reasoning ones does not.",
         "",
     ]
     by_rl = reflection["rl_curve_by_difficulty"]

@@ -11,13 +11,14 @@ from nanoseek.errors import NanoseekError
 from nanoseek.rewards import countdown_reward
 from nanoseek.tasks import Problem
 
-OPTIONS = dict(min_numbers=3, max_numbers=4, max_number=9, max_target=50)  # the countdown demo's
+OPTIONS = dict(min_numbers=3, max_numbers=4, max_number=6, max_target=30, max_step=30)  # the countdown demo's
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
 
 
 def check_try(text: str, numbers, target: int) -> bool:
     """Read one try as a reader would and check every step of it; returns whether it reached the target."""
-    head, *steps, last = text.split(":")
+    body, last = text.split(f" to {target}:")  # the target is written again before the last candidates
+    head, *steps = body.split(":")
     current = [int(n) for n in head.split(",")]
     assert sorted(current) == sorted(numbers)  # each number once
     for step in steps:  # "5+3=8,2,4": the first two numbers in front, then what is left
@@ -25,7 +26,7 @@ def check_try(text: str, numbers, target: int) -> bool:
         a, op, b, rest = int(m[1]), m[2], int(m[3]), [int(x) for x in m[4].split(",")]
         assert [a, b] == current[:2] and rest[1:] == current[2:]
         assert op != "/" or a % b == 0
-        assert rest[0] == OPS[op](a, b) and 0 <= rest[0] <= 99
+        assert rest[0] == OPS[op](a, b) and 0 <= rest[0] <= 30
         current = rest
     assert len(current) == 2
     candidates = re.findall(r"([-+*/])(\d+)", last)
@@ -49,9 +50,8 @@ def test_the_written_search_of_a_small_problem():
     assert check_try(tries[-1].removesuffix(" yes"), p.numbers, 16) is True
     assert countdown_reward(f"<answer>{answer}</answer>", p.numbers, 16) == 1.0
     # the format, pinned: each try's order, its steps with what is left, the last number's candidates
-    assert re.fullmatch(
-        r"(\d,\d,\d:\d[-+*/]\d=\d+,\d:[-+*/\d]+ no\. )*\d,\d,\d:\d[-+*/]\d=\d+,\d:[-+*/\d]+ yes", reasoning
-    )
+    one = r"\d,\d,\d:\d[-+*/]\d=\d+,\d to 16:[-+*/\d]+"
+    assert re.fullmatch(rf"({one} no\. )*{one} yes", reasoning), reasoning
 
 
 def test_searches_are_right_step_by_step_and_end_at_the_target():
@@ -72,6 +72,11 @@ def test_searches_are_right_step_by_step_and_end_at_the_target():
         lengths[len(p.numbers)].append(len(tries))
     # a blind search: most take more than one try, and none more than four
     assert all(1.5 < sum(n) / len(n) < 3 for n in lengths.values()), lengths
+
+
+def test_max_step_is_checked():
+    with pytest.raises(NanoseekError, match="max_step 0 must be at least 1"):
+        tasks.get("countdown", max_step=0)
 
 
 def test_a_problem_no_left_fold_solves_has_no_search():

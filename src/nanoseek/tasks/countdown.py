@@ -7,10 +7,10 @@ exact, differences positive) and take the result as the target, so each has a so
 corpus's "search" kind): tries that fail, each abandoned for the next, and the one that
 reaches the target. A try puts the numbers in an order, folds them from the left, writing
 each step with what is left ("5+3=8,2,4:", so that the next step's operands are the first two
-numbers in front of it), and at the last number tries + - * / in turn, each written as its
-operator and value ("+17" is 15+2=17):
+numbers in front of it), and at the last number writes the target again ("to 16") and tries
++ - * / in turn, each written as its operator and value ("+17" is 15+2=17):
 
-    3,5,2:3*5=15,2:+17-13*30 no. 5,3,2:5+3=8,2:+10-6*16 yes
+    3,5,2:3*5=15,2 to 16:+17-13*30 no. 5,3,2:5+3=8,2 to 16:+10-6*16 yes
 
 then answers with the try's expression, "(5+3)*2". A search draws its tries at random
 without repeats, as a searcher that knows nothing better would, so a base model pretrained
@@ -32,7 +32,6 @@ from nanoseek.tasks import GeneratedTask, Problem, Step
 
 SEARCH_OPS = "+-*/"
 REDRAWS = 20  # orders of tries drawn for a search before its last try is made one that succeeds
-MAX_STEP = 99  # a try's running value stays in 0..99: steps a tiny model can learn to compute
 _STEP = re.compile(r"(-?\d+)([-+*/])(-?\d+)=(-?\d+)")
 
 
@@ -45,6 +44,7 @@ class Countdown(GeneratedTask):
         max_numbers: int = 4,
         max_number: int = 99,
         max_target: int = 100,
+        max_step: int = 99,
         test_share: float = 0.1,
     ):
         if not 2 <= min_numbers <= max_numbers <= 6:
@@ -56,7 +56,10 @@ class Countdown(GeneratedTask):
         if not 0 <= test_share < 1:
             raise NanoseekError(f"countdown: test_share {test_share} must be in [0, 1)")
         self.min_numbers, self.max_numbers = min_numbers, max_numbers
+        if max_step < 1:
+            raise NanoseekError(f"countdown: max_step {max_step} must be at least 1")
         self.max_number, self.max_target, self.test_share = max_number, max_target, test_share
+        self.max_step = max_step  # a search's running value stays in 0..max_step (its steps stay learnable)
 
     def _combine(self, rng: random.Random, numbers: list[int]) -> tuple[int, str, list[Step]] | None:
         """Combine all numbers at random into one positive integer; None if a step fails."""
@@ -109,11 +112,11 @@ class Countdown(GeneratedTask):
     def tries(self, problem: Problem) -> list[tuple[tuple[int, ...], str, bool]]:
         """Every try of a left-fold search: (the numbers in order, the operators of the steps
         before the last number, whether some operator at the last number reaches the target).
-        Steps keep the running value in 0..MAX_STEP, divisions exact."""
+        Steps keep the running value in 0..max_step, divisions exact."""
         out = []
         for order in sorted(set(itertools.permutations(problem.numbers))):
             for ops in itertools.product(SEARCH_OPS, repeat=len(order) - 2):
-                value = _fold(order[:-1], ops)
+                value = _fold(order[:-1], ops, self.max_step)
                 if value is not None:
                     hits = any(v == problem.target for _, v in _last(value, order[-1]))
                     out.append((order, "".join(ops), hits))
@@ -163,11 +166,11 @@ def _apply(a: int, op: str, b: int) -> int | None:
     return a // b if b and a % b == 0 else None
 
 
-def _fold(numbers, ops) -> int | None:
+def _fold(numbers, ops, max_step: int) -> int | None:
     value = numbers[0]
     for op, n in zip(ops, numbers[1:]):
         value = _apply(value, op, n)
-        if value is None or value > MAX_STEP:
+        if value is None or value > max_step:
             return None
     return value
 
@@ -178,15 +181,20 @@ def _last(value: int, n: int) -> list[tuple[str, int]]:
 
 
 def _written(order, ops: str, target: int) -> str:
-    """One try: "5,3,2,4:5+3=8,2,4:8*2=16,4:+20-12*64/4", stopping at the target. At the last
-    number each candidate is its operator and its value: "+20" is 16+4=20."""
+    """One try: "5,3,2,4:5+3=8,2,4:8*2=16,4 to 12:+20-12", stopping at the target. At the last
+    number the target is written again, next to the candidates that are compared with it, and
+    each candidate is its operator and its value: "+20" is 16+4=20."""
     text = ",".join(map(str, order)) + ":"
     value, rest = order[0], list(order[1:])
     for op in ops:
         n = rest.pop(0)
         new = _apply(value, op, n)
-        text += f"{value}{op}{n}={','.join(map(str, [new, *rest]))}:"
+        text += f"{value}{op}{n}={','.join(map(str, [new, *rest]))}"
+        text += ":" if len(rest) > 1 else ""
         value = new
+    if not ops:
+        text = text[:-1]  # two numbers: the list is the last step's
+    text += f" to {target}:"
     for op, v in _last(value, rest[0]):
         text += f"{op}{v}"
         if v == target:
