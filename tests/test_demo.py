@@ -114,14 +114,29 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--reflection", "1.5"]) == 2
     assert "--reflection 1.5: the share must be in (0, 1]" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--reflection-drill", "0.2"]) == 2
+    assert "--reflection-drill 0.2: needs --reflection and a share in (0, 1]" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "-o", "max_vale=4"]) == 2
     assert "task 'chain': unknown option max_vale" in capsys.readouterr().err
-    r = run("demo", "--quick", "--reflection", "0.3", "-o", "max_value=4", "--out", str(tmp_path))
+    r = run(
+        "demo",
+        "--quick",
+        "--reflection",
+        "0.3",
+        "--reflection-drill",
+        "0.5",
+        "-o",
+        "max_value=4",
+        "--out",
+        str(tmp_path),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     docs = [json.loads(line) for line in (tmp_path / "data" / "chain.jsonl").read_text().splitlines()]
     worked = [d["text"] for d in docs if d["kind"] == "worked"]
     assert 0.15 < sum(" wait, " in t for t in worked) / len(worked) < 0.45  # about 30% of them slip
-    assert not any(" wait, " in d["text"] for d in docs if d["kind"] != "worked")
+    assert not any(" wait, " in d["text"] for d in docs if d["kind"] not in ("worked", "plain"))
+    drilled = [line for d in docs if d["kind"] == "plain" for line in d["text"].splitlines()]
+    assert 0.35 < sum(" wait, " in line for line in drilled) / len(drilled) < 0.65  # --reflection-drill 0.5
     bindings = [re.search(r"User: ([^.]+)\. ", d["text"])[1] for d in docs if d["kind"] == "worked"]
     assert max(int(v) for b in bindings for v in re.findall(r"=-?(\d+)", b)) == 4  # -o max_value=4
     report = json.loads((tmp_path / "report.json").read_text())
@@ -147,7 +162,9 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     assert "## Reflection (the aha moment)" in md and "### An aha sample" in md
     assert "| difficulty | reflect | accuracy when reflecting | accuracy otherwise | thinking length |" in md
-    assert f"nanoseek demo --reflection 0.3 -o max_value=4 --out {tmp_path} --quick --seed 0" in md
+    assert (
+        f"nanoseek demo --reflection 0.3 --reflection-drill 0.5 -o max_value=4 --out {tmp_path} --quick --seed 0" in md
+    )
 
 
 def test_demo_quick_countdown_pretrains_on_searches_and_reports_by_count_of_numbers(tmp_path, capsys):
@@ -163,6 +180,7 @@ def test_demo_quick_countdown_pretrains_on_searches_and_reports_by_count_of_numb
     assert all(d["text"].endswith("</answer>") and " yes</think>" in d["text"] for d in docs if d["kind"] == "search")
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["task"] == "countdown" and report["task_options"]["max_numbers"] == 4
+    assert report["grpo"]["rewards"] == {"accuracy": 1.0}  # the verified equation, nothing else
     assert set(report["r1_zero"]["by_difficulty"]) <= {"3", "4"}
     search = report["countdown"]
     assert 1e6 < search["parameters"] < 2e6 and search["times_smaller_than_0.5b"] == 0.5e9 / search["parameters"]

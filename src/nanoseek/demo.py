@@ -66,6 +66,8 @@ class Plan:
     languages: tuple = ("en",)  # chain's name alphabets (`nanoseek r1` uses two: tasks/chain.py)
     switch: float = 0.0  # share of worked solutions that switch language midway (data/corpus.py)
     reflect: float = 0.0  # share of worked solutions that slip and correct themselves (`--reflection`)
+    reflect_plain: float = 0.0  # share of the plain documents' steps that slip and are corrected (a drill)
+    rewards: tuple = (("accuracy", 1.0), ("format", 0.1))
     task: str = TASK
 
     def options(self) -> dict:
@@ -85,10 +87,23 @@ FULL = Plan()
 # searches were right 8% of the time, as often as its direct guesses, and RL took pass@1 from 8% to 2%.
 COUNTDOWN = (
     ("task", "countdown"),
-    ("task_options", (("min_numbers", 3), ("max_numbers", 4), ("max_number", 6), ("max_target", 30), ("max_step", 30))),
+    (
+        "task_options",
+        (
+            ("min_numbers", 3),
+            ("max_numbers", 4),
+            ("max_number", 6),
+            ("max_target", 30),
+            ("max_step", 30),
+            ("prompt", "terse"),
+        ),
+    ),
     ("mix", (("search", 0.5), ("direct", 0.3), ("plain", 0.2))),
+    ("rewards", (("accuracy", 1.0),)),
 )
-FULL_COUNTDOWN = replace(FULL, **dict(COUNTDOWN), seq_len=512, batch_size=8, max_new_tokens=200, eval_problems=200)
+FULL_COUNTDOWN = replace(
+    FULL, **dict(COUNTDOWN), docs=60_000, seq_len=512, batch_size=8, max_new_tokens=200, eval_problems=200
+)
 QUICK = replace(
     FULL,
     docs=1_500,
@@ -150,6 +165,14 @@ def register(sub) -> None:
         f"('3+5=7 wait, 3+5=8'; default share {REFLECT}); RL rewards only the answer",
     )
     p.add_argument(
+        "--reflection-drill",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="with --reflection: that share of the plain documents' steps slip and are corrected, "
+        "drilling the move outside the worked solutions",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="extend",
@@ -176,6 +199,7 @@ def run_demo(args) -> int:
     if args.task == "countdown":
         chain_only = [f for f, v in (("--languages", args.languages), ("--switch", args.switch)) if v]
         chain_only += ["--reflection"] if args.reflection else []
+        chain_only += ["--reflection-drill"] if args.reflection_drill else []
         if chain_only:
             raise NanoseekError(f"{chain_only[0]} is an option of the chain task, not of --task countdown")
     plan = {(False, "chain"): FULL, (True, "chain"): QUICK}.get((args.quick, args.task))
@@ -188,6 +212,12 @@ def run_demo(args) -> int:
         if not 0 < args.reflection <= 1:
             raise NanoseekError(f"--reflection {args.reflection:g}: the share must be in (0, 1]")
         plan = replace(plan, reflect=args.reflection)
+    if args.reflection_drill:
+        if not args.reflection or not 0 < args.reflection_drill <= 1:
+            raise NanoseekError(
+                f"--reflection-drill {args.reflection_drill:g}: needs --reflection and a share in (0, 1]"
+            )
+        plan = replace(plan, reflect_plain=args.reflection_drill)
     if args.task_option:  # checked by building the task, before any stage runs
         from nanoseek import tasks
         from nanoseek.eval_cli import parse_options
@@ -251,6 +281,7 @@ def run_pipeline(
             preamble=plan.preamble,
             switch=plan.switch,
             reflect=plan.reflect,
+            reflect_plain=plan.reflect_plain,
         ),
     )
     tokenizer = train_tokenizer(iter_documents([corpus_file]), vocab_size=plan.vocab_size, split_punctuation=True)
@@ -298,7 +329,7 @@ def run_pipeline(
         task_options=task_options,
         prompts=max(2_000, plan.eval_problems),
         template=R1_ZERO_TEMPLATE,
-        rewards={"accuracy": 1.0, "format": 0.1},
+        rewards=dict(plan.rewards),
         steps=plan.grpo_steps,
         prompts_per_step=plan.prompts_per_step,
         group_size=plan.group_size,

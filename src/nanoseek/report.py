@@ -128,8 +128,9 @@ def write_report(
         "",
         f"A `tiny` DeepSeek-V3 model pretrained on the synthetic `{task}` corpus ({_opts(task_options)}), "
         f"then trained with GRPO ({rl_config['loss_type']}, {rl_config['steps']} steps of "
-        f"{rl_config['prompts_per_step']} prompts x {rl_config['group_size']} completions) on accuracy and format "
-        "rewards alone, with the R1-Zero template and no supervised reasoning data. Held-out problems: "
+        f"{rl_config['prompts_per_step']} prompts x {rl_config['group_size']} completions) on "
+        f"{' and '.join(rl_config['rewards'])} rewards alone, with the R1-Zero template and no supervised "
+        "reasoning data. Held-out problems: "
         f"{after.problems}, {k} samples each at temperature 0.6, top-p 0.95.",
         "",
         "| | base | R1-Zero | change |",
@@ -227,6 +228,8 @@ def _flags(plan: dict) -> str:
     flags = " --task countdown" if countdown else ""
     if plan.get("reflect"):
         flags += " --reflection" + ("" if plan["reflect"] == 0.05 else f" {plan['reflect']:g}")
+    if plan.get("reflect_plain"):
+        flags += f" --reflection-drill {plan['reflect_plain']:g}"
     default = dict((FULL_COUNTDOWN if countdown else FULL).task_options)
     for key, value in dict(plan.get("task_options") or ()).items():
         if default.get(key) != value:
@@ -295,7 +298,13 @@ def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[st
         "",
         f"{100 * plan['reflect']:.0f}% of the corpus's worked solutions slip at one step and correct it in words "
         '("3+5=7 wait, 3+5=8"); RL rewards the answer and the format only, never the move. A sample reflects '
-        "when its reasoning re-checks itself (`nanoseek.eval.reflects`: wait, recheck, re-evaluate, let me check).",
+        "when its reasoning re-checks itself (`nanoseek.eval.reflects`: wait, recheck, re-evaluate, let me check)."
+        + (
+            f" The move is also drilled on its own: {100 * plan['reflect_plain']:.0f}% of the steps of the plain "
+            "documents (lines of steps, no template) slip and are corrected."
+            if plan.get("reflect_plain")
+            else ""
+        ),
         "",
         f"- Samples that reflect during RL: {_fmt(share['first_steps'], 'pct')} over the first {WINDOW} steps, "
         f"{_fmt(share['last_steps'], 'pct')} over the last {WINDOW}: **{rose}**; "

@@ -74,9 +74,19 @@ def test_searches_are_right_step_by_step_and_end_at_the_target():
     assert all(1.5 < sum(n) / len(n) < 3 for n in lengths.values()), lengths
 
 
-def test_max_step_is_checked():
+def test_max_step_and_prompt_are_checked():
     with pytest.raises(NanoseekError, match="max_step 0 must be at least 1"):
         tasks.get("countdown", max_step=0)
+    with pytest.raises(NanoseekError, match="prompt 'short': expected words or terse"):
+        tasks.get("countdown", prompt="short")
+
+
+def test_terse_prompts_are_a_searchs_first_line_and_keep_the_problems():
+    words, terse = tasks.get("countdown", **OPTIONS), tasks.get("countdown", **OPTIONS, prompt="terse")
+    for a, b in zip(words.sample(50, seed=4), terse.sample(50, seed=4)):
+        assert (a.numbers, a.target, a.answer) == (b.numbers, b.target, b.answer)  # the same problems, splits too
+        assert b.prompt == f"{','.join(map(str, b.numbers))} to {b.target}"
+        assert words.key(a) == terse.key(b)
 
 
 def test_a_problem_no_left_fold_solves_has_no_search():

@@ -38,6 +38,10 @@ more is drawn, so a corpus is exactly the one it was before the option existed.
 uniform step and correct it in words (`Chain.worked(problem, slip_at=k)`: "3+5=7 wait,
 3+5=8"), so that a base model knows the move of R1-Zero's "aha moment" but rarely makes it;
 RL rewards only the answer, never the move. With `reflect` 0 nothing more is drawn.
+`reflect_plain` > 0 drills the move on its own: that share of the plain documents' steps slip
+and are corrected ("4+5=8 wait, 4+5=9"), outside any worked solution, so that a model can
+learn how to correct a step (copy its operands, compute again) and when (only after a wrong
+result) while its worked solutions rarely show it. With `reflect_plain` 0 nothing more is drawn.
 """
 
 from __future__ import annotations
@@ -91,12 +95,18 @@ def document(
     rng: random.Random | None = None,
     switch_at: int | None = None,
     slip_at: int | None = None,
+    slips: float = 0.0,
 ) -> str:
     """One document of a kind; `switch_at`: the worked solution switches language at that value,
     `slip_at`: it slips at that step and corrects it (`Chain.worked`), for "worked" and
-    "followup" documents."""
+    "followup" documents; `slips`: that share of a "plain" document's steps slip and are
+    corrected ("4+5=8 wait, 4+5=9"), drawn from `rng`."""
     if kind == "plain":
-        return "\n".join(str(s) for p in [problem, *extra] for s in task.steps(p))
+        steps = [s for p in [problem, *extra] for s in task.steps(p)]
+        if slips > 0:
+            rng = rng or random.Random(problem.prompt)
+            return "\n".join(_slipped(s) if rng.random() < slips else str(s) for s in steps)
+        return "\n".join(str(s) for s in steps)
     if kind == "recall":
         return task.recall(problem, rng or random.Random(problem.prompt))
     if kind == "followup":  # extra[0] asked and answered first, as the history of a chat
@@ -121,6 +131,15 @@ def document(
 def _worked(task: Task, problem: Problem, switch_at: int | None, slip_at: int | None = None) -> str:
     options = {k: v for k, v in (("switch_at", switch_at), ("slip_at", slip_at)) if v is not None}
     return task.worked(problem, **options)
+
+
+def _slipped(step: Step) -> str:
+    """A step that comes out one off and is corrected: "4+5=8 wait, 4+5=9" (the move of
+    Chain.worked's slip_at, drilled on its own)."""
+    from nanoseek.tasks.chain import REFLECTION
+
+    wrong = step.result + (1 if step.left % 2 else -1)
+    return f"{step.left}{step.op}{step.right}={wrong} {REFLECTION}, {step}"
 
 
 def _slip_at(task: Task, problem: Problem, reflect: float, rng: random.Random) -> int | None:
@@ -171,6 +190,7 @@ def corpus(
     preamble: float = 1.0,
     switch: float = 0.0,
     reflect: float = 0.0,
+    reflect_plain: float = 0.0,
 ) -> Iterator[tuple[str, str]]:
     """(kind, text) for n_docs documents in a seeded order. `preamble` is the share of chat
     documents that carry the R1-Zero preamble; the others start at "User:" (the preamble is a
@@ -189,6 +209,8 @@ def corpus(
         )
     if isinstance(reflect, bool) or not isinstance(reflect, (int, float)) or not 0 <= reflect <= 1:
         raise NanoseekError(f"corpus: reflect share {reflect!r} must be in [0, 1]")
+    if isinstance(reflect_plain, bool) or not isinstance(reflect_plain, (int, float)) or not 0 <= reflect_plain <= 1:
+        raise NanoseekError(f"corpus: reflect_plain share {reflect_plain!r} must be in [0, 1]")
     if reflect > 0 and task.name != "chain":
         raise NanoseekError(
             f"corpus: reflect share {reflect} needs the chain task (its solutions can slip), not {task.name!r}"
@@ -220,7 +242,17 @@ def corpus(
             slip_at = _slip_at(task, problem, reflect, rng)
         yield (
             kind,
-            document(kind, problem, task, extra, preamble=with_preamble, rng=rng, switch_at=switch_at, slip_at=slip_at),
+            document(
+                kind,
+                problem,
+                task,
+                extra,
+                preamble=with_preamble,
+                rng=rng,
+                switch_at=switch_at,
+                slip_at=slip_at,
+                slips=reflect_plain if kind == "plain" else 0.0,
+            ),
         )
 
 

@@ -30,6 +30,13 @@ from nanoseek.errors import NanoseekError
 from nanoseek.rewards import countdown_reward
 from nanoseek.tasks import GeneratedTask, Problem, Step
 
+# "words" is TinyZero's kind of question; "terse" is a search's own first line, "3,5,2 to 16" (the
+# countdown demo's: a fifth of the tokens, and what a try starts by copying)
+PROMPTS = {
+    "words": "Using the numbers {numbers}, each exactly once, with + - * / and parentheses, make {target}. "
+    "Answer with the expression.",
+    "terse": "{numbers} to {target}",
+}
 SEARCH_OPS = "+-*/"
 REDRAWS = 20  # orders of tries drawn for a search before its last try is made one that succeeds
 _STEP = re.compile(r"(-?\d+)([-+*/])(-?\d+)=(-?\d+)")
@@ -45,6 +52,7 @@ class Countdown(GeneratedTask):
         max_number: int = 99,
         max_target: int = 100,
         max_step: int = 99,
+        prompt: str = "words",
         test_share: float = 0.1,
     ):
         if not 2 <= min_numbers <= max_numbers <= 6:
@@ -56,10 +64,13 @@ class Countdown(GeneratedTask):
         if not 0 <= test_share < 1:
             raise NanoseekError(f"countdown: test_share {test_share} must be in [0, 1)")
         self.min_numbers, self.max_numbers = min_numbers, max_numbers
+        if prompt not in PROMPTS:
+            raise NanoseekError(f"countdown: prompt {prompt!r}: expected {' or '.join(PROMPTS)}")
         if max_step < 1:
             raise NanoseekError(f"countdown: max_step {max_step} must be at least 1")
         self.max_number, self.max_target, self.test_share = max_number, max_target, test_share
         self.max_step = max_step  # a search's running value stays in 0..max_step (its steps stay learnable)
+        self.prompt = prompt
 
     def _combine(self, rng: random.Random, numbers: list[int]) -> tuple[int, str, list[Step]] | None:
         """Combine all numbers at random into one positive integer; None if a step fails."""
@@ -83,11 +94,9 @@ class Countdown(GeneratedTask):
             made = self._combine(rng, numbers)
             if made and 1 <= made[0] <= self.max_target:
                 target, expression, steps = made
-                shown = ", ".join(map(str, numbers))
-                prompt = (
-                    f"Using the numbers {shown}, each exactly once, with + - * / and parentheses, "
-                    f"make {target}. Answer with the expression."
-                )
+                prompt = PROMPTS[self.prompt].format(numbers=", ".join(map(str, numbers)), target=target)
+                if self.prompt == "terse":
+                    prompt = prompt.replace(", ", ",")
                 return Problem(
                     prompt=prompt,
                     answer=expression,
