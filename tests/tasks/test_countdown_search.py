@@ -91,10 +91,10 @@ def test_terse_prompts_are_a_searchs_first_line_and_keep_the_problems():
 
 def test_a_problem_no_left_fold_solves_has_no_search():
     task = tasks.get("countdown", **OPTIONS)
-    p = Problem(prompt="", answer="", task="countdown", numbers=(1, 1, 1), target=50)
+    p = Problem(prompt="", answer="", task="countdown", numbers=(1, 1, 1), target=50, solution="1+1=2, 2*1=2")
     assert task.search(p, random.Random(0)) is None and not task.tries_solve(p)
-    with pytest.raises(NanoseekError, match="no left-fold search reaches 50"):
-        task.worked(p)
+    # the corpus's worked kind then writes the problem's own solution (the search kind skips it)
+    assert task.worked(p) == "1+1=2, 2*1=2"
 
 
 def test_the_search_corpus_kind():
