@@ -783,7 +783,9 @@ def run(cfg: GRPORunConfig, out: str | Path, resume: str | None = None) -> dict:
     A run resumes from OUT's newest checkpoint (or `resume`) exactly where it stopped."""
     ctx = distributed.setup(cfg.device)  # several learner ranks under torchrun
     try:
-        return _run(cfg, Path(out), resume, ctx)
+        summary = _run(cfg, Path(out), resume, ctx)
+        ctx.barrier()  # every rank done with its collectives before the process group goes
+        return summary
     finally:
         distributed.teardown(ctx)
 

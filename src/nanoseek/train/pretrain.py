@@ -234,7 +234,9 @@ def train(cfg: TrainConfig, out: str | Path, stage: str = "pretrain", resume: st
     ctx.expert_parallel = cfg.expert_parallel and ctx.distributed
     try:
         with storage.disk_errors(out):  # metrics, plots, summary: checkpoints and the model say more themselves
-            return Run(cfg, Path(out), stage, ctx).go(resume)
+            summary = Run(cfg, Path(out), stage, ctx).go(resume)
+        ctx.barrier()  # every rank done with its collectives before the process group goes
+        return summary
     finally:
         distributed.teardown(ctx)
 
