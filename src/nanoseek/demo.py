@@ -11,6 +11,19 @@ tokenizer_config.json names the R1-Zero prompt format they were trained in, so `
 --model OUT/r1-zero` (and `serve`, `generate`) prompt them that way right after. `--quick` is
 the same pipeline cut to about two minutes (what the tests run); its numbers show the
 plumbing, not the result.
+
+Two more runs of the same five stages (README: "The aha moment", "Countdown"):
+
+- `--reflection [SHARE]`: a share of the corpus's worked solutions slip at a step and correct it
+  ("3+5=7 wait, 3+5=8"), never rewarded; the report follows the share of samples that re-check
+  themselves over the RL steps and by difficulty, and looks for an aha sample (eval.aha_samples).
+  `--reflection-drill SHARE` also drills the move in the plain documents.
+- `--task countdown`: pretraining on worked searches (tasks/countdown.py), then GRPO on the
+  verified-equation reward alone; the report gives pass@1 by count of numbers, the tries per
+  search and the model's size against the 0.5B model TinyZero saw fail.
+
+Every held-out sample goes to OUT/samples_base.jsonl and OUT/samples_r1_zero.jsonl;
+`nanoseek.report.rewrite_report(OUT)` writes a finished run's report again.
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ class Plan:
     reflect: float = 0.0  # share of worked solutions that slip and correct themselves (`--reflection`)
     reflect_plain: float = 0.0  # share of the plain documents' steps that slip and are corrected (a drill)
     rewards: tuple = (("accuracy", 1.0), ("format", 0.1))
+    split_digits: bool = True  # the tokenizer's: one token per digit (False: BPE merges numbers)
     task: str = TASK
 
     def options(self) -> dict:
@@ -98,8 +112,9 @@ COUNTDOWN = (
             ("prompt", "terse"),
         ),
     ),
-    ("mix", (("search", 0.5), ("direct", 0.3), ("plain", 0.2))),
+    ("mix", (("search", 0.4), ("direct", 0.4), ("plain", 0.2))),  # the first wave's 40/40/20
     ("rewards", (("accuracy", 1.0),)),
+    ("split_digits", False),
 )
 FULL_COUNTDOWN = replace(
     FULL, **dict(COUNTDOWN), docs=60_000, seq_len=512, batch_size=8, max_new_tokens=200, eval_problems=200
@@ -284,7 +299,12 @@ def run_pipeline(
             reflect_plain=plan.reflect_plain,
         ),
     )
-    tokenizer = train_tokenizer(iter_documents([corpus_file]), vocab_size=plan.vocab_size, split_punctuation=True)
+    tokenizer = train_tokenizer(
+        iter_documents([corpus_file]),
+        vocab_size=plan.vocab_size,
+        split_punctuation=True,
+        split_digits=plan.split_digits,
+    )
     tokenizer.save_pretrained(tok_dir, prompt_format="r1-zero")  # pretraining and GRPO copy it on
     print(
         f"{sum(counts.values())} documents ({dict(counts)}) in {corpus_file}; tokenizer of "

@@ -17,7 +17,7 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 
 def check_try(text: str, numbers, target: int) -> bool:
     """Read one try as a reader would and check every step of it; returns whether it reached the target."""
-    body, last = text.split(f" to {target}:")  # the target is written again before the last candidates
+    body, last = text.split(f">{target}:")  # the target is written again before the last candidates
     head, *steps = body.split(":")
     current = [int(n) for n in head.split(",")]
     assert sorted(current) == sorted(numbers)  # each number once
@@ -45,13 +45,13 @@ def test_the_written_search_of_a_small_problem():
     task = tasks.get("countdown", **OPTIONS)
     p = Problem(prompt="", answer="(5+3)*2", task="countdown", numbers=(3, 5, 2), target=16)
     reasoning, answer = task.search(p, random.Random(1))
-    tries = reasoning.split(" no. ")
+    tries = reasoning.split(" no.\n")
     assert tries[-1].endswith(" yes") and all(check_try(t, p.numbers, 16) is False for t in tries[:-1])
     assert check_try(tries[-1].removesuffix(" yes"), p.numbers, 16) is True
     assert countdown_reward(f"<answer>{answer}</answer>", p.numbers, 16) == 1.0
     # the format, pinned: each try's order, its steps with what is left, the last number's candidates
-    one = r"\d,\d,\d:\d[-+*/]\d=\d+,\d to 16:[-+*/\d]+"
-    assert re.fullmatch(rf"({one} no\. )*{one} yes", reasoning), reasoning
+    one = r"\d,\d,\d:\d[-+*/]\d=\d+,\d>16:[-+*/\d]+"
+    assert re.fullmatch(rf"({one} no\.\n)*{one} yes", reasoning), reasoning
 
 
 def test_searches_are_right_step_by_step_and_end_at_the_target():
@@ -64,7 +64,7 @@ def test_searches_are_right_step_by_step_and_end_at_the_target():
             assert not task.tries_solve(p)
             continue
         reasoning, answer = found
-        tries = reasoning.split(" no. ")
+        tries = reasoning.split(" no.\n")
         assert 1 <= len(tries) <= 4 and tries[-1].endswith(" yes")
         reached = [check_try(t.removesuffix(" yes"), p.numbers, p.target) for t in tries]
         assert reached == [False] * (len(tries) - 1) + [True]
@@ -85,7 +85,7 @@ def test_terse_prompts_are_a_searchs_first_line_and_keep_the_problems():
     words, terse = tasks.get("countdown", **OPTIONS), tasks.get("countdown", **OPTIONS, prompt="terse")
     for a, b in zip(words.sample(50, seed=4), terse.sample(50, seed=4)):
         assert (a.numbers, a.target, a.answer) == (b.numbers, b.target, b.answer)  # the same problems, splits too
-        assert b.prompt == f"{','.join(map(str, b.numbers))} to {b.target}"
+        assert b.prompt == f"[{','.join(map(str, b.numbers))}]>{b.target}"
         assert words.key(a) == terse.key(b)
 
 
@@ -106,7 +106,25 @@ def test_the_search_corpus_kind():
     for text in searches:
         numbers = [int(n) for n in re.search(r"Using the numbers ([\d, ]+), each", text)[1].split(", ")]
         target = int(re.search(r"make (\d+)\.", text)[1])
-        think = re.search(r" <think>(.*)</think> <answer>(.*)</answer>$", text)
+        think = re.search(r" <think>(.*)</think> <answer>(.*)</answer>$", text, re.DOTALL)
         assert think[1].endswith(" yes") and countdown_reward(f"<answer>{think[2]}</answer>", numbers, target) == 1.0
     with pytest.raises(NanoseekError, match="the search kind needs a task that searches"):
         list(corpus(tasks.get("chain"), 10, mix={"search": 1.0}))
+
+
+def test_whole_number_tokens_make_the_target_the_same_tokens_everywhere():
+    from nanoseek.data.chat import R1_ZERO_TEMPLATE
+    from nanoseek.data.corpus import completion
+    from nanoseek.data.tokenizer import train_tokenizer
+
+    task = tasks.get("countdown", **OPTIONS, prompt="terse")
+    texts = [text for _, text in corpus(task, 400, seed=0, mix={"search": 0.8, "plain": 0.2})]
+    merged = train_tokenizer(texts, vocab_size=600, split_punctuation=True, split_digits=False)
+    split = train_tokenizer(texts, vocab_size=600, split_punctuation=True)
+    p = Problem(prompt="[3,5,2]>16", answer="", task="countdown", numbers=(3, 5, 2), target=16)
+    reasoning, answer = task.search(p, random.Random(1))
+    text = R1_ZERO_TEMPLATE.format(prompt=p.prompt) + completion(reasoning, answer)
+    pieces = [merged.decode([i]) for i in merged.encode(text)]
+    assert pieces.count("16") == text.count("16") >= 3  # the prompt's, each try's and the hit's: one token
+    assert not any(piece.strip().isdigit() and piece != piece.strip() for piece in pieces)  # no " 5" tokens
+    assert [split.decode([i]) for i in split.encode("16")] == ["1", "6"]  # the default splits digits

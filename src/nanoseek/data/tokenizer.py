@@ -66,12 +66,19 @@ N_BYTES = 256
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2, split_punctuation: bool = False
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    min_frequency: int = 2,
+    split_punctuation: bool = False,
+    split_digits: bool = True,
 ) -> Tokenizer:
     """Train a byte-level BPE on `texts`. Digits are split one per token, so that arithmetic
     stays learnable with a vocabulary of a few hundred entries; `split_punctuation` does the
     same for punctuation, so that "c=-4" and "c=4" share the tokens "c" and "=" (a value
-    is then looked up by copying what follows "c=", instead of choosing between "=" and "=-")."""
+    is then looked up by copying what follows "c=", instead of choosing between "=" and "=-").
+    `split_digits=False` lets BPE merge a number's digits (the countdown demo's: "16" is then
+    one token wherever it is written without a space before it, and a value equals the target
+    when their tokens are the same)."""
     smallest = N_BYTES + len(SPECIAL_TOKENS)
     if vocab_size < smallest:
         raise NanoseekError(
@@ -80,7 +87,7 @@ def train_tokenizer(
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
+            *([pre_tokenizers.Digits(individual_digits=True)] if split_digits else []),
             *([pre_tokenizers.Punctuation("isolated")] if split_punctuation else []),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]

@@ -7,10 +7,11 @@ exact, differences positive) and take the result as the target, so each has a so
 corpus's "search" kind): tries that fail, each abandoned for the next, and the one that
 reaches the target. A try puts the numbers in an order, folds them from the left, writing
 each step with what is left ("5+3=8,2,4:", so that the next step's operands are the first two
-numbers in front of it), and at the last number writes the target again ("to 16") and tries
+numbers in front of it), and at the last number writes the target again (">16") and tries
 + - * / in turn, each written as its operator and value ("+17" is 15+2=17):
 
-    3,5,2:3*5=15,2 to 16:+17-13*30 no. 5,3,2:5+3=8,2 to 16:+10-6*16 yes
+    3,5,2:3*5=15,2>16:+17-13*30 no.
+    5,3,2:5+3=8,2>16:+10-6*16 yes
 
 then answers with the try's expression, "(5+3)*2". A search draws its tries at random
 without repeats, as a searcher that knows nothing better would, so a base model pretrained
@@ -30,13 +31,15 @@ from nanoseek.errors import NanoseekError
 from nanoseek.rewards import countdown_reward
 from nanoseek.tasks import GeneratedTask, Problem, Step
 
-# "words" is TinyZero's kind of question; "terse" is a search's own first line, "3,5,2 to 16" (the
-# countdown demo's: a fifth of the tokens, and what a try starts by copying)
+# "words" is TinyZero's kind of question; "terse" is "[3,5,2]>16", a search's own first line (the countdown
+# demo's: a fifth of the tokens, what a try starts by copying, and no number after a space, so that with
+# whole numbers as tokens "16" is the same token in the prompt, before a try's candidates and in them)
 PROMPTS = {
     "words": "Using the numbers {numbers}, each exactly once, with + - * / and parentheses, make {target}. "
     "Answer with the expression.",
-    "terse": "{numbers} to {target}",
+    "terse": "[{numbers}]>{target}",
 }
+TARGET = ">"  # what comes before the target in a try: "15,2>16:"
 SEARCH_OPS = "+-*/"
 REDRAWS = 20  # orders of tries drawn for a search before its last try is made one that succeeds
 _STEP = re.compile(r"(-?\d+)([-+*/])(-?\d+)=(-?\d+)")
@@ -154,7 +157,7 @@ class Countdown(GeneratedTask):
         win = tries[first] if first < max_tries else rng.choice(good)
         text = [_written(order, ops, problem.target) + " no." for order, ops, _ in failed]
         text.append(_written(*win[:2], problem.target) + " yes")
-        return " ".join(text), _expression(*win[:2], problem.target)
+        return "\n".join(text), _expression(*win[:2], problem.target)  # a try a line: no space before a number
 
     def worked(self, problem: Problem) -> str:
         """A worked search, drawn from a seed of the problem's own (the corpus draws a new one per
@@ -189,7 +192,7 @@ def _last(value: int, n: int) -> list[tuple[str, int]]:
 
 
 def _written(order, ops: str, target: int) -> str:
-    """One try: "5,3,2,4:5+3=8,2,4:8*2=16,4 to 12:+20-12", stopping at the target. At the last
+    """One try: "5,3,2,4:5+3=8,2,4:8*2=16,4>12:+20-12", stopping at the target. At the last
     number the target is written again, next to the candidates that are compared with it, and
     each candidate is its operator and its value: "+20" is 16+4=20."""
     text = ",".join(map(str, order)) + ":"
@@ -202,7 +205,7 @@ def _written(order, ops: str, target: int) -> str:
         value = new
     if not ops:
         text = text[:-1]  # two numbers: the list is the last step's
-    text += f" to {target}:"
+    text += f"{TARGET}{target}:"
     for op, v in _last(value, rest[0]):
         text += f"{op}{v}"
         if v == target:
