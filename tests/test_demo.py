@@ -197,3 +197,39 @@ def test_demo_quick_countdown_pretrains_on_searches_and_reports_by_count_of_numb
         return [line for line in text.splitlines() if not line.startswith("- Time: data")]
 
     assert timeless(rewrite_report(tmp_path).read_text()) == timeless(md)
+
+
+@pytest.mark.slow  # ~20 min on one thread: the full aha-moment run (README: "The aha moment")
+def test_demo_reflection_full_run(tmp_path):
+    r = run("demo", "--reflection", "--out", str(tmp_path), timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    # measured on seed 0: 79.0% -> 98.5%, thinking longer on longer chains, before and after RL
+    assert report["r1_zero"]["pass_at_1"] >= report["base"]["pass_at_1"] + 0.1
+    for side in ("base", "r1_zero"):
+        lengths = [
+            v["thinking_len"] for _, v in sorted(report[side]["by_difficulty"].items(), key=lambda kv: float(kv[0]))
+        ]
+        assert lengths == sorted(lengths)
+    assert set(report["reflection"]["rl_curve_by_difficulty"]) == {"2", "3", "4", "5", "6", "7"}
+    records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "grpo" / "reflection.png").exists() == any(r["reflection"] > 0 for r in records)
+
+
+@pytest.mark.slow  # ~20 min on one thread: the full countdown run (README: "Countdown")
+def test_demo_countdown_full_run(tmp_path):
+    r = run("demo", "--task", "countdown", "--out", str(tmp_path), timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    # measured on seed 0: 3 numbers 50.4% -> 61.3%, 4 numbers 23.4% -> 37.7% (the goal, +20 each, is not met)
+    gains = report["countdown"]["gain_points_by_numbers"]
+    assert set(gains) == {"3", "4"} and min(gains.values()) >= 5
+    assert report["r1_zero"]["thinking_share"] > 0.95 > report["base"]["thinking_share"]
+    for d in ("3", "4"):  # RL thinks longer, and longer on 4 numbers than on 3
+        assert (
+            report["r1_zero"]["by_difficulty"][d]["thinking_len"] > report["base"]["by_difficulty"][d]["thinking_len"]
+        )
+    assert (
+        report["r1_zero"]["by_difficulty"]["4"]["thinking_len"]
+        > report["r1_zero"]["by_difficulty"]["3"]["thinking_len"]
+    )
