@@ -116,6 +116,8 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
     assert "--reflection 1.5: the share must be in (0, 1]" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--reflection-drill", "0.2"]) == 2
     assert "--reflection-drill 0.2: needs --reflection and a share in (0, 1]" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "--reflection-slip", "recall"]) == 2
+    assert "--reflection-slip recall: needs --reflection" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(tmp_path / "bad"), "-o", "max_vale=4"]) == 2
     assert "task 'chain': unknown option max_vale" in capsys.readouterr().err
     r = run(
@@ -125,6 +127,8 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
         "0.3",
         "--reflection-drill",
         "0.5",
+        "--reflection-slip",
+        "recall",
         "-o",
         "max_value=4",
         "--out",
@@ -134,6 +138,7 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
     docs = [json.loads(line) for line in (tmp_path / "data" / "chain.jsonl").read_text().splitlines()]
     worked = [d["text"] for d in docs if d["kind"] == "worked"]
     assert 0.15 < sum(" wait, " in t for t in worked) / len(worked) < 0.45  # about 30% of them slip
+    assert all(re.search(r"[a-z]=-?\d+ wait, [a-z]=", t) for t in worked if " wait, " in t)  # a value re-read
     assert not any(" wait, " in d["text"] for d in docs if d["kind"] not in ("worked", "plain"))
     drilled = [line for d in docs if d["kind"] == "plain" for line in d["text"].splitlines()]
     assert 0.35 < sum(" wait, " in line for line in drilled) / len(drilled) < 0.65  # --reflection-drill 0.5
@@ -163,8 +168,10 @@ def test_demo_quick_reflection_reports_the_aha_moment(tmp_path, capsys):
     assert "## Reflection (the aha moment)" in md and "### An aha sample" in md
     assert "| difficulty | reflect | accuracy when reflecting | accuracy otherwise | thinking length |" in md
     assert (
-        f"nanoseek demo --reflection 0.3 --reflection-drill 0.5 -o max_value=4 --out {tmp_path} --quick --seed 0" in md
+        f"nanoseek demo --reflection 0.3 --reflection-drill 0.5 --reflection-slip recall -o max_value=4 "
+        f"--out {tmp_path} --quick --seed 0" in md
     )
+    assert '(the recall of the value it uses comes out one off and is re-read: "c=5 wait, c=4:3+4=7")' in md
 
 
 def test_demo_quick_countdown_pretrains_on_searches_and_reports_by_count_of_numbers(tmp_path, capsys):

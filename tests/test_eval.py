@@ -223,13 +223,20 @@ def test_reflection_share_and_accuracy(tokenizer, monkeypatch):
         ("a=3,b=-1:3-1=3 wait, 3-1=4,c=4. 4+4=8", False),  # the correction is wrong too
         ("a=3,b=-1:3-1=3 wait, c=4. 3+4=7", False),  # noticed, never corrected
         ("a=3,b=-1:3-1=3,c=4. 3+4=7", False),  # a slip, not noticed
+        ("a=3,b=-2 wait, b=-1:3-1=2,c=4. 2+4=6", True),  # a value recalled wrong, re-read from the prompt
+        ("a=3,b=-1:3-1=2,c=5 wait, c=4. 2+4=6", True),  # the last value, before the final step
+        ("a=3,b=-1:3-1=2,c=5 wait, c=6. 2+6=8", False),  # re-read wrong again: not what the prompt binds
+        ("a=3,b=-1:3-1=2,c=4 wait, c=4. 2+4=6", False),  # re-reads a right value: no slip
+        ("a=3,b=-2 wait, c=4. 2+4=6", False),  # noticed, moved on to another name
         ("", False),
     ],
 )
 def test_corrects_a_slip(reasoning, expected):
     from nanoseek.eval import corrects_a_slip
 
-    assert corrects_a_slip(reasoning) is expected
+    assert corrects_a_slip(reasoning, "a=3,b=-1,c=4. a+b+c") is expected
+    without_prompt = corrects_a_slip(reasoning)
+    assert without_prompt is (expected or reasoning.endswith("c=6. 2+6=8"))  # any other value counts then
 
 
 def test_aha_samples_are_right_corrected_slips_hardest_first():

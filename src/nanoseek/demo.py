@@ -17,7 +17,8 @@ Two more runs of the same five stages (README: "The aha moment", "Countdown"):
 - `--reflection [SHARE]`: a share of the corpus's worked solutions slip at a step and correct it
   ("3+5=7 wait, 3+5=8"), never rewarded; the report follows the share of samples that re-check
   themselves over the RL steps and by difficulty, and looks for an aha sample (eval.aha_samples).
-  `--reflection-drill SHARE` also drills the move in the plain documents.
+  `--reflection-drill SHARE` also drills the move in the plain documents; `--reflection-slip
+  recall` makes the slip a recall of a value ("c=5 wait, c=4:3+4=7") instead of a step's result.
 - `--task countdown`: pretraining on worked searches (tasks/countdown.py), then GRPO on the
   verified-equation reward alone; the report gives pass@1 by count of numbers, the tries per
   search and the model's size against the 0.5B model TinyZero saw fail.
@@ -40,6 +41,7 @@ import torch
 from nanoseek.data.chat import R1_ZERO_TEMPLATE
 from nanoseek.device import add_device_arguments, device_arguments
 from nanoseek.errors import NanoseekError
+from nanoseek.tasks.chain import SLIPS
 
 TASK = "chain"  # nanoseek/tasks/chain.py says why not plain arith
 REFLECT = 0.05  # `--reflection`'s share of worked solutions that slip and correct themselves
@@ -80,6 +82,7 @@ class Plan:
     switch: float = 0.0  # share of worked solutions that switch language midway (data/corpus.py)
     reflect: float = 0.0  # share of worked solutions that slip and correct themselves (`--reflection`)
     reflect_plain: float = 0.0  # share of the plain documents' steps that slip and are corrected (a drill)
+    slip: str = "step"  # what a worked solution's slip gets wrong: a step's result or a recall (`--reflection-slip`)
     rewards: tuple = (("accuracy", 1.0), ("format", 0.1))
     split_digits: bool = True  # the tokenizer's: one token per digit (False: BPE merges numbers)
     task: str = TASK
@@ -190,6 +193,13 @@ def register(sub) -> None:
         "drilling the move outside the worked solutions",
     )
     p.add_argument(
+        "--reflection-slip",
+        choices=SLIPS,
+        default=None,
+        help="with --reflection: what a slip gets wrong, the step's result (step, the default: '3+5=7 wait, 3+5=8') "
+        "or the recall of the value it uses, re-read from the prompt (recall: 'c=5 wait, c=4:3+4=7')",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="extend",
@@ -217,6 +227,7 @@ def run_demo(args) -> int:
         chain_only = [f for f, v in (("--languages", args.languages), ("--switch", args.switch)) if v]
         chain_only += ["--reflection"] if args.reflection else []
         chain_only += ["--reflection-drill"] if args.reflection_drill else []
+        chain_only += ["--reflection-slip"] if args.reflection_slip else []
         if chain_only:
             raise NanoseekError(f"{chain_only[0]} is an option of the chain task, not of --task countdown")
     plan = {(False, "chain"): FULL, (True, "chain"): QUICK}.get((args.quick, args.task))
@@ -235,6 +246,10 @@ def run_demo(args) -> int:
                 f"--reflection-drill {args.reflection_drill:g}: needs --reflection and a share in (0, 1]"
             )
         plan = replace(plan, reflect_plain=args.reflection_drill)
+    if args.reflection_slip:
+        if not args.reflection:
+            raise NanoseekError(f"--reflection-slip {args.reflection_slip}: needs --reflection")
+        plan = replace(plan, slip=args.reflection_slip)
     if args.task_option:  # checked by building the task, before any stage runs
         from nanoseek import tasks
         from nanoseek.eval_cli import parse_options
@@ -299,6 +314,7 @@ def run_pipeline(
             switch=plan.switch,
             reflect=plan.reflect,
             reflect_plain=plan.reflect_plain,
+            slip=plan.slip,
         ),
     )
     tokenizer = train_tokenizer(

@@ -91,15 +91,30 @@ def _step_right(left: str, op: str, right: str, value: str) -> bool:
     return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == v
 
 
-def corrects_a_slip(reasoning: str) -> bool:
+_RECALL = re.compile(r"(?<![\w=])([^\W\d_])=(-?\d+)")  # a name's value, as a prompt binds it: "c=-4"
+
+
+def corrects_a_slip(reasoning: str, prompt: str | None = None) -> bool:
     """The aha moment in a text: a step comes out wrong ("3+5=7"), a reflection follows it
-    (`reflects`), and after it the same step is written right ("wait, 3+5=8")."""
-    for m in REFLECTION.finditer(reasoning or ""):
-        before = _STEP.findall(reasoning[: m.start()])
+    (`reflects`), and after it the same step is written right ("wait, 3+5=8"); or a value is
+    recalled wrong and re-read right ("c=5 wait, c=4"), right meaning as `prompt` binds it
+    (without a prompt: any other value)."""
+    reasoning = reasoning or ""
+    bound = dict(_RECALL.findall(prompt or ""))
+    for m in REFLECTION.finditer(reasoning):
+        head, tail = reasoning[: m.start()], reasoning[m.end() :]
+        recalled = list(_RECALL.finditer(head))
+        again = _RECALL.match(tail.lstrip(" ,:"))
+        if recalled and again and not head[recalled[-1].end() :].strip():
+            (name, first), (same, second) = recalled[-1].groups(), again.groups()
+            right = bound.get(name, second) if prompt else second
+            if name == same and first != second == right:
+                return True
+        before = _STEP.findall(head)
         if not before or _step_right(*before[-1]):
             continue
         left, op, right, _ = before[-1]
-        after = _STEP.findall(reasoning[m.end() :])
+        after = _STEP.findall(tail)
         if any(s[:3] == (left, op, right) and _step_right(*s) for s in after[:1]):
             return True
     return False
@@ -108,7 +123,7 @@ def corrects_a_slip(reasoning: str) -> bool:
 def aha_samples(samples: list[dict]) -> list[dict]:
     """The samples (as `evaluate`'s `samples_out` writes them) that slip, notice it and reach the
     right answer (`corrects_a_slip` and correct), hardest problems first."""
-    found = [s for s in samples if s["correct"] and corrects_a_slip(s.get("reasoning") or "")]
+    found = [s for s in samples if s["correct"] and corrects_a_slip(s.get("reasoning") or "", s.get("prompt"))]
     return sorted(found, key=lambda s: -float(s.get("difficulty") or 0))
 
 

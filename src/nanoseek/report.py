@@ -25,6 +25,9 @@ ROWS = [  # (key, label, kind)
 ]
 SAMPLES_SHOWN = 4
 WINDOW = 5  # steps averaged at each end of the RL curves
+# Reflection is rare (a few samples a step), so its ends average a sixth of the run, 5 steps at least:
+# a 60-step run whose reflecting share went 5.6% -> 2.2% over 10-step windows read 2.7% -> 3.0% over 5.
+REFLECTION_SHARE_OF_STEPS = 1 / 6
 
 
 def _fmt(value, kind: str) -> str:
@@ -230,6 +233,8 @@ def _flags(plan: dict) -> str:
         flags += " --reflection" + ("" if plan["reflect"] == 0.05 else f" {plan['reflect']:g}")
     if plan.get("reflect_plain"):
         flags += f" --reflection-drill {plan['reflect_plain']:g}"
+    if plan.get("reflect") and plan.get("slip", "step") != "step":
+        flags += f" --reflection-slip {plan['slip']}"
     default = dict((FULL_COUNTDOWN if countdown else FULL).task_options)
     for key, value in dict(plan.get("task_options") or ()).items():
         if default.get(key) != value:
@@ -263,8 +268,10 @@ def _reflection(records: list[dict], before, after, samples: list[dict]) -> dict
         {k.split("/")[1] for r in records for k in r if k.startswith("difficulty/") and k.endswith("/reflection")},
         key=float,
     )
-    curve = {key: curve_ends(records, key) for key in ("reflection", "reflection_accuracy", "no_reflection_accuracy")}
-    by_level = {d: curve_ends(records, f"difficulty/{d}/reflection") for d in levels}
+    window = max(WINDOW, round(len(records) * REFLECTION_SHARE_OF_STEPS))
+    keys = ("reflection", "reflection_accuracy", "no_reflection_accuracy")
+    curve = {key: curve_ends(records, key, window) for key in keys}
+    by_level = {d: curve_ends(records, f"difficulty/{d}/reflection", window) for d in levels}
     first, last = curve["reflection"]
     rose = first is not None and last is not None and last > first
     rises = {d: b - a for d, (a, b) in by_level.items() if a is not None and b is not None}
@@ -276,6 +283,7 @@ def _reflection(records: list[dict], before, after, samples: list[dict]) -> dict
         "accuracy_rose_with_reflection": rose and after.pass_at_1 > before.pass_at_1,
     }
     return {
+        "window": min(window, max(1, len(records) // 2)),  # the steps averaged at each end (curve_ends)
         "rl_curve": {k: {"first_steps": a, "last_steps": b} for k, (a, b) in curve.items()},
         "rl_curve_by_difficulty": {d: {"first_steps": a, "last_steps": b} for d, (a, b) in by_level.items()},
         "goals": goals,
@@ -291,13 +299,19 @@ def _among_thinking(result) -> float | None:
 
 def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[str]:
     curve, goals = reflection["rl_curve"], reflection["goals"]
+    window = reflection.get("window", WINDOW)  # reports written before the window grew used WINDOW
     share, right, other = curve["reflection"], curve["reflection_accuracy"], curve["no_reflection_accuracy"]
     rose = "rose" if goals["reflection_rose"] else "did not rise"
     lines = [
         "## Reflection (the aha moment)",
         "",
         f"{100 * plan['reflect']:.0f}% of the corpus's worked solutions slip at one step and correct it in words "
-        '("3+5=7 wait, 3+5=8"); RL rewards the answer and the format only, never the move. A sample reflects '
+        + (
+            '(the recall of the value it uses comes out one off and is re-read: "c=5 wait, c=4:3+4=7")'
+            if plan.get("slip") == "recall"
+            else '("3+5=7 wait, 3+5=8")'
+        )
+        + "; RL rewards the answer and the format only, never the move. A sample reflects "
         "when its reasoning re-checks itself (`nanoseek.eval.reflects`: wait, recheck, re-evaluate, let me check)."
         + (
             f" The move is also drilled on its own: {100 * plan['reflect_plain']:.0f}% of the steps of the plain "
@@ -306,8 +320,8 @@ def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[st
             else ""
         ),
         "",
-        f"- Samples that reflect during RL: {_fmt(share['first_steps'], 'pct')} over the first {WINDOW} steps, "
-        f"{_fmt(share['last_steps'], 'pct')} over the last {WINDOW}: **{rose}**; "
+        f"- Samples that reflect during RL: {_fmt(share['first_steps'], 'pct')} over the first {window} steps, "
+        f"{_fmt(share['last_steps'], 'pct')} over the last {window}: **{rose}**; "
         f"{'most' if goals['reflection_rose_most_on_hardest'] else 'not most'} on the hardest problems.",
         f"- Their accuracy {_fmt(right['first_steps'], 'pct')} -> {_fmt(right['last_steps'], 'pct')}; "
         f"the other samples' {_fmt(other['first_steps'], 'pct')} -> {_fmt(other['last_steps'], 'pct')}.",
@@ -321,7 +335,7 @@ def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[st
     by_rl = reflection["rl_curve_by_difficulty"]
     if by_rl:
         lines += [
-            f"During RL, by difficulty (mean of the first and of the last {WINDOW} steps):",
+            f"During RL, by difficulty (mean of the first and of the last {window} steps):",
             "",
             "| difficulty | reflect, first steps | reflect, last steps | change |",
             "|---:|---:|---:|---:|",
@@ -351,13 +365,13 @@ def _reflection_markdown(reflection: dict, plan: dict, before, after) -> list[st
     aha = reflection["aha"]
     if aha is None:
         lines.append(
-            "None found: no held-out sample of the R1-Zero model writes a wrong step, re-checks it and reaches the "
-            "right answer (`nanoseek.eval.aha_samples`)."
+            "None found: no held-out sample of the R1-Zero model writes a wrong step or value, re-checks it and "
+            "reaches the right answer (`nanoseek.eval.aha_samples`)."
         )
     else:
         lines += [
-            f"{reflection['aha_samples']} held-out samples of the R1-Zero model write a wrong step, re-check it and "
-            f"reach the right answer (`nanoseek.eval.aha_samples`); the one of the hardest problem:",
+            f"{reflection['aha_samples']} held-out samples of the R1-Zero model write a wrong step or value, "
+            f"re-check it and reach the right answer (`nanoseek.eval.aha_samples`); the one of the hardest problem:",
             "",
             f"**{aha['prompt']}** (answer {aha['answer']})",
             "",

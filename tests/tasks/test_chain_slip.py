@@ -4,7 +4,7 @@ import pytest
 
 from nanoseek import tasks
 from nanoseek.errors import NanoseekError
-from nanoseek.eval import reflects
+from nanoseek.eval import corrects_a_slip, reflects
 
 OPTIONS = dict(min_values=2, max_values=7, min_value=1, max_value=5, signed=True)
 
@@ -37,3 +37,24 @@ def test_slip_at_out_of_range_is_one_line(task):
         task.worked(problem, slip_at=2)
     with pytest.raises(NanoseekError, match="slip_at True"):
         task.worked(problem, slip_at=True)
+
+
+def test_a_recall_slip_rereads_the_value_from_the_prompt_and_the_rest_is_unchanged(task):
+    problem = next(p for p in task.sample(40, "train", 0) if p.difficulty == 4)
+    plain = task.worked(problem)
+    bound = dict(b.split("=") for b in problem.prompt.split(". ")[0].split(","))
+    names = list(bound)
+    for k in range(len(task.steps(problem))):
+        slipped = task.worked(problem, slip_at=k, slip="recall")
+        name, right = names[k + 1], int(bound[names[k + 1]])
+        wrong = int(slipped.split(f"{name}=", 1)[1].split(" ", 1)[0])
+        assert abs(wrong - right) == 1
+        assert slipped.replace(f"{name}={wrong} wait, ", "", 1) == plain  # only the slip is added
+        assert reflects(slipped) and corrects_a_slip(slipped, problem.prompt)
+        assert task.reward(f"<think>{slipped}</think> <answer>{problem.answer}</answer>", problem) == 1.0
+
+
+def test_an_unknown_slip_is_one_line(task):
+    problem = next(p for p in task.sample(40, "train", 0) if p.difficulty == 3)
+    with pytest.raises(NanoseekError, match="slip 'answer' must be one of step, recall"):
+        task.worked(problem, slip_at=0, slip="answer")

@@ -36,8 +36,9 @@ more is drawn, so a corpus is exactly the one it was before the option existed.
 
 `reflect` > 0 makes that share of the worked solutions (of problems of 2+ values) slip at a
 uniform step and correct it in words (`Chain.worked(problem, slip_at=k)`: "3+5=7 wait,
-3+5=8"), so that a base model knows the move of R1-Zero's "aha moment" but rarely makes it;
-RL rewards only the answer, never the move. With `reflect` 0 nothing more is drawn.
+3+5=8"; with `slip="recall"` the recall of the value the step uses slips instead and is re-read
+from the prompt, "c=5 wait, c=4:3+4=7"), so that a base model knows the move of R1-Zero's
+"aha moment" but rarely makes it; RL rewards only the answer, never the move. With `reflect` 0 nothing more is drawn.
 `reflect_plain` > 0 drills the move on its own: that share of the plain documents' steps slip
 and are corrected ("4+5=8 wait, 4+5=9"), outside any worked solution, so that a model can
 learn how to correct a step (copy its operands, compute again) and when (only after a wrong
@@ -96,11 +97,12 @@ def document(
     switch_at: int | None = None,
     slip_at: int | None = None,
     slips: float = 0.0,
+    slip: str = "step",
 ) -> str:
     """One document of a kind; `switch_at`: the worked solution switches language at that value,
-    `slip_at`: it slips at that step and corrects it (`Chain.worked`), for "worked" and
-    "followup" documents; `slips`: that share of a "plain" document's steps slip and are
-    corrected ("4+5=8 wait, 4+5=9"), drawn from `rng`."""
+    `slip_at`: it slips at that step and corrects it (`Chain.worked`; `slip`: its result or the
+    recall of the value it uses), for "worked" and "followup" documents; `slips`: that share of
+    a "plain" document's steps slip and are corrected ("4+5=8 wait, 4+5=9"), drawn from `rng`."""
     if kind == "plain":
         steps = [s for p in [problem, *extra] for s in task.steps(p)]
         if slips > 0:
@@ -112,10 +114,10 @@ def document(
     if kind == "followup":  # extra[0] asked and answered first, as the history of a chat
         first = r1_zero_prompt(extra[0].prompt, preamble) + completion("", extra[0].answer)
         second = f"\n{R1_ZERO_USER}{problem.prompt}\n{R1_ZERO_ASSISTANT}"
-        return first + second + completion(_worked(task, problem, switch_at, slip_at), problem.answer)
+        return first + second + completion(_worked(task, problem, switch_at, slip_at, slip), problem.answer)
     prompt = r1_zero_prompt(problem.prompt, preamble)
     if kind == "worked":
-        return prompt + completion(_worked(task, problem, switch_at, slip_at), problem.answer)
+        return prompt + completion(_worked(task, problem, switch_at, slip_at, slip), problem.answer)
     if kind == "terse":
         return prompt + completion(", ".join(terse(task.steps(problem))), problem.answer)
     if kind == "direct":
@@ -128,8 +130,10 @@ def document(
     raise NanoseekError(f"corpus: unknown document kind {kind!r} (expected {', '.join(KINDS)})")
 
 
-def _worked(task: Task, problem: Problem, switch_at: int | None, slip_at: int | None = None) -> str:
+def _worked(task: Task, problem: Problem, switch_at: int | None, slip_at: int | None = None, slip: str = "step") -> str:
     options = {k: v for k, v in (("switch_at", switch_at), ("slip_at", slip_at)) if v is not None}
+    if slip_at is not None and slip != "step":
+        options["slip"] = slip
     return task.worked(problem, **options)
 
 
@@ -191,13 +195,15 @@ def corpus(
     switch: float = 0.0,
     reflect: float = 0.0,
     reflect_plain: float = 0.0,
+    slip: str = "step",
 ) -> Iterator[tuple[str, str]]:
     """(kind, text) for n_docs documents in a seeded order. `preamble` is the share of chat
     documents that carry the R1-Zero preamble; the others start at "User:" (the preamble is a
     fifth of a document's tokens, learnt after a few hundred copies). `mix` maps kinds to
     shares in [0, 1] that add up to 1. `switch`: the share of worked solutions (of problems of
     2+ values) that switch language mid-solution, for a task of two or more languages. `reflect`:
-    the share that slip at one step and correct it ("wait"), for chain."""
+    the share that slip at one step and correct it ("wait"), for chain; `slip`: what they get
+    wrong, the step's result ("step") or the recall of the value it uses ("recall")."""
     if not 0 <= preamble <= 1:
         raise NanoseekError(f"corpus: preamble share {preamble} must be in [0, 1]")
     if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 <= switch <= 1:
@@ -211,6 +217,10 @@ def corpus(
         raise NanoseekError(f"corpus: reflect share {reflect!r} must be in [0, 1]")
     if isinstance(reflect_plain, bool) or not isinstance(reflect_plain, (int, float)) or not 0 <= reflect_plain <= 1:
         raise NanoseekError(f"corpus: reflect_plain share {reflect_plain!r} must be in [0, 1]")
+    from nanoseek.tasks.chain import SLIPS
+
+    if slip not in SLIPS:
+        raise NanoseekError(f"corpus: slip {slip!r} must be one of {', '.join(SLIPS)}")
     if reflect > 0 and task.name != "chain":
         raise NanoseekError(
             f"corpus: reflect share {reflect} needs the chain task (its solutions can slip), not {task.name!r}"
@@ -251,6 +261,7 @@ def corpus(
                 rng=rng,
                 switch_at=switch_at,
                 slip_at=slip_at,
+                slip=slip,
                 slips=reflect_plain if kind == "plain" else 0.0,
             ),
         )

@@ -58,6 +58,7 @@ _TO_LATIN = str.maketrans(
     {c: NAMES[i] for code, letters in LANGUAGE_NAMES.items() if code != "en" for i, c in enumerate(letters)}
 )
 REFLECTION = "wait"  # the word a solution that slips writes before it corrects the step: "3-1=3 wait, 3-1=2"
+SLIPS = ("step", "recall")  # what a slip gets wrong: a step's result, or the recall of the value it uses
 LAST = ". "  # what ends the last binding of a prompt ("a=3,b=-1. a+b") and the last recall of a worked solution
 
 
@@ -189,7 +190,9 @@ class Chain(GeneratedTask):
         rng.shuffle(items)
         return f"{stated}. {','.join(items)}"
 
-    def worked(self, problem: Problem, switch_at: int | None = None, slip_at: int | None = None) -> str:
+    def worked(
+        self, problem: Problem, switch_at: int | None = None, slip_at: int | None = None, slip: str = "step"
+    ) -> str:
         """Each step recalls a value exactly as the prompt binds it, then computes:
         "a=3,b=-1:3-1=2,c=4. 2+4=6" (signed values) or "a=3,b=1:3+1=4,c=4. 4-4=0" (positive
         values under + and -). The recall "c=4" repeats the prompt's tokens, so finding it is
@@ -205,7 +208,9 @@ class Chain(GeneratedTask):
 
         `slip_at=k` (0 <= k < number of steps): step k first comes out one off, then the solution
         stops, re-checks and writes it right ("wait", R1-Zero's aha moment in miniature):
-        "a=3,b=-1:3-1=3 wait, 3-1=2,c=4. 2+4=6" (slip_at=0). The steps after it use the right value."""
+        "a=3,b=-1:3-1=3 wait, 3-1=2,c=4. 2+4=6" (slip_at=0). The steps after it use the right value.
+        `slip="recall"`: the recall of the value step k uses comes out one off instead, and is
+        re-read from the prompt: "a=3,b=0 wait, b=-1:3-1=2,c=4. 2+4=6" (slip_at=0)."""
         values, names, ops = parse(problem.prompt)
         _, steps = solve(values, names, ops)
         shown = list(names)
@@ -216,16 +221,22 @@ class Chain(GeneratedTask):
                 raise NanoseekError(
                     f"chain: slip_at {slip_at!r} must be in [0, {len(steps) - 1}] for {problem.prompt!r}"
                 )
+            if slip not in SLIPS:
+                raise NanoseekError(f"chain: slip {slip!r} must be one of {', '.join(SLIPS)}")
+            off = 1 if len(problem.prompt) % 2 else -1  # one off, either way
             steps = [str(step) for step in steps]
-            step = steps[slip_at]
-            wrong = int(step.rsplit("=", 1)[1]) + (1 if len(problem.prompt) % 2 else -1)  # one off, either way
-            steps[slip_at] = f"{step.rsplit('=', 1)[0]}={wrong} {REFLECTION}, {step}"
+            if slip == "step":
+                step = steps[slip_at]
+                steps[slip_at] = f"{step.rsplit('=', 1)[0]}={int(step.rsplit('=', 1)[1]) + off} {REFLECTION}, {step}"
         if not steps:
             return binding(shown[0], values[names[0]])
-        out = [binding(shown[0], values[names[0]])]
-        out += [f"{binding(s, values[n])}:{step}" for step, n, s in zip(steps[:-1], names[1:-1], shown[1:-1])]
-        last = f"{binding(shown[-1], values[names[-1]])}{LAST}{steps[-1]}"
-        return ",".join([*out, last])
+        recalls = [binding(s, values[n]) for n, s in zip(names, shown)]
+        if slip_at is not None and slip == "recall":
+            k = slip_at + 1
+            recalls[k] = f"{binding(shown[k], values[names[k]] + off)} {REFLECTION}, {recalls[k]}"
+        out = [recalls[0]]
+        out += [f"{recall}:{step}" for step, recall in zip(steps[:-1], recalls[1:-1])]
+        return ",".join([*out, f"{recalls[-1]}{LAST}{steps[-1]}"])
 
     def _switched(self, problem: Problem, names: list[str], switch_at: int) -> list[str]:
         """The names as a solution that switches language at value `switch_at` writes them."""
