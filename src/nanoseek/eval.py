@@ -107,7 +107,7 @@ def corrects_a_slip(reasoning: str, prompt: str | None = None) -> bool:
         again = _RECALL.match(tail.lstrip(" ,:"))
         if recalled and again and not head[recalled[-1].end() :].strip():
             (name, first), (same, second) = recalled[-1].groups(), again.groups()
-            right = bound.get(name, second) if prompt else second
+            right = bound.get(name, second)  # without a prompt (or a binding of the name): any other value
             if name == same and first != second == right:
                 return True
         before = _STEP.findall(head)

@@ -49,8 +49,13 @@ def curve_ends(records: list[dict], key: str, window: int = WINDOW) -> tuple[flo
     values = [r[key] for r in records if key in r]
     if not values:
         return None, None
-    w = min(window, max(1, len(values) // 2))
+    w = ends_window(len(values), window)
     return sum(values[:w]) / w, sum(values[-w:]) / w
+
+
+def ends_window(steps: int, window: int = WINDOW) -> int:
+    """The steps `curve_ends` averages at each end of a curve of `steps` steps: `window`, at most half."""
+    return min(window, max(1, steps // 2))
 
 
 def write_report(
@@ -283,7 +288,7 @@ def _reflection(records: list[dict], before, after, samples: list[dict]) -> dict
         "accuracy_rose_with_reflection": rose and after.pass_at_1 > before.pass_at_1,
     }
     return {
-        "window": min(window, max(1, len(records) // 2)),  # the steps averaged at each end (curve_ends)
+        "window": ends_window(len(records), window),
         "rl_curve": {k: {"first_steps": a, "last_steps": b} for k, (a, b) in curve.items()},
         "rl_curve_by_difficulty": {d: {"first_steps": a, "last_steps": b} for d, (a, b) in by_level.items()},
         "goals": goals,

@@ -36,9 +36,10 @@ more is drawn, so a corpus is exactly the one it was before the option existed.
 
 `reflect` > 0 makes that share of the worked solutions (of problems of 2+ values) slip at a
 uniform step and correct it in words (`Chain.worked(problem, slip_at=k)`: "3+5=7 wait,
-3+5=8"; with `slip="recall"` the recall of the value the step uses slips instead and is re-read
-from the prompt, "c=5 wait, c=4:3+4=7"), so that a base model knows the move of R1-Zero's
-"aha moment" but rarely makes it; RL rewards only the answer, never the move. With `reflect` 0 nothing more is drawn.
+3+5=8"; with `slip="recall"` the recall of the value the step uses slips instead and is
+re-read from the prompt, "c=5 wait, c=4:3+4=7"), so that a base model knows the move of
+R1-Zero's "aha moment" but rarely makes it; RL rewards only the answer, never the move. With
+`reflect` 0 nothing more is drawn.
 `reflect_plain` > 0 drills the move on its own: that share of the plain documents' steps slip
 and are corrected ("4+5=8 wait, 4+5=9"), outside any worked solution, so that a model can
 learn how to correct a step (copy its operands, compute again) and when (only after a wrong
@@ -132,7 +133,7 @@ def document(
 
 def _worked(task: Task, problem: Problem, switch_at: int | None, slip_at: int | None = None, slip: str = "step") -> str:
     options = {k: v for k, v in (("switch_at", switch_at), ("slip_at", slip_at)) if v is not None}
-    if slip_at is not None and slip != "step":
+    if slip_at is not None:
         options["slip"] = slip
     return task.worked(problem, **options)
 
@@ -140,10 +141,9 @@ def _worked(task: Task, problem: Problem, switch_at: int | None, slip_at: int | 
 def _slipped(step: Step) -> str:
     """A step that comes out one off and is corrected: "4+5=8 wait, 4+5=9" (the move of
     Chain.worked's slip_at, drilled on its own)."""
-    from nanoseek.tasks.chain import REFLECTION
+    from nanoseek.tasks.chain import slipped
 
-    wrong = step.result + (1 if step.left % 2 else -1)
-    return f"{step.left}{step.op}{step.right}={wrong} {REFLECTION}, {step}"
+    return slipped(step, 1 if step.left % 2 else -1)
 
 
 def _slip_at(task: Task, problem: Problem, reflect: float, rng: random.Random) -> int | None:

@@ -79,6 +79,11 @@ def parse(prompt: str) -> tuple[dict[str, int], list[str], str]:
     return values, list(names), ops
 
 
+def slipped(step: Step, off: int) -> str:
+    """A step that comes out `off` from its result, then is written right: "4+5=8 wait, 4+5=9"."""
+    return f"{step.left}{step.op}{step.right}={step.result + off} {REFLECTION}, {step}"
+
+
 def binding(name: str, value: int) -> str:
     """How a prompt binds a value, and how a worked step recalls it: "c=-4"."""
     return f"{name}={value}"
@@ -224,10 +229,10 @@ class Chain(GeneratedTask):
             if slip not in SLIPS:
                 raise NanoseekError(f"chain: slip {slip!r} must be one of {', '.join(SLIPS)}")
             off = 1 if len(problem.prompt) % 2 else -1  # one off, either way
-            steps = [str(step) for step in steps]
+            texts = [str(step) for step in steps]
             if slip == "step":
-                step = steps[slip_at]
-                steps[slip_at] = f"{step.rsplit('=', 1)[0]}={int(step.rsplit('=', 1)[1]) + off} {REFLECTION}, {step}"
+                texts[slip_at] = slipped(steps[slip_at], off)
+            steps = texts
         if not steps:
             return binding(shown[0], values[names[0]])
         recalls = [binding(s, values[n]) for n, s in zip(names, shown)]
